@@ -1,0 +1,312 @@
+#!/usr/bin/env bash
+# The kvm-operator lab: real libvirtd + QEMU/KVM + sshd on one Debian 12 machine, as root.
+#
+#   hack/lab.sh install      install missing Debian/PyPI packages (idempotent)
+#   hack/lab.sh up           start virtlogd + libvirtd (qemu:///system) and a loopback sshd
+#   hack/lab.sh hosts [N]    start N simulated hypervisor hosts (default 2) in namespaces
+#   hack/lab.sh down         stop everything this script started (only our own PIDs)
+#   hack/lab.sh env          print the variables tests read (source it: eval "$(hack/lab.sh env)")
+#   hack/lab.sh status       show what is running
+#
+# Everything lives under $KVM_LAB (default /tmp/kvm-lab). Traffic stays on loopback (sshd on
+# 127.0.0.1:$KVM_LAB_SSH_PORT) or inside namespaces this script creates (10.77.0.0/24).
+# Running any subcommand twice is fine.
+set -euo pipefail
+
+LAB=${KVM_LAB:-/tmp/kvm-lab}
+SSH_PORT=${KVM_LAB_SSH_PORT:-2222}
+NET_PREFIX=10.77.0
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+log() { printf '[lab] %s\n' "$*" >&2; }
+die() { printf '[lab] error: %s\n' "$*" >&2; exit 1; }
+need_root() { [ "$(id -u)" = 0 ] || die "the lab must run as root (it starts libvirtd, sshd and namespaces)"; }
+
+DEB_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  libvirt-dev qemu-system-x86 qemu-utils openssh-server openssh-client pkg-config libssl-dev
+  iproute2 util-linux procps lvm2)
+PY_PACKAGES=(helm-python-sdk)
+
+cmd_install() {
+  need_root
+  local missing=()
+  for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # --no-install-recommends keeps the image small; the lab needs none of the recommends.
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    log "Debian packages present"
+  fi
+  local pymissing=()
+  for p in "${PY_PACKAGES[@]}"; do
+    python3 -m pip show -q "$p" >/dev/null 2>&1 || pymissing+=("$p")
+  done
+  if [ ${#pymissing[@]} -gt 0 ]; then
+    log "installing PyPI packages: ${pymissing[*]}"
+    python3 -m pip install -q --disable-pip-version-check "${pymissing[@]}"
+  fi
+}
+
+# ---------------------------------------------------------------- libvirtd on this machine
+configure_qemu_conf() {
+  # Without systemd and cgroup delegation, qemu must run as root with no security driver.
+  local f=/etc/libvirt/qemu.conf
+  grep -q '^# kvm-operator lab' "$f" 2>/dev/null && return 0
+  cat >>"$f" <<'EOC'
+# kvm-operator lab (hack/lab.sh): no systemd, no cgroups, no security driver
+user = "root"
+group = "root"
+security_driver = "none"
+cgroup_controllers = [ ]
+EOC
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+start_libvirtd() {
+  getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+  getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+  getent group libvirt >/dev/null || groupadd -r libvirt
+  mkdir -p /var/log/libvirt/qemu /run/libvirt /var/lib/libvirt/images /var/lib/libvirt/qemu /var/cache/libvirt/qemu
+  configure_qemu_conf
+  if ! pgrep -x virtlogd >/dev/null; then virtlogd -d; fi
+  if ! pid_alive /run/libvirtd.pid && ! pgrep -x libvirtd >/dev/null; then
+    libvirtd -d -p /run/libvirtd.pid
+  fi
+  for _ in $(seq 50); do virsh -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.2; done
+  die "libvirtd did not answer on qemu:///system; see /var/log/libvirt/libvirtd.log"
+}
+
+# ---------------------------------------------------------------- sshd on loopback
+setup_ssh_keys() {
+  mkdir -p "$LAB/ssh/bin"
+  chmod 700 "$LAB/ssh"
+  [ -f "$LAB/ssh/client_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C kvm-lab-client -f "$LAB/ssh/client_ed25519"
+  [ -f "$LAB/ssh/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C kvm-lab-host -f "$LAB/ssh/host_ed25519"
+  cp "$LAB/ssh/client_ed25519.pub" "$LAB/ssh/authorized_keys"
+  chmod 600 "$LAB/ssh/authorized_keys"
+  mkdir -p /run/sshd && chmod 755 /run/sshd
+  # libvirt's qemu+ssh runs the `ssh` binary; this wrapper pins it to the lab's known_hosts
+  # (strict checking) so tests never touch the user's ~/.ssh.
+  cat >"$LAB/ssh/bin/ssh" <<EOW
+#!/bin/sh
+exec /usr/bin/ssh -o UserKnownHostsFile=$LAB/ssh/known_hosts -o StrictHostKeyChecking=yes -o BatchMode=yes "\$@"
+EOW
+  chmod 755 "$LAB/ssh/bin/ssh"
+}
+
+start_sshd() {
+  setup_ssh_keys
+  cat >"$LAB/ssh/sshd_config" <<EOC
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $LAB/ssh/host_ed25519
+PidFile $LAB/ssh/sshd.pid
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AuthorizedKeysFile $LAB/ssh/authorized_keys
+StrictModes no
+UsePAM no
+AllowStreamLocalForwarding yes
+AllowTcpForwarding yes
+LogLevel VERBOSE
+EOC
+  if ! pid_alive "$LAB/ssh/sshd.pid"; then
+    /usr/sbin/sshd -f "$LAB/ssh/sshd_config" -E "$LAB/ssh/sshd.log"
+  fi
+  for _ in $(seq 50); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$SSH_PORT") 2>/dev/null && break
+    sleep 0.1
+  done
+  local kh="$LAB/ssh/known_hosts"
+  touch "$kh"
+  grep -v "^\[127.0.0.1\]:$SSH_PORT " "$kh" >"$kh.tmp" || true
+  echo "[127.0.0.1]:$SSH_PORT $(cut -d' ' -f1,2 "$LAB/ssh/host_ed25519.pub")" >>"$kh.tmp"
+  mv "$kh.tmp" "$kh"
+}
+
+cmd_up() {
+  need_root
+  command -v libvirtd >/dev/null || die "libvirtd is not installed: run 'hack/lab.sh install' first"
+  mkdir -p "$LAB"
+  start_libvirtd
+  start_sshd
+  log "up: libvirtd (qemu:///system), sshd 127.0.0.1:$SSH_PORT; kvm: $([ -c /dev/kvm ] && echo yes || echo 'no (software emulation)')"
+}
+
+# ---------------------------------------------------------------- namespace hosts
+host_name() { printf 'host%d' "$1"; }
+host_ip() { printf '%s.%d' "$NET_PREFIX" "$1"; }
+
+setup_host_dirs() {
+  local i=$1 b="$LAB/hosts/$(host_name "$1")"
+  rm -rf "$b"
+  mkdir -p "$b"/{lib/qemu,lib/images,cache/qemu,log/qemu,run}
+  cp -a /etc/libvirt "$b/etc"
+  rm -f "$b"/etc/qemu/*.xml "$b"/etc/storage/*.xml
+  rm -rf "$b/etc/qemu/networks" "$b/etc/storage/autostart" "$b/etc/qemu/autostart"
+  cat >"$b/etc/libvirtd.conf" <<EOC
+host_uuid = "$(printf '00000000-0000-4000-8000-%012d' "$i")"
+listen_tls = 0
+listen_tcp = 1
+tcp_port = "16509"
+listen_addr = "$(host_ip "$i")"
+auth_tcp = "none"
+auth_unix_rw = "none"
+log_level = 3
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+EOC
+  cat >>"$b/etc/qemu.conf" <<EOC
+stdio_handler = "file"
+migration_address = "$(host_ip "$i")"
+EOC
+  ssh-keygen -q -t ed25519 -N '' -C "$(host_name "$i")" -f "$b/ssh_host_ed25519"
+  cat >"$b/sshd_config" <<EOC
+Port 22
+ListenAddress $(host_ip "$i")
+HostKey $b/ssh_host_ed25519
+PidFile $b/sshd.pid
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AuthorizedKeysFile $LAB/ssh/authorized_keys
+StrictModes no
+UsePAM no
+AllowStreamLocalForwarding yes
+LogLevel VERBOSE
+EOC
+}
+
+# Runs inside `unshare --mount --uts --net --propagation private`: private libvirt dirs, then libvirtd.
+cmd_host_init() {
+  local i=$1 b="$LAB/hosts/$(host_name "$1")"
+  hostname "$(host_name "$i")"
+  mount --bind "$b/etc" /etc/libvirt
+  mount --bind "$b/lib" /var/lib/libvirt
+  mount --bind "$b/cache" /var/cache/libvirt
+  mount --bind "$b/log" /var/log/libvirt
+  mount --bind "$b/run" /run/libvirt
+  mount --bind "$LAB/hosts/hosts" /etc/hosts
+  ip link set lo up
+  for _ in $(seq 100); do ip link show veth0 >/dev/null 2>&1 && break; sleep 0.1; done
+  ip addr add "$(host_ip "$i")/24" dev veth0
+  ip link set veth0 up
+  export PATH="$LAB/ssh/bin:$PATH"
+  exec libvirtd -l -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid
+}
+
+cmd_hosts() {
+  need_root
+  local n=${1:-2}
+  [ "$n" -ge 1 ] && [ "$n" -le 9 ] || die "hosts: N must be 1..9"
+  setup_ssh_keys
+  mkdir -p "$LAB/hosts"
+  # a control namespace holds the bridge; the test processes join it to reach the hosts
+  if ! pid_alive "$LAB/hosts/ctl.pid"; then
+    setsid unshare --net --uts sleep infinity </dev/null >/dev/null 2>&1 &
+    echo $! >"$LAB/hosts/ctl.pid"
+    sleep 0.3
+    nsenter -t "$(cat "$LAB/hosts/ctl.pid")" -n sh -c \
+      "ip link set lo up; ip link add br0 type bridge; ip addr add $NET_PREFIX.254/24 dev br0; ip link set br0 up"
+  fi
+  local ctl
+  ctl=$(cat "$LAB/hosts/ctl.pid")
+  {
+    echo "127.0.0.1 localhost"
+    for i in $(seq "$n"); do echo "$(host_ip "$i") $(host_name "$i")"; done
+    echo "$NET_PREFIX.254 ctl"
+  } >"$LAB/hosts/hosts"
+  local kh="$LAB/ssh/known_hosts"
+  touch "$kh"
+  for i in $(seq "$n"); do
+    local name b
+    name=$(host_name "$i")
+    b="$LAB/hosts/$name"
+    if pid_alive "$b.pid"; then continue; fi
+    setup_host_dirs "$i"
+    setsid unshare --mount --uts --net --propagation private "$HERE/lab.sh" host-init "$i" </dev/null >"$b.out" 2>&1 &
+    echo $! >"$b.pid"
+    sleep 0.3
+    nsenter -t "$ctl" -n ip link add "p$i" type veth peer name veth0 netns "$(cat "$b.pid")"
+    nsenter -t "$ctl" -n sh -c "ip link set p$i master br0; ip link set p$i up"
+    for _ in $(seq 50); do
+      nsenter -t "$ctl" -n virsh -c "qemu+tcp://$(host_ip "$i")/system" hostname >/dev/null 2>&1 && break
+      sleep 0.2
+    done
+    nsenter -t "$(cat "$b.pid")" -m -u -n /usr/sbin/sshd -f "$b/sshd_config" -E "$b/sshd.log"
+    grep -v "^$(host_ip "$i") " "$kh" >"$kh.tmp" || true
+    echo "$(host_ip "$i") $(cut -d' ' -f1,2 "$b/ssh_host_ed25519.pub")" >>"$kh.tmp"
+    mv "$kh.tmp" "$kh"
+  done
+  echo "$n" >"$LAB/hosts/count"
+  log "hosts up: $(for i in $(seq "$n"); do printf '%s=%s ' "$(host_name "$i")" "$(host_ip "$i")"; done)(control netns pid $ctl)"
+}
+
+cmd_down() {
+  need_root
+  if [ -d "$LAB/hosts" ]; then
+    local ctl=""
+    pid_alive "$LAB/hosts/ctl.pid" && ctl=$(cat "$LAB/hosts/ctl.pid")
+    for b in "$LAB"/hosts/host*/; do
+      [ -d "$b" ] || continue
+      local name pidf
+      name=$(basename "$b")
+      pidf="$LAB/hosts/$name.pid"
+      if pid_alive "$pidf"; then
+        local hp
+        hp=$(cat "$pidf")
+        # destroy guests first so no qemu outlives its libvirtd
+        for d in $(nsenter -t "$hp" -m -n virsh -c qemu:///system list --name 2>/dev/null); do
+          nsenter -t "$hp" -m -n virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
+        done
+        pid_alive "$b/sshd.pid" && kill "$(cat "$b/sshd.pid")" 2>/dev/null || true
+        kill "$hp" 2>/dev/null || true
+      fi
+      rm -f "$pidf"
+    done
+    [ -n "$ctl" ] && kill "$ctl" 2>/dev/null || true
+    rm -f "$LAB/hosts/ctl.pid" "$LAB/hosts/count"
+  fi
+  pid_alive "$LAB/ssh/sshd.pid" && kill "$(cat "$LAB/ssh/sshd.pid")" 2>/dev/null || true
+  log "down (the machine's own libvirtd is left running)"
+}
+
+cmd_env() {
+  local n=0
+  [ -f "$LAB/hosts/count" ] && n=$(cat "$LAB/hosts/count")
+  cat <<EOE
+export KVM_LAB=$LAB
+export KVM_LAB_SSH_ADDR=127.0.0.1
+export KVM_LAB_SSH_PORT=$SSH_PORT
+export KVM_LAB_SSH_USER=root
+export KVM_LAB_SSH_KEY=$LAB/ssh/client_ed25519
+export KVM_LAB_KNOWN_HOSTS=$LAB/ssh/known_hosts
+export KVM_LAB_HOSTS=$n
+EOE
+  [ -f "$LAB/hosts/ctl.pid" ] && echo "export KVM_LAB_CTL_PID=$(cat "$LAB/hosts/ctl.pid")"
+  return 0
+}
+
+cmd_status() {
+  pgrep -a libvirtd || true
+  pid_alive "$LAB/ssh/sshd.pid" && echo "sshd 127.0.0.1:$SSH_PORT pid $(cat "$LAB/ssh/sshd.pid")"
+  for f in "$LAB"/hosts/host*.pid; do [ -f "$f" ] && pid_alive "$f" && echo "$(basename "$f" .pid) pid $(cat "$f")"; done
+  return 0
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  up) cmd_up ;;
+  hosts) shift; cmd_hosts "${1:-2}" ;;
+  host-init) shift; cmd_host_init "$1" ;;
+  down) cmd_down ;;
+  env) cmd_env ;;
+  status) cmd_status ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,316 @@
+//! Reading the YAML users `kubectl apply` into our types, with errors that name the file, the
+//! document, the object and the field.
+//!
+//! Used by `kvm-operator standalone` and by tests of `examples/`. Each document must be one of
+//! the four kinds; anything else (or a typo in a field name) is refused, never ignored.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use kube::Resource;
+use serde::de::DeserializeOwned;
+
+use crate::api::{FieldErrors, KvmNode, Migration, StoragePool, VirtualMachine};
+
+/// One object of one of our kinds.
+#[derive(Clone, Debug)]
+pub enum Object {
+    KvmNode(KvmNode),
+    StoragePool(StoragePool),
+    VirtualMachine(VirtualMachine),
+    Migration(Migration),
+}
+
+/// An object and where it came from.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// `file.yaml#2` (document index, from 1).
+    pub origin: String,
+    pub object: Object,
+}
+
+/// Why a manifest could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{origin}: cannot read: {source}")]
+    Io {
+        origin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: not valid YAML: {message}")]
+    Yaml { origin: String, message: String },
+    #[error("{origin}: {message}")]
+    Shape { origin: String, message: String },
+    #[error("{origin}: {kind} {name:?}: field {path}: {message}")]
+    Field {
+        origin: String,
+        kind: &'static str,
+        name: String,
+        path: String,
+        message: String,
+    },
+    #[error("{origin}: {kind} {name:?} is invalid: {errors}")]
+    Invalid {
+        origin: String,
+        kind: &'static str,
+        name: String,
+        errors: FieldErrors,
+    },
+}
+
+impl Object {
+    /// The kind's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::KvmNode(_) => "KvmNode",
+            Object::StoragePool(_) => "StoragePool",
+            Object::VirtualMachine(_) => "VirtualMachine",
+            Object::Migration(_) => "Migration",
+        }
+    }
+
+    /// `metadata.name`.
+    pub fn name(&self) -> &str {
+        let meta = match self {
+            Object::KvmNode(o) => o.meta(),
+            Object::StoragePool(o) => o.meta(),
+            Object::VirtualMachine(o) => o.meta(),
+            Object::Migration(o) => o.meta(),
+        };
+        meta.name.as_deref().unwrap_or("")
+    }
+
+    /// Validates metadata and spec.
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errs = FieldErrors::default();
+        let name = self.name();
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(crate::api::validation::is_dns_label);
+        if !name_ok {
+            errs.push(
+                "metadata.name",
+                format!(
+                    "{name:?} is not a valid object name (lower-case letters, digits, '-', '.')"
+                ),
+            );
+        }
+        let spec = match self {
+            Object::KvmNode(o) => o.spec.validate(),
+            Object::StoragePool(o) => o.spec.validate(),
+            Object::VirtualMachine(o) => o.spec.validate(),
+            Object::Migration(o) => o.spec.validate(),
+        };
+        if let Err(e) = spec {
+            errs.0.extend(e.0);
+        }
+        errs.into_result()
+    }
+}
+
+impl fmt::Display for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind(), self.name())
+    }
+}
+
+const TOP_LEVEL: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
+
+/// Parses every document of `text`; `origin` names the source in errors. Empty documents are
+/// skipped. Objects are not validated beyond their types; call [`Object::validate`].
+pub fn parse_str(text: &str, origin: &str) -> Result<Vec<Loaded>, ManifestError> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Yaml {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+    let mut out = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        let origin = format!("{origin}#{}", i + 1);
+        out.push(Loaded {
+            object: parse_value(doc, &origin)?,
+            origin,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_value(doc: serde_json::Value, origin: &str) -> Result<Object, ManifestError> {
+    let shape = |message: String| ManifestError::Shape {
+        origin: origin.to_string(),
+        message,
+    };
+    let map = doc.as_object().ok_or_else(|| {
+        shape("a document must be a mapping with apiVersion, kind, metadata and spec".into())
+    })?;
+    let api_version = map.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("");
+    let kind = map.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+    let name = map
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("")
+        .to_string();
+    let want = format!("{}/{}", crate::api::GROUP, crate::api::VERSION);
+    if api_version != want {
+        return Err(shape(format!(
+            "apiVersion {api_version:?} (kind {kind:?}) is not ours: use apiVersion: {want}"
+        )));
+    }
+    if let Some(k) = map.keys().find(|k| !TOP_LEVEL.contains(&k.as_str())) {
+        return Err(shape(format!(
+            "{kind} {name:?}: unknown top-level field {k:?} (allowed: {})",
+            TOP_LEVEL.join(", ")
+        )));
+    }
+    fn typed<T: DeserializeOwned>(
+        doc: serde_json::Value,
+        origin: &str,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<T, ManifestError> {
+        serde_path_to_error::deserialize(doc).map_err(|e| ManifestError::Field {
+            origin: origin.to_string(),
+            kind,
+            name: name.to_string(),
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        })
+    }
+    match kind {
+        "KvmNode" => typed(doc, origin, "KvmNode", &name).map(Object::KvmNode),
+        "StoragePool" => typed(doc, origin, "StoragePool", &name).map(Object::StoragePool),
+        "VirtualMachine" => typed(doc, origin, "VirtualMachine", &name).map(Object::VirtualMachine),
+        "Migration" => typed(doc, origin, "Migration", &name).map(Object::Migration),
+        other => Err(shape(format!(
+            "kind {other:?} is not one of KvmNode, StoragePool, VirtualMachine, Migration"
+        ))),
+    }
+}
+
+/// Parses and validates; the first invalid object is an error naming its fields.
+pub fn parse_and_validate(text: &str, origin: &str) -> Result<Vec<Loaded>, ManifestError> {
+    let loaded = parse_str(text, origin)?;
+    for l in &loaded {
+        l.object
+            .validate()
+            .map_err(|errors| ManifestError::Invalid {
+                origin: l.origin.clone(),
+                kind: l.object.kind(),
+                name: l.object.name().to_string(),
+                errors,
+            })?;
+    }
+    Ok(loaded)
+}
+
+/// Reads files and directories (recursively, `*.yaml` and `*.yml`, in name order) and parses and
+/// validates every document.
+pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Loaded>, ManifestError> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect(p, &mut files)?;
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let origin = f.display().to_string();
+        let text = std::fs::read_to_string(&f).map_err(|source| ManifestError::Io {
+            origin: origin.clone(),
+            source,
+        })?;
+        out.extend(parse_and_validate(&text, &origin)?);
+    }
+    Ok(out)
+}
+
+fn collect(p: &Path, files: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
+    let io = |source| ManifestError::Io {
+        origin: p.display().to_string(),
+        source,
+    };
+    if p.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            if e.is_dir() {
+                collect(&e, files)?;
+            } else if e.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                files.push(e);
+            }
+        }
+        Ok(())
+    } else {
+        std::fs::metadata(p).map_err(io)?;
+        files.push(p.to_path_buf());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VM: &str = "apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: web, namespace: default}\nspec:\n  vcpus: 2\n  memory: 1Gi\n";
+
+    #[test]
+    fn parses_multiple_documents_and_skips_empty_ones() {
+        let text = format!("{VM}---\n---\n{VM}");
+        let l = parse_str(&text, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[1].origin, "t.yaml#3");
+        assert_eq!(l[0].object.to_string(), "VirtualMachine/web");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_path() {
+        let text = VM.replace(
+            "memory: 1Gi",
+            "memory: 1Gi\n  disks: [{name: a, new: {pool: p, size: 1Gi, sise: 2}}]",
+        );
+        let err = parse_str(&text, "t.yaml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("spec.disks[0].new"), "{err}");
+        assert!(err.contains("sise"), "{err}");
+        assert!(err.contains("VirtualMachine \"web\""), "{err}");
+    }
+
+    #[test]
+    fn foreign_kinds_and_top_level_typos_are_refused() {
+        let err = |t: &str| {
+            parse_str(t, "t")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n").contains("not ours"));
+        assert!(
+            err(&VM.replace("kind: VirtualMachine", "kind: VirtualMachin"))
+                .contains("is not one of")
+        );
+        assert!(err(&format!("{VM}stauts: {{}}\n")).contains("unknown top-level field \"stauts\""));
+        assert!(err("- a\n- b\n").contains("must be a mapping"));
+        assert!(err("a: [").contains("not valid YAML"));
+    }
+
+    #[test]
+    fn validation_names_object_and_field() {
+        let text = VM
+            .replace("metadata: {name: web,", "metadata: {name: Web_1,")
+            .replace("vcpus: 2", "vcpus: 0");
+        let err = parse_and_validate(&text, "t.yaml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("metadata.name"), "{err}");
+        assert!(err.contains("spec.vcpus: 0 is out of range"), "{err}");
+    }
+}
