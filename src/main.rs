@@ -1,1 +1,72 @@
-fn main() {}
+//! `kvm-operator`: the command line. No logic lives here; see the library's modules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Kubernetes operator for KVM virtual machines on external hypervisor hosts (libvirt over SSH).
+#[derive(Parser, Debug)]
+#[command(name = "kvm-operator", version, about, long_about = None)]
+struct Cli {
+    /// Log filter, e.g. `info` or `kvm_operator=debug` (also RUST_LOG).
+    #[arg(long, global = true, env = "KVM_OPERATOR_LOG", default_value = "info")]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, global = true, env = "KVM_OPERATOR_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator in a cluster (in-cluster config or KUBECONFIG).
+    Run,
+    /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into --dir.
+    Crd {
+        /// Write `<plural>.<group>.yaml` files into this directory instead of printing.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Load manifests from files or directories and work against the hypervisors directly,
+    /// without a cluster.
+    Standalone {
+        /// Manifest files or directories (`*.yaml`, `*.yml`), as you would `kubectl apply -f`.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Print what would be done on each node and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// libvirt URI of the embedded default node, used when the manifests declare no KvmNode.
+        #[arg(long, default_value = "test:///default")]
+        default_uri: String,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    kvm_operator::telemetry::init(&cli.log, cli.log_json);
+    let result = match cli.command {
+        Command::Run => kvm_operator::cli::run(),
+        Command::Crd { dir } => kvm_operator::cli::crd(dir.as_deref()),
+        Command::Standalone {
+            files,
+            dry_run,
+            default_uri,
+        } => kvm_operator::cli::standalone(&files, dry_run, &default_uri),
+        Command::Version => {
+            println!("kvm-operator {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -803,3 +803,9 @@ fn check_pool_ref(e: &mut FieldErrors, field: &str, pool: &str) {
         e.push(field, format!("{pool:?} is not the name of a StoragePool object (lower-case letters, digits, '-', '.')"));
     }
 }
+
+/// The libvirt domain name of a VM the operator creates: `<namespace>_<name>`. Neither part can
+/// contain '_', so the name maps back to exactly one object.
+pub fn domain_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}_{name}")
+}

@@ -1,1 +1,172 @@
-//! placeholder
+//! The only code that talks to libvirt and SSH.
+//!
+//! - [`ssh`]: host-key pinning and SSH primitives (`ssh2`).
+//! - [`uri`]: libvirt URIs built from a KvmNode's spec.
+//! - [`connection`]: a libvirt connection to one node and the domain operations on it.
+//! - [`domain_xml`]: the typed domain XML model.
+
+pub mod connection;
+pub mod domain_xml;
+pub mod ssh;
+pub mod uri;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use connection::{Connection, DomainState, DomainSummary};
+
+use crate::api::kvm_node::KvmNodeSpec;
+use ssh::HostKeyPolicy;
+use uri::{NodeTarget, Transport};
+
+/// Errors of the hypervisor layer. Every message names the host (or object) and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("{target} is unreachable: {cause}; check the address, port and firewall")]
+    Unreachable { target: String, cause: String },
+    #[error("SSH to {target} failed: {cause}")]
+    Ssh { target: String, cause: String },
+    #[error(
+        "host key of {target} does not match: expected {expected}, the host presented {actual}; if the host was reinstalled, update spec.hostKeyFingerprint, otherwise someone may be intercepting the connection"
+    )]
+    HostKeyMismatch {
+        target: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("libvirt {op} on {target} failed: {cause}")]
+    Libvirt {
+        op: &'static str,
+        target: String,
+        cause: String,
+        /// libvirt's error code (virErrorNumber), 0 when none.
+        code: i32,
+    },
+    #[error("{what} is not valid domain XML: {cause}")]
+    Xml { what: String, cause: String },
+    #[error("{field} is invalid: {cause}")]
+    InvalidTarget { field: &'static str, cause: String },
+    #[error("{cause}")]
+    Local { cause: String },
+    #[error("{what} was not found on {target}")]
+    NotFound { what: String, target: String },
+    #[error("{op} on {target} did not finish within {secs}s")]
+    Timeout {
+        op: &'static str,
+        target: String,
+        secs: u64,
+    },
+}
+
+impl HvError {
+    /// Static CamelCase reason: the Event reason, condition reason and metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HvError::Unreachable { .. } => "HostUnreachable",
+            HvError::Ssh { .. } => "SshFailed",
+            HvError::HostKeyMismatch { .. } => "HostKeyMismatch",
+            HvError::Libvirt { .. } => "LibvirtError",
+            HvError::Xml { .. } => "InvalidXml",
+            HvError::InvalidTarget { .. } => "InvalidSpec",
+            HvError::Local { .. } => "LocalError",
+            HvError::NotFound { .. } => "NotFound",
+            HvError::Timeout { .. } => "Timeout",
+        }
+    }
+
+    /// True when retrying later may succeed (network, daemon restarts); false for errors that
+    /// need a spec change or a human (host key mismatch, invalid spec).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            HvError::Unreachable { .. }
+                | HvError::Ssh { .. }
+                | HvError::Libvirt { .. }
+                | HvError::Timeout { .. }
+                | HvError::Local { .. }
+        )
+    }
+}
+
+/// How to reach one node: its spec and where its private files live.
+#[derive(Clone, Debug)]
+pub struct NodeAccess {
+    /// KvmNode name (for messages and file names).
+    pub name: String,
+    pub spec: KvmNodeSpec,
+    /// Private key (PEM/OpenSSH) from the node's Secret; never logged.
+    pub private_key: Option<Vec<u8>>,
+    /// Directory for the node's key and pinned known_hosts (created 0700).
+    pub state_dir: PathBuf,
+    /// Timeout for connecting and for the SSH handshake.
+    pub timeout: Duration,
+}
+
+/// Connects to a node: checks the pinned host key over SSH, writes the key material into the
+/// node's private directory, and opens libvirt with a URI that pins the same host key.
+pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
+    let mut target = NodeTarget::from_spec(&access.spec)?;
+    if target.transport.uses_ssh() {
+        let policy = match (
+            &access.spec.host_key_fingerprint,
+            access.spec.insecure_skip_host_key_verification,
+        ) {
+            (Some(fp), _) => HostKeyPolicy::Pinned(fp.clone()),
+            (None, true) => HostKeyPolicy::AcceptAny,
+            (None, false) => {
+                return Err(HvError::InvalidTarget {
+                    field: "spec.hostKeyFingerprint",
+                    cause: format!(
+                        "KvmNode {:?} has no pinned host key; set spec.hostKeyFingerprint (or spec.insecureSkipHostKeyVerification: true)",
+                        access.name
+                    ),
+                });
+            }
+        };
+        let key = ssh::verify_host_key(&target.address, target.port, &policy, access.timeout)?;
+        let dir = node_dir(&access.state_dir, &access.name)?;
+        let kh = dir.join("known_hosts");
+        ssh::write_private_file(
+            &kh,
+            ssh::known_hosts_line(&target.address, target.port, &key).as_bytes(),
+        )?;
+        let pem = access
+            .private_key
+            .as_deref()
+            .ok_or_else(|| HvError::InvalidTarget {
+                field: "spec.sshKeySecretRef",
+                cause: format!(
+                    "KvmNode {:?}: no private key was found in the referenced Secret",
+                    access.name
+                ),
+            })?;
+        let keyfile = dir.join("id");
+        ssh::write_private_file(&keyfile, pem)?;
+        target.keyfile = Some(keyfile);
+        if target.transport == Transport::LibSsh {
+            target.known_hosts = Some(kh);
+        }
+    }
+    Connection::open(&target.uri(), &access.name)
+}
+
+fn node_dir(state_dir: &Path, node: &str) -> Result<PathBuf, HvError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !crate::api::validation::is_dns_label(node)
+        && !node.split('.').all(crate::api::validation::is_dns_label)
+    {
+        return Err(HvError::InvalidTarget {
+            field: "metadata.name",
+            cause: format!("{node:?} cannot name a directory"),
+        });
+    }
+    let dir = state_dir.join(node);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| HvError::Local {
+            cause: format!("cannot create {}: {e}", dir.display()),
+        })?;
+    Ok(dir)
+}

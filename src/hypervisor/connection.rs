@@ -1,0 +1,229 @@
+//! One libvirt connection to one node, and the domain operations the operator needs.
+//!
+//! Calls are blocking (libvirt's API is); async callers run them on `spawn_blocking`.
+
+use std::sync::Once;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+use super::HvError;
+use super::domain_xml::{DomainXml, Owner};
+
+/// A libvirt domain's state, as the operator distinguishes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainState {
+    Running,
+    Paused,
+    ShuttingDown,
+    Shutoff,
+    Crashed,
+    Other,
+}
+
+impl DomainState {
+    fn from_virt(s: virt::domain::DomainStateEnum) -> Self {
+        use virt::domain::DomainState as V;
+        use virt::enumutil::Enum;
+        match s {
+            Enum::Known(V::Running | V::Blocked) => DomainState::Running,
+            Enum::Known(V::Paused | V::PMSuspended) => DomainState::Paused,
+            Enum::Known(V::Shutdown) => DomainState::ShuttingDown,
+            Enum::Known(V::Shutoff) => DomainState::Shutoff,
+            Enum::Known(V::Crashed) => DomainState::Crashed,
+            _ => DomainState::Other,
+        }
+    }
+
+    /// Lower-case name, as `virsh list` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::ShuttingDown => "in shutdown",
+            DomainState::Shutoff => "shut off",
+            DomainState::Crashed => "crashed",
+            DomainState::Other => "other",
+        }
+    }
+}
+
+/// A domain as listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DomainSummary {
+    pub name: String,
+    pub uuid: String,
+    pub state: DomainState,
+    /// Our ownership stamp, when present.
+    pub owner: Option<Owner>,
+}
+
+static QUIET: Once = Once::new();
+
+/// An open libvirt connection to one node.
+pub struct Connection {
+    conn: Connect,
+    /// Node name, for messages.
+    node: String,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Opens `uri`; `node` names the node in errors. The URI may carry key paths: it is never
+    /// logged or put in an error.
+    pub fn open(uri: &str, node: &str) -> Result<Self, HvError> {
+        // libvirt prints every error to stderr unless told not to; ours go through HvError.
+        QUIET.call_once(virt::error::clear_error_callback);
+        let conn = Connect::open(Some(uri)).map_err(|e| HvError::Libvirt {
+            op: "connect",
+            target: node.to_string(),
+            cause: e.message().to_string(),
+            code: e.code().to_raw() as i32,
+        })?;
+        Ok(Self {
+            conn,
+            node: node.to_string(),
+        })
+    }
+
+    fn err(&self, op: &'static str, e: virt::error::Error) -> HvError {
+        HvError::Libvirt {
+            op,
+            target: self.node.clone(),
+            cause: e.message().to_string(),
+            code: e.code().to_raw() as i32,
+        }
+    }
+
+    /// Node name this connection belongs to.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The host's name as libvirt reports it.
+    pub fn hostname(&self) -> Result<String, HvError> {
+        self.conn.hostname().map_err(|e| self.err("hostname", e))
+    }
+
+    /// `(libvirt daemon version, hypervisor version)` as `major.minor.release`.
+    pub fn versions(&self) -> Result<(String, String), HvError> {
+        let fmt = |v: u32| format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000);
+        let lib = self
+            .conn
+            .lib_version()
+            .map_err(|e| self.err("version", e))?;
+        let hv = self
+            .conn
+            .hyp_version()
+            .map_err(|e| self.err("version", e))?;
+        Ok((fmt(lib), fmt(hv)))
+    }
+
+    /// libvirt's driver name: `QEMU`, `Test`, ...
+    pub fn driver(&self) -> Result<String, HvError> {
+        self.conn
+            .driver_type()
+            .map_err(|e| self.err("driver type", e))
+    }
+
+    fn lookup(&self, name: &str) -> Result<Domain, HvError> {
+        self.conn.lookup_domain_by_name(name).map_err(|e| {
+            if e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain) {
+                HvError::NotFound {
+                    what: format!("domain {name:?}"),
+                    target: self.node.clone(),
+                }
+            } else {
+                self.err("lookup domain", e)
+            }
+        })
+    }
+
+    /// Every domain on the host, running or defined, with our stamp when present.
+    pub fn list_domains(&self) -> Result<Vec<DomainSummary>, HvError> {
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| self.err("list domains", e))?;
+        let mut out = Vec::with_capacity(doms.len());
+        for d in doms {
+            let name = d.name().map_err(|e| self.err("domain name", e))?;
+            let uuid = d.uuid_string().map_err(|e| self.err("domain uuid", e))?;
+            let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
+            let owner = match d.xml_desc(0) {
+                Ok(xml) => DomainXml::parse(&xml).ok().and_then(|x| x.owner().cloned()),
+                Err(_) => None,
+            };
+            out.push(DomainSummary {
+                name,
+                uuid,
+                state: DomainState::from_virt(st),
+                owner,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Defines (or redefines) a persistent domain; returns its UUID.
+    pub fn define(&self, xml: &DomainXml) -> Result<String, HvError> {
+        let text = xml.render()?;
+        let d = self
+            .conn
+            .define_domain_xml(&text)
+            .map_err(|e| self.err("define domain", e))?;
+        d.uuid_string().map_err(|e| self.err("domain uuid", e))
+    }
+
+    /// The domain's current state.
+    pub fn state(&self, name: &str) -> Result<DomainState, HvError> {
+        let d = self.lookup(name)?;
+        let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
+        Ok(DomainState::from_virt(st))
+    }
+
+    /// The domain's live XML, parsed.
+    pub fn domain_xml(&self, name: &str) -> Result<DomainXml, HvError> {
+        let d = self.lookup(name)?;
+        let xml = d.xml_desc(0).map_err(|e| self.err("get domain XML", e))?;
+        DomainXml::parse(&xml)
+    }
+
+    /// Starts a defined domain. Starting a running domain is success.
+    pub fn start(&self, name: &str) -> Result<(), HvError> {
+        let d = self.lookup(name)?;
+        if d.is_active().map_err(|e| self.err("domain state", e))? {
+            return Ok(());
+        }
+        d.create()
+            .map(|_| ())
+            .map_err(|e| self.err("start domain", e))
+    }
+
+    /// Forces the domain off. A stopped domain is success.
+    pub fn destroy(&self, name: &str) -> Result<(), HvError> {
+        let d = self.lookup(name)?;
+        if !d.is_active().map_err(|e| self.err("domain state", e))? {
+            return Ok(());
+        }
+        d.destroy().map_err(|e| self.err("destroy domain", e))
+    }
+
+    /// Removes the definition (and NVRAM). A missing domain is success.
+    pub fn undefine(&self, name: &str) -> Result<(), HvError> {
+        let d = match self.lookup(name) {
+            Ok(d) => d,
+            Err(HvError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM)
+            .map_err(|e| self.err("undefine domain", e))
+    }
+}

@@ -1,0 +1,430 @@
+//! A typed model of the libvirt domain XML the operator writes and reads back.
+//!
+//! Rendering goes through serde and quick-xml, which escapes every text and attribute value, so
+//! names and paths from specs cannot inject XML. Parsing ignores elements the model does not
+//! know (libvirt adds many defaults), so the host's XML parses back into the same model for drift
+//! checks.
+
+use serde::{Deserialize, Serialize};
+
+use super::HvError;
+
+/// XML namespace of the operator's ownership stamp in `<metadata>`.
+pub const OWNER_NS: &str = "https://kvm-operator.io/xmlns/owner/v1alpha1";
+
+/// `<domain>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename = "domain")]
+pub struct DomainXml {
+    /// `kvm` or `qemu` (software emulation) or `test`.
+    #[serde(rename = "@type")]
+    pub domain_type: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+    pub memory: Memory,
+    pub vcpu: Vcpu,
+    pub os: Os,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Cpu>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_crash: Option<String>,
+    pub devices: Devices,
+}
+
+/// `<metadata>`: only our own element is modelled; others are ignored when parsing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub struct Metadata {
+    #[serde(
+        rename = "kvmop:owner",
+        alias = "owner",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub owner: Option<Owner>,
+}
+
+/// The ownership stamp: which object this domain belongs to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Owner {
+    #[serde(rename = "@xmlns:kvmop", default = "owner_ns")]
+    pub xmlns: String,
+    /// UID of the VirtualMachine object.
+    #[serde(rename = "@uid")]
+    pub uid: String,
+    #[serde(rename = "@namespace")]
+    pub namespace: String,
+    #[serde(rename = "@name")]
+    pub name: String,
+}
+
+fn owner_ns() -> String {
+    OWNER_NS.to_string()
+}
+
+impl Owner {
+    pub fn new(uid: &str, namespace: &str, name: &str) -> Self {
+        Self {
+            xmlns: OWNER_NS.to_string(),
+            uid: uid.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+/// `<memory unit='KiB'>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    #[serde(rename = "@unit", default = "kib")]
+    pub unit: String,
+    #[serde(rename = "$text")]
+    pub value: u64,
+}
+
+fn kib() -> String {
+    "KiB".into()
+}
+
+impl Memory {
+    pub fn kib(value: u64) -> Self {
+        Self { unit: kib(), value }
+    }
+
+    /// The amount in KiB, whatever unit libvirt used.
+    pub fn as_kib(&self) -> Option<u64> {
+        let mult: u64 = match self.unit.as_str() {
+            "b" | "bytes" => return Some(self.value / 1024),
+            "KiB" | "k" => 1,
+            "MiB" | "M" => 1 << 10,
+            "GiB" | "G" => 1 << 20,
+            "TiB" | "T" => 1 << 30,
+            _ => return None,
+        };
+        self.value.checked_mul(mult)
+    }
+}
+
+/// `<vcpu>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Vcpu {
+    #[serde(rename = "$text")]
+    pub count: u32,
+}
+
+/// `<os>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Os {
+    #[serde(rename = "type")]
+    pub os_type: OsType,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boot: Vec<Boot>,
+}
+
+/// `<type arch= machine=>hvm</type>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OsType {
+    #[serde(rename = "@arch", default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    #[serde(rename = "@machine", default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(rename = "$text")]
+    pub value: String,
+}
+
+/// `<boot dev=>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Boot {
+    #[serde(rename = "@dev")]
+    pub dev: String,
+}
+
+/// `<cpu mode=>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cpu {
+    #[serde(rename = "@mode", default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
+}
+
+/// `<topology sockets= cores= threads=/>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Topology {
+    #[serde(rename = "@sockets")]
+    pub sockets: u32,
+    #[serde(rename = "@cores")]
+    pub cores: u32,
+    #[serde(rename = "@threads")]
+    pub threads: u32,
+}
+
+/// `<devices>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub struct Devices {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk: Vec<Disk>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interface: Vec<Interface>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serial: Vec<Serial>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub graphics: Vec<Graphics>,
+}
+
+/// `<disk type='file' device='disk'>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Disk {
+    #[serde(rename = "@type")]
+    pub disk_type: String,
+    #[serde(rename = "@device", default = "disk_device")]
+    pub device: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<DiskDriver>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<DiskSource>,
+    pub target: DiskTarget,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readonly: Option<Empty>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<Alias>,
+}
+
+fn disk_device() -> String {
+    "disk".into()
+}
+
+/// An empty marker element such as `<readonly/>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub struct Empty {}
+
+/// `<driver name='qemu' type='qcow2'/>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DiskDriver {
+    #[serde(rename = "@name")]
+    pub name: String,
+    #[serde(rename = "@type", default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+}
+
+/// `<source file= | dev= | pool= volume=>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub struct DiskSource {
+    #[serde(rename = "@file", default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(rename = "@dev", default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<String>,
+    #[serde(rename = "@pool", default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(rename = "@volume", default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+}
+
+/// `<target dev='vda' bus='virtio'/>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DiskTarget {
+    #[serde(rename = "@dev")]
+    pub dev: String,
+    #[serde(rename = "@bus", default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+}
+
+/// `<alias name='ua-...'/>`: user aliases carry our device names across reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alias {
+    #[serde(rename = "@name")]
+    pub name: String,
+}
+
+/// `<interface type='bridge' | 'network'>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Interface {
+    #[serde(rename = "@type")]
+    pub iface_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<Mac>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<InterfaceSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<Model>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<Alias>,
+}
+
+/// `<mac address=>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mac {
+    #[serde(rename = "@address")]
+    pub address: String,
+}
+
+/// `<source bridge= | network=>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub struct InterfaceSource {
+    #[serde(rename = "@bridge", default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    #[serde(rename = "@network", default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// `<model type=>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    #[serde(rename = "@type")]
+    pub model_type: String,
+}
+
+/// `<serial type='pty'>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Serial {
+    #[serde(rename = "@type")]
+    pub serial_type: String,
+}
+
+/// `<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Graphics {
+    #[serde(rename = "@type")]
+    pub graphics_type: String,
+    #[serde(rename = "@port", default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+    #[serde(rename = "@autoport", default, skip_serializing_if = "Option::is_none")]
+    pub autoport: Option<String>,
+    #[serde(rename = "@listen", default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+}
+
+impl DomainXml {
+    /// Renders the XML libvirt is given.
+    pub fn render(&self) -> Result<String, HvError> {
+        quick_xml::se::to_string(self).map_err(|e| HvError::Xml {
+            what: format!("domain {:?}", self.name),
+            cause: e.to_string(),
+        })
+    }
+
+    /// Parses XML returned by libvirt (or written by anyone).
+    pub fn parse(xml: &str) -> Result<Self, HvError> {
+        quick_xml::de::from_str(xml).map_err(|e| HvError::Xml {
+            what: "domain XML from the host".into(),
+            cause: e.to_string(),
+        })
+    }
+
+    /// The ownership stamp, when the domain carries ours.
+    pub fn owner(&self) -> Option<&Owner> {
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.owner.as_ref())
+            .filter(|o| o.xmlns == OWNER_NS)
+    }
+
+    /// A small diskless guest (serial console only): the smallest real workload for tests and for
+    /// checking a host can start guests.
+    pub fn minimal(name: &str, domain_type: &str, memory_kib: u64, vcpus: u32) -> Self {
+        DomainXml {
+            domain_type: domain_type.to_string(),
+            name: name.to_string(),
+            uuid: None,
+            metadata: None,
+            memory: Memory::kib(memory_kib),
+            vcpu: Vcpu { count: vcpus },
+            os: Os {
+                os_type: OsType {
+                    arch: Some("x86_64".into()),
+                    machine: None,
+                    value: "hvm".into(),
+                },
+                boot: vec![Boot { dev: "hd".into() }],
+            },
+            cpu: None,
+            on_crash: None,
+            devices: Devices {
+                serial: vec![Serial {
+                    serial_type: "pty".into(),
+                }],
+                ..Devices::default()
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_names_are_escaped_and_round_trip() {
+        let nasty = "a<b>&\"c'</name><devices/>é ../x";
+        let mut d = DomainXml::minimal(nasty, "kvm", 65536, 1);
+        d.metadata = Some(Metadata {
+            owner: Some(Owner::new("uid-1", "ns\"><x", "vm&1")),
+        });
+        d.devices.disk.push(Disk {
+            disk_type: "file".into(),
+            device: "disk".into(),
+            driver: Some(DiskDriver {
+                name: "qemu".into(),
+                format: Some("qcow2".into()),
+            }),
+            source: Some(DiskSource {
+                file: Some("/var/lib/a'b\"<c>.qcow2".into()),
+                ..DiskSource::default()
+            }),
+            target: DiskTarget {
+                dev: "vda".into(),
+                bus: Some("virtio".into()),
+            },
+            readonly: None,
+            alias: None,
+        });
+        let xml = d.render().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!xml.contains("</name><devices/>"), "{xml}");
+        assert_eq!(xml.matches("<name>").count(), 1);
+        let back = DomainXml::parse(&xml).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, d);
+        assert_eq!(back.owner().map(|o| o.namespace.as_str()), Some("ns\"><x"));
+    }
+
+    #[test]
+    fn parses_libvirt_output_with_unknown_elements() {
+        let xml = r#"<domain type='kvm' id='3'>
+  <name>web</name>
+  <uuid>11111111-2222-4333-8444-555555555555</uuid>
+  <metadata>
+    <other:thing xmlns:other="http://example.com/x">ignored</other:thing>
+    <kvmop:owner xmlns:kvmop="https://kvm-operator.io/xmlns/owner/v1alpha1" uid="u1" namespace="default" name="web"/>
+  </metadata>
+  <memory unit='KiB'>65536</memory>
+  <currentMemory unit='KiB'>65536</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <resource><partition>/machine</partition></resource>
+  <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type><boot dev='hd'/></os>
+  <clock offset='utc'/>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='usb' index='0' model='piix3-uhci'/>
+    <serial type='pty'><source path='/dev/pts/3'/><target type='isa-serial' port='0'/><alias name='serial0'/></serial>
+    <memballoon model='virtio'/>
+  </devices>
+</domain>"#;
+        let d = DomainXml::parse(xml).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.name, "web");
+        assert_eq!(d.memory.as_kib(), Some(65536));
+        assert_eq!(d.vcpu.count, 1);
+        assert_eq!(d.owner().map(|o| o.uid.as_str()), Some("u1"));
+        assert_eq!(d.devices.serial.len(), 1);
+    }
+
+    #[test]
+    fn foreign_stamps_are_not_ours() {
+        let xml = "<domain type='kvm'><name>x</name><metadata><kvmop:owner xmlns:kvmop='http://evil' uid='u' namespace='n' name='x'/></metadata><memory>1</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices/></domain>";
+        let d = DomainXml::parse(xml).unwrap_or_else(|e| panic!("{e}"));
+        assert!(d.owner().is_none());
+        assert!(DomainXml::parse("<domain><name>x</name>").is_err());
+    }
+}
