@@ -52,7 +52,7 @@ pub fn crd(dir: Option<&Path>) -> Result<(), CliError> {
                 out.push_str("---\n");
                 out.push_str(&crd_yaml(c)?);
             }
-            print!("{out}");
+            write_stdout(&out)?;
         }
         Some(dir) => {
             std::fs::create_dir_all(dir)
@@ -66,6 +66,16 @@ pub fn crd(dir: Option<&Path>) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends quietly instead of panicking.
+fn write_stdout(text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Io(format!("cannot write to stdout: {e}"))),
+    }
 }
 
 /// `kvm-operator run`: checks access to the cluster and that the CRDs are installed, then serves
@@ -121,8 +131,7 @@ pub fn standalone(files: &[PathBuf], dry_run: bool, default_uri: &str) -> Result
         ));
     }
     let loaded = manifest::load_paths(files)?;
-    print!("{}", dry_run_report(&loaded, default_uri)?);
-    Ok(())
+    write_stdout(&dry_run_report(&loaded, default_uri)?)
 }
 
 /// What a node looks like from here.
