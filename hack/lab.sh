@@ -289,6 +289,7 @@ export KVM_LAB_SSH_KEY=$LAB/ssh/client_ed25519
 export KVM_LAB_KNOWN_HOSTS=$LAB/ssh/known_hosts
 export KVM_LAB_HOSTS=$n
 EOE
+  [ -f "$LAB/ssh/host_ed25519.pub" ] && echo "export KVM_LAB_SSH_FINGERPRINT=$(ssh-keygen -lf "$LAB/ssh/host_ed25519.pub" | cut -d' ' -f2)"
   [ -f "$LAB/hosts/ctl.pid" ] && echo "export KVM_LAB_CTL_PID=$(cat "$LAB/hosts/ctl.pid")"
   return 0
 }

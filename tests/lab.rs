@@ -1,0 +1,207 @@
+//! Against the lab (hack/lab.sh): real libvirtd with QEMU/KVM reached over a real sshd on
+//! 127.0.0.1, with the host key pinned. Run through README's test command, which starts the lab
+//! and exports the KVM_LAB_* variables these tests read.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kvm_operator::api::KvmNodeSpec;
+use kvm_operator::hypervisor::domain_xml::{DomainXml, Owner};
+use kvm_operator::hypervisor::{self, DomainState, HvError, NodeAccess};
+
+struct Lab {
+    addr: String,
+    port: u16,
+    user: String,
+    key: PathBuf,
+    fingerprint: String,
+}
+
+fn lab() -> Lab {
+    let var = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is not set: run the tests through README's test command (hack/test.sh), which starts the lab")
+        })
+    };
+    Lab {
+        addr: var("KVM_LAB_SSH_ADDR"),
+        port: var("KVM_LAB_SSH_PORT")
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}")),
+        user: var("KVM_LAB_SSH_USER"),
+        key: PathBuf::from(var("KVM_LAB_SSH_KEY")),
+        fingerprint: var("KVM_LAB_SSH_FINGERPRINT"),
+    }
+}
+
+fn access(
+    lab: &Lab,
+    name: &str,
+    fingerprint: &str,
+    key: Option<Vec<u8>>,
+) -> (NodeAccess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let spec: KvmNodeSpec = serde_json::from_value(serde_json::json!({
+        "address": lab.addr, "port": lab.port, "user": lab.user,
+        "sshKeySecretRef": {"name": "lab"},
+        "hostKeyFingerprint": fingerprint,
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    spec.validate().unwrap_or_else(|e| panic!("{e}"));
+    let access = NodeAccess {
+        name: name.to_string(),
+        spec,
+        private_key: key,
+        state_dir: dir.path().to_path_buf(),
+        timeout: Duration::from_secs(10),
+    };
+    (access, dir)
+}
+
+/// KVM when /dev/kvm exists, else QEMU's software emulation.
+fn domain_type() -> &'static str {
+    if std::path::Path::new("/dev/kvm").exists() {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+#[test]
+fn real_guest_lifecycle_over_ssh_with_pinned_host_key() {
+    let lab = lab();
+    let key = std::fs::read(&lab.key).unwrap_or_else(|e| panic!("{e}"));
+    let (access, dir) = access(&lab, "lab-local", &lab.fingerprint, Some(key));
+    let conn = hypervisor::connect_node(&access).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(conn.driver().unwrap_or_default(), "QEMU");
+    let (libvirt, qemu) = conn.versions().unwrap_or_else(|e| panic!("{e}"));
+    assert!(libvirt.starts_with(|c: char| c.is_ascii_digit()) && qemu.contains('.'));
+
+    // The key and the pinned known_hosts are private to the operator.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["id", "known_hosts"] {
+        let mode = std::fs::metadata(dir.path().join("lab-local").join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
+    }
+
+    let name = format!("kvmop-lab-{}", std::process::id());
+    let mut xml = DomainXml::minimal(&name, domain_type(), 64 * 1024, 1);
+    xml.metadata = Some(kvm_operator::hypervisor::domain_xml::Metadata {
+        owner: Some(Owner::new(
+            "00000000-1111-4222-8333-444444444444",
+            "lab",
+            "guest",
+        )),
+    });
+    let uuid = conn.define(&xml).unwrap_or_else(|e| panic!("{e}"));
+    let cleanup = |c: &hypervisor::Connection| {
+        let _ = c.destroy(&name);
+        let _ = c.undefine(&name);
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_eq!(conn.state(&name).ok(), Some(DomainState::Shutoff));
+        let listed = conn.list_domains().unwrap_or_else(|e| panic!("{e}"));
+        let me = listed
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("{name} not listed"));
+        assert_eq!(me.uuid, uuid);
+        assert_eq!(
+            me.owner.as_ref().map(|o| o.name.as_str()),
+            Some("guest"),
+            "ownership stamp read back"
+        );
+
+        let t0 = Instant::now();
+        conn.start(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(conn.state(&name).ok(), Some(DomainState::Running));
+        eprintln!(
+            "guest {name} started in {:?} ({})",
+            t0.elapsed(),
+            domain_type()
+        );
+        conn.start(&name)
+            .unwrap_or_else(|e| panic!("starting a running guest must succeed: {e}"));
+        let live = conn.domain_xml(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(live.memory.as_kib(), Some(64 * 1024));
+        assert_eq!(
+            live.owner().map(|o| o.uid.as_str()),
+            Some("00000000-1111-4222-8333-444444444444")
+        );
+
+        conn.destroy(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(conn.state(&name).ok(), Some(DomainState::Shutoff));
+        conn.undefine(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(conn.state(&name), Err(HvError::NotFound { .. })));
+        conn.undefine(&name)
+            .unwrap_or_else(|e| panic!("undefining a missing domain must succeed: {e}"));
+    }));
+    cleanup(&conn);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn a_changed_host_key_is_refused_before_any_credential_is_sent() {
+    let lab = lab();
+    let wrong = format!("SHA256:{}", "A".repeat(43));
+    let key = std::fs::read(&lab.key).unwrap_or_else(|e| panic!("{e}"));
+    let (access, dir) = access(&lab, "lab-wrong-key", &wrong, Some(key));
+    let err = hypervisor::connect_node(&access)
+        .err()
+        .unwrap_or_else(|| panic!("connected despite a wrong pin"));
+    assert!(matches!(err, HvError::HostKeyMismatch { .. }), "{err}");
+    assert_eq!(err.reason(), "HostKeyMismatch");
+    assert!(!err.is_transient());
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&lab.fingerprint) && msg.contains("spec.hostKeyFingerprint"),
+        "{msg}"
+    );
+    // refused before the key was written anywhere
+    assert!(!dir.path().join("lab-wrong-key").join("id").exists());
+}
+
+#[test]
+fn a_wrong_private_key_fails_with_a_libvirt_error_naming_the_node() {
+    let lab = lab();
+    // A fresh key the lab's sshd does not know.
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let kp = tmp.path().join("k");
+    let ok = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&kp)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "ssh-keygen failed");
+    let key = std::fs::read(&kp).unwrap_or_else(|e| panic!("{e}"));
+    let (access, _dir) = access(&lab, "lab-bad-key", &lab.fingerprint, Some(key));
+    let t0 = Instant::now();
+    let err = hypervisor::connect_node(&access)
+        .err()
+        .unwrap_or_else(|| panic!("connected with an unknown key"));
+    assert!(
+        matches!(err, HvError::Libvirt { op: "connect", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("lab-bad-key"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn the_test_driver_lists_its_default_domain_unmanaged() {
+    let conn = hypervisor::Connection::open("test:///default", "embedded")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let doms = conn.list_domains().unwrap_or_else(|e| panic!("{e}"));
+    let t = doms
+        .iter()
+        .find(|d| d.name == "test")
+        .unwrap_or_else(|| panic!("{doms:?}"));
+    assert_eq!(t.state, DomainState::Running);
+    assert!(t.owner.is_none());
+}
