@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The kvm-operator lab: real libvirtd + QEMU/KVM + sshd on one Debian 12 machine, as root.
 #
-#   hack/lab.sh install      install missing Debian/PyPI packages (idempotent)
+#   hack/lab.sh deps         install only what building the operator needs (libvirt-dev, ...)
+#   hack/lab.sh install      install everything the lab and the tests need (idempotent)
 #   hack/lab.sh up           start virtlogd + libvirtd (qemu:///system) and a loopback sshd
 #   hack/lab.sh hosts [N]    start N simulated hypervisor hosts (default 2) in namespaces
 #   hack/lab.sh down         stop everything this script started (only our own PIDs)
@@ -22,15 +23,15 @@ log() { printf '[lab] %s\n' "$*" >&2; }
 die() { printf '[lab] error: %s\n' "$*" >&2; exit 1; }
 need_root() { [ "$(id -u)" = 0 ] || die "the lab must run as root (it starts libvirtd, sshd and namespaces)"; }
 
+BUILD_PACKAGES=(libvirt-dev pkg-config libssl-dev)
 DEB_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev qemu-system-x86 qemu-utils openssh-server openssh-client pkg-config libssl-dev
   iproute2 util-linux procps lvm2)
 PY_PACKAGES=(helm-python-sdk)
 
-cmd_install() {
-  need_root
+install_debs() {
   local missing=()
-  for p in "${DEB_PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -42,6 +43,16 @@ cmd_install() {
   else
     log "Debian packages present"
   fi
+}
+
+cmd_deps() {
+  need_root
+  install_debs "${BUILD_PACKAGES[@]}"
+}
+
+cmd_install() {
+  need_root
+  install_debs "${BUILD_PACKAGES[@]}" "${DEB_PACKAGES[@]}"
   local pymissing=()
   for p in "${PY_PACKAGES[@]}"; do
     python3 -m pip show -q "$p" >/dev/null 2>&1 || pymissing+=("$p")
@@ -214,6 +225,13 @@ cmd_hosts() {
     sleep 0.3
     nsenter -t "$(cat "$LAB/hosts/ctl.pid")" -n sh -c \
       "ip link set lo up; ip link add br0 type bridge; ip addr add $NET_PREFIX.254/24 dev br0; ip link set br0 up"
+    # The machine's own namespace joins the bridge as $NET_PREFIX.253, so tests (and the operator)
+    # reach the hosts directly. The route covers only the lab's /24.
+    ip link del kvmlab0 2>/dev/null || true
+    ip link add kvmlab0 type veth peer name pctl netns "$(cat "$LAB/hosts/ctl.pid")"
+    ip addr add "$NET_PREFIX.253/24" dev kvmlab0
+    ip link set kvmlab0 up
+    nsenter -t "$(cat "$LAB/hosts/ctl.pid")" -n sh -c "ip link set pctl master br0; ip link set pctl up"
   fi
   local ctl
   ctl=$(cat "$LAB/hosts/ctl.pid")
@@ -271,6 +289,7 @@ cmd_down() {
       rm -f "$pidf"
     done
     [ -n "$ctl" ] && kill "$ctl" 2>/dev/null || true
+    ip link del kvmlab0 2>/dev/null || true
     rm -f "$LAB/hosts/ctl.pid" "$LAB/hosts/count"
   fi
   pid_alive "$LAB/ssh/sshd.pid" && kill "$(cat "$LAB/ssh/sshd.pid")" 2>/dev/null || true
@@ -289,6 +308,10 @@ export KVM_LAB_SSH_KEY=$LAB/ssh/client_ed25519
 export KVM_LAB_KNOWN_HOSTS=$LAB/ssh/known_hosts
 export KVM_LAB_HOSTS=$n
 EOE
+  for i in $(seq "$n"); do
+    local pub="$LAB/hosts/$(host_name "$i")/ssh_host_ed25519.pub"
+    [ -f "$pub" ] && echo "export KVM_LAB_HOST${i}_ADDR=$(host_ip "$i") KVM_LAB_HOST${i}_FINGERPRINT=$(ssh-keygen -lf "$pub" | cut -d' ' -f2)"
+  done
   [ -f "$LAB/ssh/host_ed25519.pub" ] && echo "export KVM_LAB_SSH_FINGERPRINT=$(ssh-keygen -lf "$LAB/ssh/host_ed25519.pub" | cut -d' ' -f2)"
   [ -f "$LAB/hosts/ctl.pid" ] && echo "export KVM_LAB_CTL_PID=$(cat "$LAB/hosts/ctl.pid")"
   return 0
@@ -302,6 +325,7 @@ cmd_status() {
 }
 
 case "${1:-}" in
+  deps) cmd_deps ;;
   install) cmd_install ;;
   up) cmd_up ;;
   hosts) shift; cmd_hosts "${1:-2}" ;;
@@ -309,5 +333,5 @@ case "${1:-}" in
   down) cmd_down ;;
   env) cmd_env ;;
   status) cmd_status ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

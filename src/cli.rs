@@ -80,9 +80,14 @@ fn write_stdout(text: &str) -> Result<(), CliError> {
 
 /// `kvm-operator run`: checks access to the cluster and that the CRDs are installed, then serves
 /// until SIGTERM or Ctrl-C. Controllers are started here as they are implemented.
-pub fn run() -> Result<(), CliError> {
+pub fn run(http_addr: &str) -> Result<(), CliError> {
     let rt = tokio::runtime::Runtime::new().map_err(|e| CliError::Io(e.to_string()))?;
     rt.block_on(async {
+        let health = crate::http::Health::default();
+        let listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .map_err(|e| CliError::Io(format!("cannot listen on {http_addr} (--http-addr): {e}")))?;
+        let server = tokio::spawn(crate::http::serve(listener, health.clone()));
         let client = kube::Client::try_default()
             .await
             .map_err(|e| CliError::Kube(format!("cannot build a client (in-cluster config or KUBECONFIG): {e}")))?;
@@ -102,8 +107,10 @@ pub fn run() -> Result<(), CliError> {
                 missing.join(", ")
             )));
         }
+        health.set_ready(true);
         tracing::info!("CRDs present; no controller is enabled in this version, waiting for a stop signal");
         shutdown_signal().await;
+        server.abort();
         Ok(())
     })
 }

@@ -1,14 +1,16 @@
 //! kvm-operator: a Kubernetes operator for KVM virtual machines on external hypervisor hosts.
 //!
 //! Module map:
-//! - [`api`]: the four custom resources, data only.
-//! - [`hypervisor`]: the only code that talks to libvirt and SSH.
-//! - [`manifest`]: reading the YAML users apply, into our types.
-//! - [`cli`]: the commands behind the binary's subcommands.
-//! - [`telemetry`]: logging.
+//! - [`api`] — the four custom resources, data only.
+//! - [`hypervisor`] — the only code that talks to libvirt and SSH.
+//! - [`manifest`] — reading the YAML users apply, into our types.
+//! - [`http`] — health endpoints.
+//! - [`cli`] — the commands behind the binary's subcommands.
+//! - [`telemetry`] — logging.
 
 pub mod api;
 pub mod cli;
+pub mod http;
 pub mod hypervisor;
 pub mod manifest;
 pub mod telemetry;

@@ -22,7 +22,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator in a cluster (in-cluster config or KUBECONFIG).
-    Run,
+    Run {
+        /// Address of /healthz and /readyz.
+        #[arg(long, env = "KVM_OPERATOR_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+        http_addr: String,
+    },
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into --dir.
     Crd {
         /// Write `<plural>.<group>.yaml` files into this directory instead of printing.
@@ -50,7 +54,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     kvm_operator::telemetry::init(&cli.log, cli.log_json);
     let result = match cli.command {
-        Command::Run => kvm_operator::cli::run(),
+        Command::Run { http_addr } => kvm_operator::cli::run(&http_addr),
         Command::Crd { dir } => kvm_operator::cli::crd(dir.as_deref()),
         Command::Standalone {
             files,

@@ -13,6 +13,8 @@ use serde::de::DeserializeOwned;
 use crate::api::{FieldErrors, KvmNode, Migration, StoragePool, VirtualMachine};
 
 /// One object of one of our kinds.
+// Objects are read once per manifest file; boxing the larger variants would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Object {
     KvmNode(KvmNode),

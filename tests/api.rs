@@ -4,6 +4,8 @@
 //! CEL rules that compile and evaluate, value constraints) with kube's own CEL validator and a
 //! small checker of the OpenAPI value rules our schemas use.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

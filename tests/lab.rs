@@ -2,6 +2,8 @@
 //! 127.0.0.1, with the host key pinned. Run through README's test command, which starts the lab
 //! and exports the KVM_LAB_* variables these tests read.
 
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -204,4 +206,56 @@ fn the_test_driver_lists_its_default_domain_unmanaged() {
         .unwrap_or_else(|| panic!("{doms:?}"));
     assert_eq!(t.state, DomainState::Running);
     assert!(t.owner.is_none());
+}
+
+#[test]
+fn namespace_hosts_are_separate_hypervisors_each_pinned_to_its_own_key() {
+    let lab = lab();
+    let key = std::fs::read(&lab.key).unwrap_or_else(|e| panic!("{e}"));
+    let n: u32 = std::env::var("KVM_LAB_HOSTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        n >= 2,
+        "the lab must run at least two namespace hosts (hack/lab.sh hosts 2)"
+    );
+    let host = |i: u32| {
+        let addr = std::env::var(format!("KVM_LAB_HOST{i}_ADDR")).unwrap_or_else(|e| panic!("{e}"));
+        let fp =
+            std::env::var(format!("KVM_LAB_HOST{i}_FINGERPRINT")).unwrap_or_else(|e| panic!("{e}"));
+        (addr, fp)
+    };
+    let (a1, f1) = host(1);
+    let (a2, f2) = host(2);
+    assert_ne!(f1, f2, "each host has its own key");
+    let node = |addr: &str, fp: &str, name: &str| {
+        let lab = Lab {
+            addr: addr.to_string(),
+            port: 22,
+            user: lab.user.clone(),
+            key: lab.key.clone(),
+            fingerprint: fp.to_string(),
+        };
+        access(&lab, name, fp, Some(key.clone()))
+    };
+    let (acc1, _d1) = node(&a1, &f1, "host1");
+    let (acc2, _d2) = node(&a2, &f2, "host2");
+    let c1 = hypervisor::connect_node(&acc1).unwrap_or_else(|e| panic!("{e}"));
+    let c2 = hypervisor::connect_node(&acc2).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c1.hostname().ok().as_deref(), Some("host1"));
+    assert_eq!(c2.hostname().ok().as_deref(), Some("host2"));
+    // a guest defined on host1 does not exist on host2
+    let name = format!("kvmop-ns-{}", std::process::id());
+    c1.define(&DomainXml::minimal(&name, domain_type(), 32 * 1024, 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let on2 = c2.state(&name);
+    let _ = c1.undefine(&name);
+    assert!(matches!(on2, Err(HvError::NotFound { .. })), "{on2:?}");
+    // host2's key does not open host1
+    let (swapped, _d3) = node(&a1, &f2, "host1-swapped");
+    assert!(matches!(
+        hypervisor::connect_node(&swapped),
+        Err(HvError::HostKeyMismatch { .. })
+    ));
 }

@@ -1,4 +1,7 @@
 //! `KvmNode`: one hypervisor host the operator reaches over SSH and libvirt.
+// kube's `printcolumn(...)` arguments repeat `type_ = "string"` by design; clippy reads them
+// as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,7 @@
 //! `Migration`: move one VirtualMachine to another KvmNode, live or cold.
+// kube's `printcolumn(...)` arguments repeat `type_ = "string"` by design; clippy reads them
+// as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;

@@ -1,4 +1,7 @@
 //! `StoragePool`: a libvirt storage pool on one node or on every node matching a selector.
+// kube's `printcolumn(...)` arguments repeat `type_ = "string"` by design; clippy reads them
+// as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,7 @@
 //! `VirtualMachine`: a KVM guest placed on a KvmNode, or an existing domain adopted as is.
+// kube's `printcolumn(...)` arguments repeat `type_ = "string"` by design; clippy reads them
+// as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::{BTreeMap, BTreeSet};
 

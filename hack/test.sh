@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite from a bare Debian 12 machine, as root: installs what is missing, starts the
+# lab (libvirtd with QEMU/KVM, a loopback sshd, two namespace hosts), checks formatting and lints,
+# then runs every test. README's test command and .ci/run are this script.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+hack/lab.sh install
+hack/lab.sh up
+hack/lab.sh hosts 2
+eval "$(hack/lab.sh env)"
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo test --locked --all-targets
