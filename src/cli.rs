@@ -86,33 +86,50 @@ pub fn run(http_addr: &str) -> Result<(), CliError> {
         let health = crate::http::Health::default();
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
-            .map_err(|e| CliError::Io(format!("cannot listen on {http_addr} (--http-addr): {e}")))?;
+            .map_err(|e| {
+                CliError::Io(format!("cannot listen on {http_addr} (--http-addr): {e}"))
+            })?;
         let server = tokio::spawn(crate::http::serve(listener, health.clone()));
-        let client = kube::Client::try_default()
-            .await
-            .map_err(|e| CliError::Kube(format!("cannot build a client (in-cluster config or KUBECONFIG): {e}")))?;
-        let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client);
-        let mut missing = Vec::new();
-        for c in api::crds() {
-            let name = c.metadata.name.unwrap_or_default();
-            match crds.get_opt(&name).await {
-                Ok(Some(_)) => {}
-                Ok(None) => missing.push(name),
-                Err(e) => return Err(CliError::Kube(format!("cannot read CRD {name}: {e}; the operator's ServiceAccount needs get on customresourcedefinitions"))),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(CliError::Kube(format!(
-                "CRDs not installed: {}; install them with `kubectl apply -f crds/` (or `kvm-operator crd | kubectl apply -f -`)",
-                missing.join(", ")
-            )));
-        }
+        let client = kube::Client::try_default().await.map_err(|e| {
+            CliError::Kube(format!(
+                "cannot build a client (in-cluster config or KUBECONFIG): {e}"
+            ))
+        })?;
+        check_crds(client).await?;
         health.set_ready(true);
-        tracing::info!("CRDs present; no controller is enabled in this version, waiting for a stop signal");
+        tracing::info!(
+            "CRDs present; no controller is enabled in this version, waiting for a stop signal"
+        );
         shutdown_signal().await;
         server.abort();
         Ok(())
     })
+}
+
+/// Fails unless all four CRDs are installed, naming the missing ones and how to install them.
+pub async fn check_crds(client: kube::Client) -> Result<(), CliError> {
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client);
+    let mut missing = Vec::new();
+    for c in api::crds() {
+        let name = c.metadata.name.unwrap_or_default();
+        match crds.get_opt(&name).await {
+            Ok(Some(_)) => {}
+            Ok(None) => missing.push(name),
+            Err(e) => {
+                return Err(CliError::Kube(format!(
+                    "cannot read CRD {name}: {e}; the operator's ServiceAccount needs get on customresourcedefinitions"
+                )));
+            }
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Kube(format!(
+            "CRDs not installed: {}; install them with `kubectl apply --server-side -f crds/` (or `kvm-operator crd | kubectl apply --server-side -f -`)",
+            missing.join(", ")
+        )))
+    }
 }
 
 async fn shutdown_signal() {

@@ -266,7 +266,8 @@ mod tests {
         let text = format!("{VM}---\n---\n{VM}");
         let l = parse_str(&text, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(l.len(), 2);
-        assert_eq!(l[1].origin, "t.yaml#3");
+        assert_eq!(l[0].origin, "t.yaml#1");
+        assert_eq!(l[1].origin, "t.yaml#2");
         assert_eq!(l[0].object.to_string(), "VirtualMachine/web");
     }
 

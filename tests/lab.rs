@@ -259,3 +259,83 @@ fn namespace_hosts_are_separate_hypervisors_each_pinned_to_its_own_key() {
         Err(HvError::HostKeyMismatch { .. })
     ));
 }
+
+#[test]
+fn host_facts_over_ssh_match_the_host() {
+    use kvm_operator::hypervisor::host_facts;
+    use kvm_operator::hypervisor::ssh::{HostKeyPolicy, SshSession};
+    let lab = lab();
+    let key = std::fs::read(&lab.key).unwrap_or_else(|e| panic!("{e}"));
+    let ssh = SshSession::connect(
+        &lab.addr,
+        lab.port,
+        &lab.user,
+        &key,
+        &HostKeyPolicy::Pinned(lab.fingerprint.clone()),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (facts, usage) = host_facts::collect(&ssh, Some(Duration::from_millis(300)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // the lab's sshd runs on this machine: compare with what this process sees
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(0);
+    assert_eq!(facts.cpus, Some(cpus));
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total_kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(facts.memory_total, Some(total_kib * 1024));
+    assert!(
+        facts
+            .memory_available
+            .is_some_and(|a| a > 0 && a <= total_kib * 1024)
+    );
+    assert!(facts.load.is_some());
+    assert!(usage.is_some_and(|u| u <= 100), "{usage:?}");
+    assert_eq!(facts.kvm, Some(std::path::Path::new("/dev/kvm").exists()));
+    // versions agree with what libvirt itself reports over its own connection
+    let conn =
+        hypervisor::Connection::open("qemu:///system", "local").unwrap_or_else(|e| panic!("{e}"));
+    let (libvirt, qemu) = conn.versions().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(facts.libvirt_version.as_deref(), Some(libvirt.as_str()));
+    assert!(
+        facts
+            .qemu_version
+            .as_deref()
+            .is_some_and(|v| v.starts_with(&qemu[..3])),
+        "{:?} vs {qemu}",
+        facts.qemu_version
+    );
+}
+
+#[test]
+fn ssh_sessions_refuse_a_wrong_pin_and_a_wrong_key() {
+    use kvm_operator::hypervisor::ssh::{HostKeyPolicy, SshSession};
+    let lab = lab();
+    let key = std::fs::read(&lab.key).unwrap_or_else(|e| panic!("{e}"));
+    let wrong = HostKeyPolicy::Pinned(format!("SHA256:{}", "B".repeat(43)));
+    let r = SshSession::connect(
+        &lab.addr,
+        lab.port,
+        &lab.user,
+        &key,
+        &wrong,
+        Duration::from_secs(10),
+    );
+    assert!(matches!(r, Err(HvError::HostKeyMismatch { .. })), "{r:?}");
+    let r = SshSession::connect(
+        &lab.addr,
+        lab.port,
+        &lab.user,
+        b"not a key",
+        &HostKeyPolicy::Pinned(lab.fingerprint.clone()),
+        Duration::from_secs(10),
+    );
+    let err = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("authentication failed"), "{err}");
+}

@@ -220,7 +220,8 @@ mod tests {
             Some("\"1024Mi\"")
         );
         assert_eq!(ByteQuantity::from_bytes(64 << 20).as_str(), "64Mi");
-        assert_eq!(ByteQuantity::from_bytes(1536).as_str(), "3Ki");
+        assert_eq!(ByteQuantity::from_bytes(3072).as_str(), "3Ki");
+        assert_eq!(ByteQuantity::from_bytes(1536).as_str(), "1536");
         assert_eq!(ByteQuantity::from_bytes(1000).as_str(), "1000");
         assert_eq!(ByteQuantity::from_bytes(0).as_str(), "0");
     }

@@ -1,12 +1,14 @@
 //! The only code that talks to libvirt and SSH.
 //!
-//! - [`ssh`]: host-key pinning and SSH primitives (`ssh2`).
+//! - [`ssh`]: host-key pinning, authenticated sessions and the fixed remote commands (`ssh2`).
+//! - [`host_facts`]: CPUs, memory, load, CPU use, KVM and versions, read over SSH.
 //! - [`uri`]: libvirt URIs built from a KvmNode's spec.
 //! - [`connection`]: a libvirt connection to one node and the domain operations on it.
 //! - [`domain_xml`]: the typed domain XML model.
 
 pub mod connection;
 pub mod domain_xml;
+pub mod host_facts;
 pub mod ssh;
 pub mod uri;
 

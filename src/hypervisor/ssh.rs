@@ -82,6 +82,47 @@ pub fn connect_tcp(host: &str, port: u16, timeout: Duration) -> Result<TcpStream
     })
 }
 
+/// TCP connect and SSH handshake, then the host key checked against `policy`. Nothing is sent
+/// that authenticates us before this returns.
+fn handshake(
+    host: &str,
+    port: u16,
+    policy: &HostKeyPolicy,
+    timeout: Duration,
+) -> Result<(Session, HostKey), HvError> {
+    let target = format!("{host}:{port}");
+    let ssh_err = |cause: String| HvError::Ssh {
+        target: target.clone(),
+        cause,
+    };
+    let tcp = connect_tcp(host, port, timeout)?;
+    let mut sess = Session::new().map_err(|e| ssh_err(e.to_string()))?;
+    sess.set_tcp_stream(tcp);
+    sess.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
+    sess.handshake()
+        .map_err(|e| ssh_err(format!("SSH handshake failed: {e}")))?;
+    let (blob, kind) = sess
+        .host_key()
+        .ok_or_else(|| ssh_err("the server presented no host key".into()))?;
+    let blob = blob.to_vec();
+    let sha = sess
+        .host_key_hash(HashType::Sha256)
+        .ok_or_else(|| ssh_err("libssh2 cannot compute a SHA256 host key hash".into()))?;
+    let key = HostKey {
+        algorithm: algorithm(kind),
+        blob,
+        fingerprint: format_fingerprint(sha),
+    };
+    match policy {
+        HostKeyPolicy::Pinned(want) if *want != key.fingerprint => Err(HvError::HostKeyMismatch {
+            target,
+            expected: want.clone(),
+            actual: key.fingerprint,
+        }),
+        _ => Ok((sess, key)),
+    }
+}
+
 /// Handshakes with the host's sshd and checks its key against `policy`. No authentication is
 /// attempted. Returns the key so it can be pinned for libvirt's own connection.
 pub fn verify_host_key(
@@ -90,44 +131,9 @@ pub fn verify_host_key(
     policy: &HostKeyPolicy,
     timeout: Duration,
 ) -> Result<HostKey, HvError> {
-    let target = format!("{host}:{port}");
-    let tcp = connect_tcp(host, port, timeout)?;
-    let mut sess = Session::new().map_err(|e| HvError::Ssh {
-        target: target.clone(),
-        cause: e.to_string(),
-    })?;
-    sess.set_tcp_stream(tcp);
-    sess.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
-    sess.handshake().map_err(|e| HvError::Ssh {
-        target: target.clone(),
-        cause: format!("SSH handshake failed: {e}"),
-    })?;
-    let (blob, kind) = sess.host_key().ok_or_else(|| HvError::Ssh {
-        target: target.clone(),
-        cause: "the server presented no host key".into(),
-    })?;
-    let blob = blob.to_vec();
-    let sha = sess
-        .host_key_hash(HashType::Sha256)
-        .ok_or_else(|| HvError::Ssh {
-            target: target.clone(),
-            cause: "libssh2 cannot compute a SHA256 host key hash".into(),
-        })?;
-    let key = HostKey {
-        algorithm: algorithm(kind),
-        blob,
-        fingerprint: format_fingerprint(sha),
-    };
+    let (sess, key) = handshake(host, port, policy, timeout)?;
     sess.disconnect(None, "host key checked", None).ok();
-    match policy {
-        HostKeyPolicy::AcceptAny => Ok(key),
-        HostKeyPolicy::Pinned(want) if *want == key.fingerprint => Ok(key),
-        HostKeyPolicy::Pinned(want) => Err(HvError::HostKeyMismatch {
-            target,
-            expected: want.clone(),
-            actual: key.fingerprint,
-        }),
-    }
+    Ok(key)
 }
 
 /// One known_hosts line for `key` at `host:port` (`[host]:port` form when the port is not 22).
@@ -163,6 +169,152 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), HvError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// Commands the operator runs on hosts. Each renders to a fixed string: no value from a spec or
+/// from the host ever reaches a remote shell line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteCommand {
+    /// Everything [`super::host_facts::HostFacts`] needs, in one round trip, with markers.
+    HostFacts,
+    /// Restart the libvirt daemon through systemd.
+    RestartDaemon(LibvirtDaemon),
+}
+
+/// libvirt daemons a host may run: the monolithic one or the modular QEMU driver daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LibvirtDaemon {
+    Libvirtd,
+    Virtqemud,
+}
+
+/// Marker printed before each section of the facts script.
+pub const SECTION: &str = "==> ";
+
+impl RemoteCommand {
+    /// The exact line sent to the host.
+    pub fn line(self) -> &'static str {
+        match self {
+            RemoteCommand::HostFacts => concat!(
+                "LC_ALL=C; export LC_ALL; ",
+                "for f in /proc/loadavg /proc/meminfo /proc/stat /proc/cpuinfo; do echo \"==> $f\"; cat \"$f\" 2>/dev/null; done; ",
+                "echo '==> kvm'; if [ -c /dev/kvm ]; then echo yes; else echo no; fi; ",
+                "echo '==> libvirtd'; (libvirtd --version || virtqemud --version) 2>/dev/null | head -n 1; ",
+                "echo '==> qemu'; (qemu-system-x86_64 --version || /usr/libexec/qemu-kvm --version) 2>/dev/null | head -n 1"
+            ),
+            RemoteCommand::RestartDaemon(LibvirtDaemon::Libvirtd) => {
+                "systemctl restart libvirtd.service"
+            }
+            RemoteCommand::RestartDaemon(LibvirtDaemon::Virtqemud) => {
+                "systemctl restart virtqemud.service"
+            }
+        }
+    }
+}
+
+/// What a remote command printed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CmdOutput {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// An authenticated SSH session to one host, pinned to its host key.
+pub struct SshSession {
+    sess: Session,
+    target: String,
+}
+
+impl std::fmt::Debug for SshSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshSession")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+/// Largest output the operator reads from one command (a hostile host cannot exhaust memory).
+const MAX_OUTPUT: u64 = 4 << 20;
+
+impl SshSession {
+    /// Connects, checks the host key against `policy` before authenticating, then authenticates
+    /// with the private key held in memory (never written to disk by this path).
+    pub fn connect(
+        host: &str,
+        port: u16,
+        user: &str,
+        private_key_pem: &[u8],
+        policy: &HostKeyPolicy,
+        timeout: Duration,
+    ) -> Result<Self, HvError> {
+        let target = format!("{user}@{host}:{port}");
+        let ssh_err = |cause: String| HvError::Ssh {
+            target: target.clone(),
+            cause,
+        };
+        let (sess, _key) = handshake(host, port, policy, timeout)?;
+        let pem = std::str::from_utf8(private_key_pem).map_err(|_| {
+            ssh_err("the private key is not text (PEM or OpenSSH format expected)".into())
+        })?;
+        sess.userauth_pubkey_memory(user, None, pem, None)
+            .map_err(|e| HvError::Ssh {
+                target: target.clone(),
+                cause: format!("public key authentication failed ({}); check that the key in the Secret is in the user's authorized_keys", e.message()),
+            })?;
+        if !sess.authenticated() {
+            return Err(ssh_err("not authenticated".into()));
+        }
+        Ok(Self { sess, target })
+    }
+
+    /// Runs one of the operator's fixed commands.
+    pub fn run(&self, cmd: RemoteCommand) -> Result<CmdOutput, HvError> {
+        use std::io::Read;
+        let err = |what: &str, e: ssh2::Error| HvError::Ssh {
+            target: self.target.clone(),
+            cause: format!("{what}: {e}"),
+        };
+        let mut ch = self
+            .sess
+            .channel_session()
+            .map_err(|e| err("open channel", e))?;
+        ch.exec(cmd.line()).map_err(|e| err("exec", e))?;
+        let mut stdout = Vec::new();
+        (&mut ch)
+            .take(MAX_OUTPUT)
+            .read_to_end(&mut stdout)
+            .map_err(|e| HvError::Ssh {
+                target: self.target.clone(),
+                cause: format!("read output: {e}"),
+            })?;
+        let mut stderr = Vec::new();
+        ch.stderr()
+            .take(MAX_OUTPUT)
+            .read_to_end(&mut stderr)
+            .map_err(|e| HvError::Ssh {
+                target: self.target.clone(),
+                cause: format!("read errors: {e}"),
+            })?;
+        ch.wait_close().map_err(|e| err("close channel", e))?;
+        let status = ch.exit_status().map_err(|e| err("exit status", e))?;
+        Ok(CmdOutput {
+            status,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        })
+    }
+
+    /// `user@host:port`.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+}
+
+impl Drop for SshSession {
+    fn drop(&mut self) {
+        let _ = self.sess.disconnect(None, "bye", None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +347,16 @@ mod tests {
         assert_eq!(
             known_hosts_line("127.0.0.1", 2222, &k),
             "[127.0.0.1]:2222 ssh-ed25519 AQID\n"
+        );
+    }
+
+    #[test]
+    fn remote_commands_are_fixed_strings() {
+        // No variant takes a string: nothing from a spec can reach the remote shell.
+        assert!(RemoteCommand::HostFacts.line().contains("/proc/loadavg"));
+        assert_eq!(
+            RemoteCommand::RestartDaemon(LibvirtDaemon::Virtqemud).line(),
+            "systemctl restart virtqemud.service"
         );
     }
 
