@@ -339,3 +339,171 @@ fn ssh_sessions_refuse_a_wrong_pin_and_a_wrong_key() {
     let err = r.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("authentication failed"), "{err}");
 }
+
+#[test]
+fn running_guest_operations_and_hotplug() {
+    use kvm_operator::hypervisor::domain_xml::{
+        Alias, Controller, Device, Disk, DiskDriver, DiskSource, DiskTarget, Graphics, Interface,
+        Model,
+    };
+    use kvm_operator::hypervisor::{DeviceScope, ShutdownOutcome};
+    let conn =
+        hypervisor::Connection::open("qemu:///system", "local").unwrap_or_else(|e| panic!("{e}"));
+    let name = format!("kvmop-ops-{}", std::process::id());
+    let mut xml = DomainXml::minimal(&name, domain_type(), 64 * 1024, 1);
+    xml.devices.controller.push(Controller {
+        controller_type: "scsi".into(),
+        index: Some(0),
+        model: Some("virtio-scsi".into()),
+    });
+    xml.devices.graphics.push(Graphics {
+        graphics_type: "vnc".into(),
+        port: Some(-1),
+        autoport: Some("yes".into()),
+        listen: Some("127.0.0.1".into()),
+    });
+    conn.define(&xml).unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        conn.start(&name).unwrap_or_else(|e| panic!("{e}"));
+        let info = conn.info(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (info.state, info.vcpus, info.max_memory_kib),
+            (DomainState::Running, 1, 64 * 1024)
+        );
+        let console = conn.console(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            console
+                .vnc
+                .as_deref()
+                .is_some_and(|v| v.starts_with("127.0.0.1:59")),
+            "{console:?}"
+        );
+        assert!(
+            console
+                .serial
+                .as_deref()
+                .is_some_and(|p| p.starts_with("/dev/pts/")),
+            "{console:?}"
+        );
+
+        conn.suspend(&name).unwrap_or_else(|e| panic!("{e}"));
+        conn.suspend(&name)
+            .unwrap_or_else(|e| panic!("suspending a paused guest must succeed: {e}"));
+        assert_eq!(conn.state(&name).ok(), Some(DomainState::Paused));
+        conn.resume(&name).unwrap_or_else(|e| panic!("{e}"));
+        conn.resume(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(conn.state(&name).ok(), Some(DomainState::Running));
+
+        // hot-plug a SCSI disk: live and persistent
+        let img = tmp.path().join("data.qcow2");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg("16M")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "qemu-img create failed");
+        let disk = Device::Disk(Disk {
+            disk_type: "file".into(),
+            device: "disk".into(),
+            driver: Some(DiskDriver {
+                name: "qemu".into(),
+                format: Some("qcow2".into()),
+            }),
+            source: Some(DiskSource {
+                file: Some(img.display().to_string()),
+                ..DiskSource::default()
+            }),
+            target: DiskTarget {
+                dev: "sda".into(),
+                bus: Some("scsi".into()),
+            },
+            readonly: None,
+            alias: Some(Alias {
+                name: "ua-data".into(),
+            }),
+        });
+        conn.attach(&name, &disk, DeviceScope::LiveAndConfig)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let has_disk = |x: &DomainXml| x.devices.disk.iter().any(|d| d.target.dev == "sda");
+        assert!(
+            has_disk(&conn.domain_xml(&name).unwrap_or_else(|e| panic!("{e}"))),
+            "live"
+        );
+        assert!(
+            has_disk(&conn.persistent_xml(&name).unwrap_or_else(|e| panic!("{e}"))),
+            "persistent"
+        );
+        // SCSI unplug needs no guest cooperation: it is gone from both at once
+        conn.detach(&name, &disk, DeviceScope::LiveAndConfig)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !has_disk(&conn.domain_xml(&name).unwrap_or_else(|e| panic!("{e}"))),
+            "live after detach"
+        );
+        assert!(!has_disk(
+            &conn.persistent_xml(&name).unwrap_or_else(|e| panic!("{e}"))
+        ));
+
+        // hot-plug a NIC (user-mode networking: no host network touched)
+        let nic = Device::Interface(Interface {
+            iface_type: "user".into(),
+            mac: Some(kvm_operator::hypervisor::domain_xml::Mac {
+                address: "52:54:00:aa:bb:01".into(),
+            }),
+            source: None,
+            model: Some(Model {
+                model_type: "virtio".into(),
+            }),
+            alias: Some(Alias {
+                name: "ua-net0".into(),
+            }),
+        });
+        conn.attach(&name, &nic, DeviceScope::LiveAndConfig)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let has_nic = |x: &DomainXml| {
+            x.devices.interface.iter().any(|i| {
+                i.mac
+                    .as_ref()
+                    .is_some_and(|m| m.address == "52:54:00:aa:bb:01")
+            })
+        };
+        assert!(
+            has_nic(&conn.domain_xml(&name).unwrap_or_else(|e| panic!("{e}"))),
+            "NIC live"
+        );
+        assert!(
+            has_nic(&conn.persistent_xml(&name).unwrap_or_else(|e| panic!("{e}"))),
+            "NIC persistent"
+        );
+        // removing it from the definition only leaves the running guest untouched
+        conn.detach(&name, &nic, DeviceScope::Config)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!has_nic(
+            &conn.persistent_xml(&name).unwrap_or_else(|e| panic!("{e}"))
+        ));
+        assert!(has_nic(
+            &conn.domain_xml(&name).unwrap_or_else(|e| panic!("{e}"))
+        ));
+
+        // a guest with no OS ignores the ACPI request: forced off after the grace period
+        let t0 = Instant::now();
+        let out = conn
+            .shutdown(&name, Duration::from_millis(800))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out, ShutdownOutcome::Forced);
+        assert!(t0.elapsed() >= Duration::from_millis(800));
+        assert_eq!(conn.state(&name).ok(), Some(DomainState::Shutoff));
+        assert_eq!(
+            conn.shutdown(&name, Duration::from_secs(1)).ok(),
+            Some(ShutdownOutcome::AlreadyOff)
+        );
+    }));
+    let _ = conn.destroy(&name);
+    let _ = conn.undefine(&name);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}

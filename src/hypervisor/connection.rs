@@ -8,8 +8,40 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
+use std::time::{Duration, Instant};
+
 use super::HvError;
-use super::domain_xml::{DomainXml, Owner};
+use super::domain_xml::{ConsoleEndpoints, Device, DomainXml, Owner};
+
+/// How a shutdown ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// It was not running.
+    AlreadyOff,
+    /// The guest shut down within the grace period.
+    Graceful,
+    /// The guest ignored the request; it was forced off after the grace period.
+    Forced,
+}
+
+/// Runtime figures of a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub state: DomainState,
+    pub max_memory_kib: u64,
+    pub memory_kib: u64,
+    pub vcpus: u32,
+    pub cpu_time_ns: u64,
+}
+
+/// Where a device change applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceScope {
+    /// The persistent definition, and the running guest when it runs.
+    LiveAndConfig,
+    /// The persistent definition only (applies at the next start).
+    Config,
+}
 
 /// A libvirt domain's state, as the operator distinguishes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,6 +246,115 @@ impl Connection {
             return Ok(());
         }
         d.destroy().map_err(|e| self.err("destroy domain", e))
+    }
+
+    /// Asks the guest to shut down (ACPI power button), waits up to `grace`, then forces it off.
+    pub fn shutdown(&self, name: &str, grace: Duration) -> Result<ShutdownOutcome, HvError> {
+        let d = self.lookup(name)?;
+        if !d.is_active().map_err(|e| self.err("domain state", e))? {
+            return Ok(ShutdownOutcome::AlreadyOff);
+        }
+        // A guest that is already going down may refuse a second request; that is fine.
+        let _ = d.shutdown_flags(sys::VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !d.is_active().map_err(|e| self.err("domain state", e))? {
+                return Ok(ShutdownOutcome::Graceful);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        match d.destroy() {
+            Ok(()) => Ok(ShutdownOutcome::Forced),
+            // it went down between the last check and the destroy
+            Err(_) if !d.is_active().map_err(|e| self.err("domain state", e))? => {
+                Ok(ShutdownOutcome::Graceful)
+            }
+            Err(e) => Err(self.err("destroy domain", e)),
+        }
+    }
+
+    /// Reboots a running domain (ACPI).
+    pub fn reboot(&self, name: &str) -> Result<(), HvError> {
+        self.lookup(name)?
+            .reboot(sys::VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+            .map_err(|e| self.err("reboot domain", e))
+    }
+
+    /// Pauses a running domain in memory. A paused domain is success.
+    pub fn suspend(&self, name: &str) -> Result<(), HvError> {
+        let d = self.lookup(name)?;
+        let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
+        if DomainState::from_virt(st) == DomainState::Paused {
+            return Ok(());
+        }
+        d.suspend().map_err(|e| self.err("suspend domain", e))
+    }
+
+    /// Resumes a paused domain. A running domain is success.
+    pub fn resume(&self, name: &str) -> Result<(), HvError> {
+        let d = self.lookup(name)?;
+        let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
+        if DomainState::from_virt(st) != DomainState::Paused {
+            return Ok(());
+        }
+        d.resume().map_err(|e| self.err("resume domain", e))
+    }
+
+    /// State, memory, vCPUs and CPU time.
+    pub fn info(&self, name: &str) -> Result<DomainInfo, HvError> {
+        let i = self
+            .lookup(name)?
+            .info()
+            .map_err(|e| self.err("domain info", e))?;
+        Ok(DomainInfo {
+            state: DomainState::from_virt(i.state),
+            max_memory_kib: i.max_mem,
+            memory_kib: i.memory,
+            vcpus: i.nr_virt_cpu,
+            cpu_time_ns: i.cpu_time,
+        })
+    }
+
+    /// Where the running domain's VNC and serial consoles are.
+    pub fn console(&self, name: &str) -> Result<ConsoleEndpoints, HvError> {
+        Ok(self.domain_xml(name)?.console())
+    }
+
+    fn device_flags(&self, d: &Domain, scope: DeviceScope) -> Result<u32, HvError> {
+        let live = d.is_active().map_err(|e| self.err("domain state", e))?;
+        Ok(match scope {
+            DeviceScope::LiveAndConfig if live => {
+                sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG
+            }
+            _ => sys::VIR_DOMAIN_AFFECT_CONFIG,
+        })
+    }
+
+    /// Adds a disk or NIC to the definition and, with `LiveAndConfig`, to the running guest.
+    pub fn attach(&self, name: &str, device: &Device, scope: DeviceScope) -> Result<(), HvError> {
+        let d = self.lookup(name)?;
+        let flags = self.device_flags(&d, scope)?;
+        d.attach_device_flags(&device.render()?, flags)
+            .map_err(|e| self.err("attach device", e))
+    }
+
+    /// Removes a disk or NIC. Live removal of PCI devices needs the guest's cooperation (ACPI);
+    /// libvirt returns once the request is sent, so callers confirm through the live XML.
+    pub fn detach(&self, name: &str, device: &Device, scope: DeviceScope) -> Result<(), HvError> {
+        let d = self.lookup(name)?;
+        let flags = self.device_flags(&d, scope)?;
+        d.detach_device_flags(&device.render()?, flags)
+            .map_err(|e| self.err("detach device", e))
+    }
+
+    /// The persistent (inactive) definition, which differs from the live XML after config-only
+    /// changes.
+    pub fn persistent_xml(&self, name: &str) -> Result<DomainXml, HvError> {
+        let d = self.lookup(name)?;
+        let xml = d
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| self.err("get domain XML", e))?;
+        DomainXml::parse(&xml)
     }
 
     /// Removes the definition (and NVRAM). A missing domain is success.

@@ -28,6 +28,8 @@ pub struct DomainXml {
     pub vcpu: Vcpu,
     pub os: Os,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<Features>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<Cpu>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_crash: Option<String>,
@@ -141,6 +143,15 @@ pub struct Boot {
     pub dev: String,
 }
 
+/// `<features>`: ACPI is what graceful shutdown and PCI hot-plug need.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub struct Features {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acpi: Option<Empty>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apic: Option<Empty>,
+}
+
 /// `<cpu mode=>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Cpu {
@@ -168,6 +179,8 @@ pub struct Devices {
     pub emulator: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disk: Vec<Disk>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controller: Vec<Controller>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interface: Vec<Interface>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -222,6 +235,34 @@ pub struct DiskSource {
     pub pool: Option<String>,
     #[serde(rename = "@volume", default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
+    /// Network disks: `rbd`, `iscsi`, `nbd`, ...
+    #[serde(rename = "@protocol", default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Network disks: image name, e.g. `pool/image` for rbd.
+    #[serde(rename = "@name", default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host: Vec<SourceHost>,
+}
+
+/// `<host name= port=/>` of a network disk source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceHost {
+    #[serde(rename = "@name")]
+    pub name: String,
+    #[serde(rename = "@port", default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// `<controller type='scsi' model='virtio-scsi' index='0'/>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Controller {
+    #[serde(rename = "@type")]
+    pub controller_type: String,
+    #[serde(rename = "@index", default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    #[serde(rename = "@model", default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// `<target dev='vda' bus='virtio'/>`.
@@ -283,6 +324,16 @@ pub struct Model {
 pub struct Serial {
     #[serde(rename = "@type")]
     pub serial_type: String,
+    /// The pty libvirt allocated (read back from a running domain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SerialSource>,
+}
+
+/// `<source path='/dev/pts/3'/>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SerialSource {
+    #[serde(rename = "@path", default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// `<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>`.
@@ -315,6 +366,28 @@ impl DomainXml {
         })
     }
 
+    /// The console endpoints of a running domain (from its live XML).
+    pub fn console(&self) -> ConsoleEndpoints {
+        let vnc = self
+            .devices
+            .graphics
+            .iter()
+            .find(|g| g.graphics_type == "vnc")
+            .and_then(|g| {
+                let port = g.port.filter(|p| *p > 0)?;
+                Some(format!(
+                    "{}:{port}",
+                    g.listen.as_deref().unwrap_or("127.0.0.1")
+                ))
+            });
+        let serial = self
+            .devices
+            .serial
+            .iter()
+            .find_map(|s| s.source.as_ref().and_then(|src| src.path.clone()));
+        ConsoleEndpoints { vnc, serial }
+    }
+
     /// The ownership stamp, when the domain carries ours.
     pub fn owner(&self) -> Option<&Owner> {
         self.metadata
@@ -341,15 +414,50 @@ impl DomainXml {
                 },
                 boot: vec![Boot { dev: "hd".into() }],
             },
+            features: Some(Features {
+                acpi: Some(Empty {}),
+                apic: Some(Empty {}),
+            }),
             cpu: None,
             on_crash: None,
             devices: Devices {
                 serial: vec![Serial {
                     serial_type: "pty".into(),
+                    source: None,
                 }],
                 ..Devices::default()
             },
         }
+    }
+}
+
+/// Where a running domain's consoles are, on its host.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConsoleEndpoints {
+    /// `address:port` of the VNC server.
+    pub vnc: Option<String>,
+    /// Serial console pty.
+    pub serial: Option<String>,
+}
+
+/// A device that can be attached to or detached from a domain.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Device {
+    Disk(Disk),
+    Interface(Interface),
+}
+
+impl Device {
+    /// The device's XML (`<disk>…</disk>` or `<interface>…</interface>`).
+    pub fn render(&self) -> Result<String, HvError> {
+        let r = match self {
+            Device::Disk(d) => quick_xml::se::to_string_with_root("disk", d),
+            Device::Interface(i) => quick_xml::se::to_string_with_root("interface", i),
+        };
+        r.map_err(|e| HvError::Xml {
+            what: "device".into(),
+            cause: e.to_string(),
+        })
     }
 }
 
@@ -418,6 +526,40 @@ mod tests {
         assert_eq!(d.vcpu.count, 1);
         assert_eq!(d.owner().map(|o| o.uid.as_str()), Some("u1"));
         assert_eq!(d.devices.serial.len(), 1);
+    }
+
+    #[test]
+    fn devices_render_as_single_elements_and_consoles_read_back() {
+        let nic = Device::Interface(Interface {
+            iface_type: "network".into(),
+            mac: Some(Mac {
+                address: "52:54:00:00:00:01".into(),
+            }),
+            source: Some(InterfaceSource {
+                network: Some("default".into()),
+                bridge: None,
+            }),
+            model: Some(Model {
+                model_type: "virtio".into(),
+            }),
+            alias: Some(Alias {
+                name: "ua-net0".into(),
+            }),
+        });
+        let xml = nic.render().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            xml,
+            r#"<interface type="network"><mac address="52:54:00:00:00:01"/><source network="default"/><model type="virtio"/><alias name="ua-net0"/></interface>"#
+        );
+        let live = r#"<domain type='kvm'><name>x</name><memory>1</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>
+            <serial type='pty'><source path='/dev/pts/7'/><target port='0'/></serial>
+            <graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>
+            </devices></domain>"#;
+        let c = DomainXml::parse(live)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .console();
+        assert_eq!(c.vnc.as_deref(), Some("127.0.0.1:5901"));
+        assert_eq!(c.serial.as_deref(), Some("/dev/pts/7"));
     }
 
     #[test]

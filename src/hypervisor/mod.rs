@@ -15,7 +15,9 @@ pub mod uri;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use connection::{Connection, DomainState, DomainSummary};
+pub use connection::{
+    Connection, DeviceScope, DomainInfo, DomainState, DomainSummary, ShutdownOutcome,
+};
 
 use crate::api::kvm_node::KvmNodeSpec;
 use ssh::HostKeyPolicy;
