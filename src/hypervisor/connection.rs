@@ -126,7 +126,12 @@ impl Connection {
         })
     }
 
-    fn err(&self, op: &'static str, e: virt::error::Error) -> HvError {
+    /// The underlying libvirt connection, for the other modules of `hypervisor/`.
+    pub(crate) fn raw(&self) -> &Connect {
+        &self.conn
+    }
+
+    pub(crate) fn err(&self, op: &'static str, e: virt::error::Error) -> HvError {
         HvError::Libvirt {
             op,
             target: self.node.clone(),

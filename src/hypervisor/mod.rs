@@ -5,11 +5,13 @@
 //! - [`uri`]: libvirt URIs built from a KvmNode's spec.
 //! - [`connection`]: a libvirt connection to one node and the domain operations on it.
 //! - [`domain_xml`]: the typed domain XML model.
+//! - [`storage`]: pools and volumes (typed XML and operations).
 
 pub mod connection;
 pub mod domain_xml;
 pub mod host_facts;
 pub mod ssh;
+pub mod storage;
 pub mod uri;
 
 use std::path::{Path, PathBuf};
