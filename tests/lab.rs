@@ -721,3 +721,64 @@ fn logical_pool_on_a_loop_device_never_overwrites_the_volume_group() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn lifecycle_events_and_bulk_stats_of_a_real_guest() {
+    use kvm_operator::hypervisor::ffi::LifecycleKind;
+    let conn =
+        hypervisor::Connection::open("qemu:///system", "local").unwrap_or_else(|e| panic!("{e}"));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sub = conn.subscribe_events(tx).unwrap_or_else(|e| panic!("{e}"));
+    let name = format!("kvmop-ev-{}", std::process::id());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        conn.define(&DomainXml::minimal(&name, domain_type(), 64 * 1024, 1))
+            .unwrap_or_else(|e| panic!("{e}"));
+        conn.start(&name).unwrap_or_else(|e| panic!("{e}"));
+        std::thread::sleep(Duration::from_millis(300));
+        let stats = conn.domain_stats().unwrap_or_else(|e| panic!("{e}"));
+        let me = stats
+            .iter()
+            .find(|s| s.domain == name)
+            .unwrap_or_else(|| panic!("{name} not in stats"));
+        assert_eq!(me.state, Some(1), "running");
+        assert!(me.cpu_time_ns.is_some_and(|t| t > 0), "{me:?}");
+        assert_eq!(me.balloon_maximum_kib, Some(64 * 1024));
+        assert_eq!(me.vcpus, Some(1));
+        conn.suspend(&name).unwrap_or_else(|e| panic!("{e}"));
+        conn.resume(&name).unwrap_or_else(|e| panic!("{e}"));
+        conn.destroy(&name).unwrap_or_else(|e| panic!("{e}"));
+        conn.undefine(&name).unwrap_or_else(|e| panic!("{e}"));
+        // events arrive asynchronously on libvirt's event thread
+        let want = [
+            LifecycleKind::Defined,
+            LifecycleKind::Started,
+            LifecycleKind::Suspended,
+            LifecycleKind::Resumed,
+            LifecycleKind::Stopped,
+            LifecycleKind::Undefined,
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while Instant::now() < deadline && !want.iter().all(|k| seen.contains(k)) {
+            match rx.try_recv() {
+                Ok(ev) if ev.domain == name => {
+                    assert_eq!(ev.node, "local");
+                    seen.push(ev.kind);
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        // QEMU starts paused and is resumed, so a start also brings a Resumed: the events we
+        // expect must appear in this order, others may come between.
+        let mut it = seen.iter();
+        let in_order = want.iter().all(|w| it.any(|k| k == w));
+        assert!(in_order, "expected {want:?} in order, got {seen:?}");
+    }));
+    drop(sub);
+    let _ = conn.destroy(&name);
+    let _ = conn.undefine(&name);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}

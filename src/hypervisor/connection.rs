@@ -114,12 +114,17 @@ impl Connection {
     pub fn open(uri: &str, node: &str) -> Result<Self, HvError> {
         // libvirt prints every error to stderr unless told not to; ours go through HvError.
         QUIET.call_once(virt::error::clear_error_callback);
+        // events and keepalive need the event loop running before the connection opens
+        super::ffi::ensure_event_loop();
         let conn = Connect::open(Some(uri)).map_err(|e| HvError::Libvirt {
             op: "connect",
             target: node.to_string(),
             cause: e.message().to_string(),
             code: e.code().to_raw() as i32,
         })?;
+        // Remote connections: a probe every 5 s, dead after 3 unanswered (about 20 s). Local and
+        // test connections do not support keepalive; that is fine.
+        let _ = conn.set_keep_alive(5, 3);
         Ok(Self {
             conn,
             node: node.to_string(),
@@ -360,6 +365,29 @@ impl Connection {
             .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
             .map_err(|e| self.err("get domain XML", e))?;
         DomainXml::parse(&xml)
+    }
+
+    /// Sends every domain lifecycle event on this node to `tx` until the subscription is dropped.
+    pub fn subscribe_events(
+        &self,
+        tx: tokio::sync::mpsc::UnboundedSender<super::ffi::DomainEvent>,
+    ) -> Result<super::ffi::EventSubscription, HvError> {
+        super::ffi::subscribe_lifecycle(&self.conn, &self.node, tx)
+    }
+
+    /// Stats of every domain on the node, in one call.
+    pub fn domain_stats(&self) -> Result<Vec<super::stats::DomainStats>, HvError> {
+        Ok(
+            super::ffi::all_domain_stats(&self.conn, &self.node, super::stats::GROUPS)?
+                .iter()
+                .map(super::stats::DomainStats::from)
+                .collect(),
+        )
+    }
+
+    /// True while libvirt considers the connection alive (keepalive answered).
+    pub fn is_alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
     }
 
     /// Removes the definition (and NVRAM). A missing domain is success.

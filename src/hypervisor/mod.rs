@@ -6,11 +6,15 @@
 //! - [`connection`]: a libvirt connection to one node and the domain operations on it.
 //! - [`domain_xml`]: the typed domain XML model.
 //! - [`storage`]: pools and volumes (typed XML and operations).
+//! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats.
+//! - [`stats`]: typed per-domain stats from one call per node.
 
 pub mod connection;
 pub mod domain_xml;
+pub mod ffi;
 pub mod host_facts;
 pub mod ssh;
+pub mod stats;
 pub mod storage;
 pub mod uri;
 

@@ -1,0 +1,308 @@
+//! The one file with `unsafe`: the libvirt calls the `virt` crate does not wrap safely.
+//!
+//! - the default event loop (libvirt needs it for domain events and for keepalive),
+//! - domain lifecycle events (`virConnectDomainEventRegisterAny`),
+//! - bulk domain stats (`virConnectGetAllDomainStats`), decoded and freed here (the `virt`
+//!   wrapper leaks the records).
+//!
+//! Every pointer handed to libvirt stays valid for as long as libvirt may use it; every record
+//! libvirt returns is freed exactly once.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, c_int, c_void};
+use std::sync::Once;
+
+use tokio::sync::mpsc::UnboundedSender;
+use virt::connect::Connect;
+use virt::sys;
+
+use super::HvError;
+
+static EVENT_LOOP: Once = Once::new();
+
+/// Registers libvirt's default event loop and runs it on a dedicated thread. Must happen before
+/// connections that want events or keepalive are opened; later calls do nothing.
+pub fn ensure_event_loop() {
+    EVENT_LOOP.call_once(|| {
+        if virt::event::event_register_default_impl().is_err() {
+            tracing::error!(
+                "libvirt event loop could not be registered: no domain events, no keepalive"
+            );
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::error!(error = %e, "libvirt event loop iteration failed");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the libvirt event thread");
+        }
+    });
+}
+
+/// Lifecycle event kinds (`virDomainEventType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LifecycleKind {
+    Defined,
+    Undefined,
+    Started,
+    Suspended,
+    Resumed,
+    Stopped,
+    Shutdown,
+    PmSuspended,
+    Crashed,
+    Other,
+}
+
+impl LifecycleKind {
+    fn from_raw(v: c_int) -> Self {
+        match u32::try_from(v).unwrap_or(u32::MAX) {
+            sys::VIR_DOMAIN_EVENT_DEFINED => Self::Defined,
+            sys::VIR_DOMAIN_EVENT_UNDEFINED => Self::Undefined,
+            sys::VIR_DOMAIN_EVENT_STARTED => Self::Started,
+            sys::VIR_DOMAIN_EVENT_SUSPENDED => Self::Suspended,
+            sys::VIR_DOMAIN_EVENT_RESUMED => Self::Resumed,
+            sys::VIR_DOMAIN_EVENT_STOPPED => Self::Stopped,
+            sys::VIR_DOMAIN_EVENT_SHUTDOWN => Self::Shutdown,
+            sys::VIR_DOMAIN_EVENT_PMSUSPENDED => Self::PmSuspended,
+            sys::VIR_DOMAIN_EVENT_CRASHED => Self::Crashed,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// One lifecycle event of one domain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainEvent {
+    /// Node the event came from.
+    pub node: String,
+    pub domain: String,
+    pub uuid: String,
+    pub kind: LifecycleKind,
+    /// libvirt's detail code (e.g. why it stopped).
+    pub detail: i32,
+}
+
+struct Sink {
+    node: String,
+    tx: UnboundedSender<DomainEvent>,
+}
+
+fn domain_name_uuid(dom: sys::virDomainPtr) -> (String, String) {
+    // SAFETY: libvirt passes a valid domain for the duration of the callback; the name is owned
+    // by the domain object and copied before returning.
+    let name = unsafe {
+        let p = sys::virDomainGetName(dom);
+        if p.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    let mut buf = [0 as std::ffi::c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
+    // SAFETY: the buffer has the size libvirt documents for UUID strings.
+    let uuid = unsafe {
+        if sys::virDomainGetUUIDString(dom, buf.as_mut_ptr()) == 0 {
+            CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
+        } else {
+            String::new()
+        }
+    };
+    (name, uuid)
+}
+
+unsafe extern "C" fn lifecycle_cb(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    event: c_int,
+    detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
+    // SAFETY: opaque is the Box<Sink> registered below; libvirt keeps it alive until free_cb.
+    let sink = unsafe { &*(opaque as *const Sink) };
+    let (domain, uuid) = domain_name_uuid(dom);
+    // a closed receiver only means nobody listens any more
+    let _ = sink.tx.send(DomainEvent {
+        node: sink.node.clone(),
+        domain,
+        uuid,
+        kind: LifecycleKind::from_raw(event),
+        detail,
+    });
+    0
+}
+
+unsafe extern "C" fn free_cb(opaque: *mut c_void) {
+    // SAFETY: called once by libvirt when the callback is deregistered.
+    drop(unsafe { Box::from_raw(opaque as *mut Sink) });
+}
+
+/// A lifecycle event subscription; dropping it deregisters the callback.
+pub struct EventSubscription {
+    conn: Connect,
+    id: c_int,
+}
+
+impl std::fmt::Debug for EventSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSubscription")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Drop for EventSubscription {
+    fn drop(&mut self) {
+        // SAFETY: id came from a successful registration on this connection.
+        unsafe {
+            sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), self.id);
+        }
+    }
+}
+
+/// Sends every lifecycle event of every domain on `conn` to `tx`, until the returned
+/// subscription is dropped. [`ensure_event_loop`] must have run before `conn` was opened.
+pub fn subscribe_lifecycle(
+    conn: &Connect,
+    node: &str,
+    tx: UnboundedSender<DomainEvent>,
+) -> Result<EventSubscription, HvError> {
+    let opaque = Box::into_raw(Box::new(Sink {
+        node: node.to_string(),
+        tx,
+    })) as *mut c_void;
+    // SAFETY: libvirt calls lifecycle callbacks with the lifecycle signature; the generic type
+    // in the registration API is only a carrier (libvirt's documented VIR_DOMAIN_EVENT_CALLBACK).
+    let cb: sys::virConnectDomainEventGenericCallback = unsafe {
+        Some(std::mem::transmute::<
+            unsafe extern "C" fn(
+                sys::virConnectPtr,
+                sys::virDomainPtr,
+                c_int,
+                c_int,
+                *mut c_void,
+            ) -> c_int,
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+        >(lifecycle_cb))
+    };
+    // SAFETY: conn is open; opaque is freed by free_cb when deregistered (or below on failure).
+    let id = unsafe {
+        sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
+            cb,
+            opaque,
+            Some(free_cb),
+        )
+    };
+    if id < 0 {
+        // SAFETY: libvirt did not take ownership on failure.
+        drop(unsafe { Box::from_raw(opaque as *mut Sink) });
+        let e = virt::error::Error::last_error();
+        return Err(HvError::Libvirt {
+            op: "subscribe to domain events",
+            target: node.to_string(),
+            cause: e.message().to_string(),
+            code: e.code().to_raw() as i32,
+        });
+    }
+    Ok(EventSubscription {
+        conn: conn.clone(),
+        id,
+    })
+}
+
+/// A typed parameter value from libvirt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StatValue {
+    Int(i64),
+    UInt(u64),
+    Double(f64),
+    Bool(bool),
+    Text(String),
+}
+
+impl StatValue {
+    /// The value as an unsigned integer, when it is one.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            StatValue::UInt(v) => Some(*v),
+            StatValue::Int(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Stats of one domain, as libvirt names them (`cpu.time`, `balloon.current`, `block.0.rd.bytes`…).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawDomainStats {
+    pub domain: String,
+    pub uuid: String,
+    pub params: BTreeMap<String, StatValue>,
+}
+
+/// Stats of every domain on the host in one call (`virConnectGetAllDomainStats`).
+pub fn all_domain_stats(
+    conn: &Connect,
+    node: &str,
+    stats: u32,
+) -> Result<Vec<RawDomainStats>, HvError> {
+    let mut recs: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    // SAFETY: conn is open; recs receives a NULL-terminated array we free below.
+    let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, &mut recs, 0) };
+    if n < 0 {
+        let e = virt::error::Error::last_error();
+        return Err(HvError::Libvirt {
+            op: "get domain stats",
+            target: node.to_string(),
+            cause: e.message().to_string(),
+            code: e.code().to_raw() as i32,
+        });
+    }
+    let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    for i in 0..usize::try_from(n).unwrap_or(0) {
+        // SAFETY: i < n, and each record is valid until the list is freed.
+        let rec = unsafe { &**recs.add(i) };
+        let (domain, uuid) = domain_name_uuid(rec.dom);
+        let mut params = BTreeMap::new();
+        for j in 0..usize::try_from(rec.nparams).unwrap_or(0) {
+            // SAFETY: j < nparams; the union member read matches type_.
+            let p = unsafe { &*rec.params.add(j) };
+            let field = unsafe { CStr::from_ptr(p.field.as_ptr()) }
+                .to_string_lossy()
+                .into_owned();
+            let v = unsafe {
+                match u32::try_from(p.type_).unwrap_or(0) {
+                    sys::VIR_TYPED_PARAM_INT => StatValue::Int(i64::from(p.value.i)),
+                    sys::VIR_TYPED_PARAM_UINT => StatValue::UInt(u64::from(p.value.ui)),
+                    sys::VIR_TYPED_PARAM_LLONG => StatValue::Int(p.value.l),
+                    sys::VIR_TYPED_PARAM_ULLONG => StatValue::UInt(p.value.ul),
+                    sys::VIR_TYPED_PARAM_DOUBLE => StatValue::Double(p.value.d),
+                    sys::VIR_TYPED_PARAM_BOOLEAN => StatValue::Bool(p.value.b != 0),
+                    sys::VIR_TYPED_PARAM_STRING if !p.value.s.is_null() => {
+                        StatValue::Text(CStr::from_ptr(p.value.s).to_string_lossy().into_owned())
+                    }
+                    _ => continue,
+                }
+            };
+            params.insert(field, v);
+        }
+        out.push(RawDomainStats {
+            domain,
+            uuid,
+            params,
+        });
+    }
+    // SAFETY: frees the records (and their domain references) exactly once.
+    unsafe { sys::virDomainStatsRecordListFree(recs) };
+    Ok(out)
+}
