@@ -5,6 +5,7 @@
 #   hack/lab.sh install      install everything the lab and the tests need (idempotent)
 #   hack/lab.sh up           start virtlogd + libvirtd (qemu:///system) and a loopback sshd
 #   hack/lab.sh hosts [N]    start N simulated hypervisor hosts (default 2) in namespaces
+#   hack/lab.sh fault WHAT stop|start N   stop or start host N's libvirtd or sshd (fault tests)
 #   hack/lab.sh down         stop everything this script started (only our own PIDs)
 #   hack/lab.sh env          print the variables tests read (source it: eval "$(hack/lab.sh env)")
 #   hack/lab.sh status       show what is running
@@ -266,6 +267,34 @@ cmd_hosts() {
   log "hosts up: $(for i in $(seq "$n"); do printf '%s=%s ' "$(host_name "$i")" "$(host_ip "$i")"; done)(control netns pid $ctl)"
 }
 
+# Fault injection for tests: stop or start a namespace host's libvirtd or sshd. The host's
+# namespaces stay alive while either process runs in them (the other one holds them).
+cmd_fault() {
+  need_root
+  local what=$1 action=$2 i=$3 b
+  b="$LAB/hosts/$(host_name "$i")"
+  [ -d "$b" ] || die "no host $i"
+  case "$what/$action" in
+    libvirtd/stop)
+      pid_alive "$b/run/libvirtd.pid" && kill "$(cat "$b/run/libvirtd.pid")"
+      for _ in $(seq 50); do pid_alive "$b/run/libvirtd.pid" || break; sleep 0.1; done ;;
+    libvirtd/start)
+      pid_alive "$b/run/libvirtd.pid" && return 0
+      pid_alive "$b/sshd.pid" || die "host $i has neither libvirtd nor sshd: its namespaces are gone"
+      nsenter -t "$(cat "$b/sshd.pid")" -m -u -n env PATH="$LAB/ssh/bin:$PATH" \
+        libvirtd -d -l -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid
+      for _ in $(seq 50); do pid_alive "$b/run/libvirtd.pid" && break; sleep 0.1; done
+      cp "$b/run/libvirtd.pid" "$b.pid" ;;
+    sshd/stop)
+      pid_alive "$b/sshd.pid" && kill "$(cat "$b/sshd.pid")"
+      for _ in $(seq 50); do pid_alive "$b/sshd.pid" || break; sleep 0.1; done ;;
+    sshd/start)
+      pid_alive "$b/sshd.pid" && return 0
+      nsenter -t "$(cat "$b/run/libvirtd.pid")" -m -u -n /usr/sbin/sshd -f "$b/sshd_config" -E "$b/sshd.log" ;;
+    *) die "fault: WHAT is libvirtd or sshd, ACTION stop or start" ;;
+  esac
+}
+
 cmd_down() {
   need_root
   if [ -d "$LAB/hosts" ]; then
@@ -330,8 +359,9 @@ case "${1:-}" in
   up) cmd_up ;;
   hosts) shift; cmd_hosts "${1:-2}" ;;
   host-init) shift; cmd_host_init "$1" ;;
+  fault) shift; cmd_fault "$@" ;;
   down) cmd_down ;;
   env) cmd_env ;;
   status) cmd_status ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

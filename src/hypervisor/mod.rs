@@ -4,11 +4,13 @@
 //! - [`host_facts`]: CPUs, memory, load, CPU use, KVM and versions, read over SSH.
 //! - [`uri`]: libvirt URIs built from a KvmNode's spec.
 //! - [`connection`]: a libvirt connection to one node and the domain operations on it.
+//! - [`cache`]: one cached connection per node; calls on `spawn_blocking` with timeouts, reconnect with backoff.
 //! - [`domain_xml`]: the typed domain XML model.
 //! - [`storage`]: pools and volumes (typed XML and operations).
 //! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats.
 //! - [`stats`]: typed per-domain stats from one call per node.
 
+pub mod cache;
 pub mod connection;
 pub mod domain_xml;
 pub mod ffi;

@@ -1,0 +1,257 @@
+//! One cached libvirt connection per node, shared by every reconcile.
+//!
+//! - Every call runs on `spawn_blocking` under a timeout, so a hung host costs the caller at most
+//!   the timeout and never blocks the async runtime or other nodes.
+//! - At most [`MAX_CALLS_PER_NODE`] calls run on one node at once; a node whose calls hang cannot
+//!   exhaust the blocking thread pool.
+//! - A call that fails because the connection broke (or timed out) drops the connection; the
+//!   next call reconnects, no sooner than the node's backoff allows (1 s doubling to 60 s), and
+//!   until then fails fast with the last error.
+//! - Changing a node's access (spec or key) replaces its connection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use super::connection::Connection;
+use super::{HvError, NodeAccess, connect_node};
+
+/// Concurrent calls allowed on one node.
+pub const MAX_CALLS_PER_NODE: usize = 8;
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct State {
+    conn: Option<Arc<Connection>>,
+    /// When the next connection attempt is allowed, and why the last one failed.
+    retry_at: Option<(Instant, String, &'static str)>,
+    backoff: Option<Duration>,
+    /// Bumped whenever the connection is replaced, so a late failure of an old connection does
+    /// not drop a new one.
+    generation: u64,
+}
+
+struct Node {
+    access: NodeAccess,
+    state: Mutex<State>,
+    slots: Arc<Semaphore>,
+}
+
+/// The connections of every known node.
+pub struct NodePool {
+    nodes: Mutex<HashMap<String, Arc<Node>>>,
+    /// Timeout of one call (connecting included).
+    pub call_timeout: Duration,
+}
+
+impl std::fmt::Debug for NodePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.lock_nodes().keys().cloned().collect();
+        f.debug_struct("NodePool").field("nodes", &names).finish()
+    }
+}
+
+/// libvirt error codes that mean the connection itself is gone.
+fn connection_broken(e: &HvError) -> bool {
+    match e {
+        HvError::Libvirt { code, .. } => {
+            let c = u32::try_from(*code).unwrap_or(0);
+            c == virt::sys::VIR_ERR_SYSTEM_ERROR
+                || c == virt::sys::VIR_ERR_RPC
+                || c == virt::sys::VIR_ERR_NO_CONNECT
+                || c == virt::sys::VIR_ERR_INVALID_CONN
+                || c == virt::sys::VIR_ERR_AUTH_FAILED
+        }
+        HvError::Timeout { .. } | HvError::Unreachable { .. } | HvError::Ssh { .. } => true,
+        _ => false,
+    }
+}
+
+impl NodePool {
+    pub fn new(call_timeout: Duration) -> Self {
+        Self {
+            nodes: Mutex::new(HashMap::new()),
+            call_timeout,
+        }
+    }
+
+    fn lock_nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Node>>> {
+        // a panic while holding the lock cannot leave the map inconsistent: recover it
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a node or updates how to reach it. A change of spec or key closes the old connection.
+    pub fn upsert(&self, access: NodeAccess) {
+        let mut nodes = self.lock_nodes();
+        if let Some(n) = nodes.get(&access.name)
+            && n.access.spec == access.spec
+            && n.access.private_key == access.private_key
+        {
+            return;
+        }
+        nodes.insert(
+            access.name.clone(),
+            Arc::new(Node {
+                access,
+                state: Mutex::new(State::default()),
+                slots: Arc::new(Semaphore::new(MAX_CALLS_PER_NODE)),
+            }),
+        );
+    }
+
+    /// Forgets a node and closes its connection (once running calls finish).
+    pub fn remove(&self, name: &str) {
+        self.lock_nodes().remove(name);
+    }
+
+    /// Names of the known nodes.
+    pub fn nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock_nodes().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// True when the node has an open connection right now.
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.lock_nodes().get(name).is_some_and(|n| {
+            n.state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .conn
+                .is_some()
+        })
+    }
+
+    /// Runs `f` with the node's connection, connecting first when needed.
+    pub async fn call<T, F>(&self, node: &str, op: &'static str, f: F) -> Result<T, HvError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        let n = self
+            .lock_nodes()
+            .get(node)
+            .cloned()
+            .ok_or_else(|| HvError::NotFound {
+                what: format!("KvmNode {node:?}"),
+                target: "the operator's node list".into(),
+            })?;
+        let timeout = self.call_timeout;
+        let timeout_err = || HvError::Timeout {
+            op,
+            target: node.to_string(),
+            secs: timeout.as_secs(),
+        };
+        let permit = tokio::time::timeout(timeout, n.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| timeout_err())?
+            .map_err(|_| timeout_err())?;
+        let (conn, generation) = self.connection(&n, timeout).await?;
+        let c = conn.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit; // held until the blocking call really ends
+            f(&c)
+        });
+        let result = match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(HvError::Local {
+                cause: format!("{op} on {node} panicked: {join}"),
+            }),
+            Err(_) => Err(timeout_err()),
+        };
+        if let Err(e) = &result
+            && (connection_broken(e) || !conn.is_alive())
+        {
+            let mut st = n.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.generation == generation {
+                st.conn = None;
+                tracing::warn!(
+                    node,
+                    op,
+                    reason = e.reason(),
+                    "dropping the libvirt connection; the next call reconnects"
+                );
+            }
+        }
+        result
+    }
+
+    async fn connection(
+        &self,
+        n: &Arc<Node>,
+        timeout: Duration,
+    ) -> Result<(Arc<Connection>, u64), HvError> {
+        {
+            let st = n.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = &st.conn {
+                return Ok((c.clone(), st.generation));
+            }
+            if let Some((at, why, reason)) = &st.retry_at
+                && Instant::now() < *at
+            {
+                return Err(HvError::Unreachable {
+                    target: n.access.name.clone(),
+                    cause: format!(
+                        "not retrying for {}s after the last failure ({reason}: {why})",
+                        at.saturating_duration_since(Instant::now()).as_secs() + 1
+                    ),
+                });
+            }
+        }
+        let access = n.access.clone();
+        let name = access.name.clone();
+        let attempt = tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || connect_node(&access)),
+        )
+        .await;
+        let result = match attempt {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(HvError::Local {
+                cause: format!("connecting to {name} panicked: {join}"),
+            }),
+            Err(_) => Err(HvError::Timeout {
+                op: "connect",
+                target: name.clone(),
+                secs: timeout.as_secs(),
+            }),
+        };
+        let mut st = n.state.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(c) => {
+                let c = Arc::new(c);
+                st.conn = Some(c.clone());
+                st.retry_at = None;
+                st.backoff = None;
+                st.generation += 1;
+                tracing::info!(node = %name, "libvirt connection open");
+                Ok((c, st.generation))
+            }
+            Err(e) => {
+                // a host key mismatch or a bad spec will not fix itself soon: wait the longest
+                let wait = if e.is_transient() {
+                    st.backoff
+                        .map_or(BACKOFF_START, |b| (b * 2).min(BACKOFF_MAX))
+                } else {
+                    BACKOFF_MAX
+                };
+                st.backoff = Some(wait);
+                st.retry_at = Some((Instant::now() + wait, e.to_string(), e.reason()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Lets the next call try to connect at once (e.g. after the node's spec was fixed or the
+    /// operator was told the host is back).
+    pub fn reset_backoff(&self, name: &str) {
+        if let Some(n) = self.lock_nodes().get(name) {
+            let mut st = n.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.retry_at = None;
+            st.backoff = None;
+        }
+    }
+}
