@@ -55,7 +55,7 @@ pub enum DomainState {
 }
 
 impl DomainState {
-    fn from_virt(s: virt::domain::DomainStateEnum) -> Self {
+    pub(crate) fn from_virt(s: virt::domain::DomainStateEnum) -> Self {
         use virt::domain::DomainState as V;
         use virt::enumutil::Enum;
         match s {
@@ -174,6 +174,11 @@ impl Connection {
         self.conn
             .driver_type()
             .map_err(|e| self.err("driver type", e))
+    }
+
+    /// The libvirt domain, for the other modules of `hypervisor/`.
+    pub(crate) fn domain(&self, name: &str) -> Result<Domain, HvError> {
+        self.lookup(name)
     }
 
     fn lookup(&self, name: &str) -> Result<Domain, HvError> {

@@ -250,6 +250,43 @@ pub struct RawDomainStats {
     pub params: BTreeMap<String, StatValue>,
 }
 
+/// Decodes libvirt typed parameters.
+///
+/// # Safety
+/// `params` must point to `n` valid `virTypedParameter`s (or be null).
+unsafe fn decode_params(
+    params: sys::virTypedParameterPtr,
+    n: c_int,
+) -> BTreeMap<String, StatValue> {
+    let mut out = BTreeMap::new();
+    if params.is_null() {
+        return out;
+    }
+    for j in 0..usize::try_from(n).unwrap_or(0) {
+        // SAFETY: j < n per the caller; the union member read matches type_.
+        let p = unsafe { &*params.add(j) };
+        let field = unsafe { CStr::from_ptr(p.field.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let v = unsafe {
+            match u32::try_from(p.type_).unwrap_or(0) {
+                sys::VIR_TYPED_PARAM_INT => StatValue::Int(i64::from(p.value.i)),
+                sys::VIR_TYPED_PARAM_UINT => StatValue::UInt(u64::from(p.value.ui)),
+                sys::VIR_TYPED_PARAM_LLONG => StatValue::Int(p.value.l),
+                sys::VIR_TYPED_PARAM_ULLONG => StatValue::UInt(p.value.ul),
+                sys::VIR_TYPED_PARAM_DOUBLE => StatValue::Double(p.value.d),
+                sys::VIR_TYPED_PARAM_BOOLEAN => StatValue::Bool(p.value.b != 0),
+                sys::VIR_TYPED_PARAM_STRING if !p.value.s.is_null() => {
+                    StatValue::Text(CStr::from_ptr(p.value.s).to_string_lossy().into_owned())
+                }
+                _ => continue,
+            }
+        };
+        out.insert(field, v);
+    }
+    out
+}
+
 /// Stats of every domain on the host in one call (`virConnectGetAllDomainStats`).
 pub fn all_domain_stats(
     conn: &Connect,
@@ -269,40 +306,64 @@ pub fn all_domain_stats(
         });
     }
     let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
-    for i in 0..usize::try_from(n).unwrap_or(0) {
-        // SAFETY: i < n, and each record is valid until the list is freed.
-        let rec = unsafe { &**recs.add(i) };
-        let (domain, uuid) = domain_name_uuid(rec.dom);
-        let mut params = BTreeMap::new();
-        for j in 0..usize::try_from(rec.nparams).unwrap_or(0) {
-            // SAFETY: j < nparams; the union member read matches type_.
-            let p = unsafe { &*rec.params.add(j) };
-            let field = unsafe { CStr::from_ptr(p.field.as_ptr()) }
-                .to_string_lossy()
-                .into_owned();
-            let v = unsafe {
-                match u32::try_from(p.type_).unwrap_or(0) {
-                    sys::VIR_TYPED_PARAM_INT => StatValue::Int(i64::from(p.value.i)),
-                    sys::VIR_TYPED_PARAM_UINT => StatValue::UInt(u64::from(p.value.ui)),
-                    sys::VIR_TYPED_PARAM_LLONG => StatValue::Int(p.value.l),
-                    sys::VIR_TYPED_PARAM_ULLONG => StatValue::UInt(p.value.ul),
-                    sys::VIR_TYPED_PARAM_DOUBLE => StatValue::Double(p.value.d),
-                    sys::VIR_TYPED_PARAM_BOOLEAN => StatValue::Bool(p.value.b != 0),
-                    sys::VIR_TYPED_PARAM_STRING if !p.value.s.is_null() => {
-                        StatValue::Text(CStr::from_ptr(p.value.s).to_string_lossy().into_owned())
-                    }
-                    _ => continue,
-                }
-            };
-            params.insert(field, v);
+    if !recs.is_null() {
+        for i in 0..usize::try_from(n).unwrap_or(0) {
+            // SAFETY: i < n, and each record is valid until the list is freed.
+            let rec = unsafe { &**recs.add(i) };
+            let (domain, uuid) = domain_name_uuid(rec.dom);
+            // SAFETY: the record's params are valid until the list is freed.
+            let params = unsafe { decode_params(rec.params, rec.nparams) };
+            out.push(RawDomainStats {
+                domain,
+                uuid,
+                params,
+            });
         }
-        out.push(RawDomainStats {
-            domain,
-            uuid,
-            params,
-        });
+        // SAFETY: frees the records (and their domain references) exactly once.
+        unsafe { sys::virDomainStatsRecordListFree(recs) };
     }
-    // SAFETY: frees the records (and their domain references) exactly once.
-    unsafe { sys::virDomainStatsRecordListFree(recs) };
     Ok(out)
+}
+
+/// The domain's job: its type (`VIR_DOMAIN_JOB_*`) and statistics (`data_total`,
+/// `time_elapsed`, `downtime`, ...). `virt` 0.5's `job_stats` builds a slice from a null pointer
+/// when no job runs; this does not.
+pub fn job_stats(
+    dom: &virt::domain::Domain,
+    flags: u32,
+) -> Result<(i32, BTreeMap<String, StatValue>), virt::error::Error> {
+    let mut typ: c_int = 0;
+    let mut params: sys::virTypedParameterPtr = std::ptr::null_mut();
+    let mut n: c_int = 0;
+    // SAFETY: out-pointers are valid; params is freed below with virTypedParamsFree.
+    let r =
+        unsafe { sys::virDomainGetJobStats(dom.as_ptr(), &mut typ, &mut params, &mut n, flags) };
+    if r < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    // SAFETY: libvirt returned n params at params (or null).
+    let decoded = unsafe { decode_params(params, n) };
+    if !params.is_null() {
+        // SAFETY: frees what libvirt allocated, once.
+        unsafe { sys::virTypedParamsFree(params, n) };
+    }
+    Ok((typ, decoded))
+}
+
+/// Aborts the domain's current job (a migration, say). `virt` 0.5 does not wrap it.
+pub fn abort_job(dom: &virt::domain::Domain) -> Result<(), virt::error::Error> {
+    // SAFETY: dom is a valid domain for the duration of the call.
+    if unsafe { sys::virDomainAbortJob(dom.as_ptr()) } < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
+}
+
+/// Switches a running migration started with post-copy allowed into post-copy mode.
+pub fn start_post_copy(dom: &virt::domain::Domain) -> Result<(), virt::error::Error> {
+    // SAFETY: dom is a valid domain for the duration of the call.
+    if unsafe { sys::virDomainMigrateStartPostCopy(dom.as_ptr(), 0) } < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(())
 }

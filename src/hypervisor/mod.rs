@@ -7,6 +7,7 @@
 //! - [`cache`]: one cached connection per node; calls on `spawn_blocking` with timeouts, reconnect with backoff.
 //! - [`domain_xml`]: the typed domain XML model.
 //! - [`storage`]: pools and volumes (typed XML and operations).
+//! - [`migration`]: live and cold migration, job progress, abort.
 //! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats.
 //! - [`stats`]: typed per-domain stats from one call per node.
 
@@ -15,6 +16,7 @@ pub mod connection;
 pub mod domain_xml;
 pub mod ffi;
 pub mod host_facts;
+pub mod migration;
 pub mod ssh;
 pub mod stats;
 pub mod storage;

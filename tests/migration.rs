@@ -1,0 +1,197 @@
+//! Live and cold migration of real KVM guests between the lab's two namespace hosts, over SSH
+//! connections pinned to each host's key. Runs through README's test command.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_operator::api::KvmNodeSpec;
+use kvm_operator::hypervisor::domain_xml::DomainXml;
+use kvm_operator::hypervisor::migration::MigrateOptions;
+use kvm_operator::hypervisor::{self, Connection, DomainState, HvError, NodeAccess};
+
+fn env(k: &str) -> String {
+    std::env::var(k)
+        .unwrap_or_else(|_| panic!("{k} is not set: run the tests through hack/test.sh"))
+}
+
+fn connect(i: u32, dir: &std::path::Path) -> Connection {
+    let spec: KvmNodeSpec = serde_json::from_value(serde_json::json!({
+        "address": env(&format!("KVM_LAB_HOST{i}_ADDR")), "user": "root",
+        "sshKeySecretRef": {"name": "lab"},
+        "hostKeyFingerprint": env(&format!("KVM_LAB_HOST{i}_FINGERPRINT")),
+    }))
+    .unwrap();
+    hypervisor::connect_node(&NodeAccess {
+        name: format!("host{i}"),
+        spec,
+        private_key: Some(std::fs::read(env("KVM_LAB_SSH_KEY")).unwrap()),
+        state_dir: dir.to_path_buf(),
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap_or_else(|e| panic!("host{i}: {e}"))
+}
+
+fn domain_type() -> &'static str {
+    if std::path::Path::new("/dev/kvm").exists() {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+/// Where the domain is defined, and whether it runs there.
+fn whereabouts(name: &str, hosts: &[&Connection]) -> Vec<(String, DomainState)> {
+    hosts
+        .iter()
+        .filter_map(|c| match c.state(name) {
+            Ok(s) => Some((c.node().to_string(), s)),
+            Err(HvError::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        })
+        .collect()
+}
+
+fn cleanup(name: &str, hosts: &[&Connection]) {
+    for c in hosts {
+        let _ = c.destroy(name);
+        let _ = c.undefine(name);
+    }
+}
+
+#[test]
+fn live_then_cold_migration_keeps_the_guest_on_exactly_one_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = Arc::new(connect(1, dir.path()));
+    let h2 = connect(2, dir.path());
+    let name = format!("kvmop-mig-{}", std::process::id());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        h1.define(&DomainXml::minimal(&name, domain_type(), 128 * 1024, 1))
+            .unwrap();
+        h1.start(&name).unwrap();
+        assert_eq!(
+            whereabouts(&name, &[&h1, &h2]),
+            [("host1".to_string(), DomainState::Running)]
+        );
+
+        // watch the job from another thread on the same connection while migrating
+        let watcher = {
+            let h1 = h1.clone();
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(30) {
+                    match h1.job_progress(&name) {
+                        Ok(p) if p.active => seen.push(p),
+                        Ok(_) if !seen.is_empty() => break,
+                        Err(HvError::NotFound { .. }) => break,
+                        _ => {}
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                seen
+            })
+        };
+        let opts = MigrateOptions {
+            live: true,
+            auto_converge: true,
+            max_downtime_ms: Some(500),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        h1.migrate(&name, &h2, &opts)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let took = t0.elapsed();
+        let progress = watcher.join().unwrap();
+        eprintln!(
+            "live migration host1 -> host2 took {took:?}; {} progress samples",
+            progress.len()
+        );
+        assert_eq!(
+            whereabouts(&name, &[&h1, &h2]),
+            [("host2".to_string(), DomainState::Running)]
+        );
+        assert!(
+            progress.iter().any(|p| p.data_total > 0),
+            "progress was reported: {progress:?}"
+        );
+        let done = h2.completed_job(&name).unwrap();
+        assert!(done.downtime_ms.is_some(), "{done:?}");
+
+        // cold: stop it on host2 and move the definition back to host1
+        h2.destroy(&name).unwrap();
+        let live_on_stopped = h2.migrate(
+            &name,
+            &h1,
+            &MigrateOptions {
+                live: true,
+                ..Default::default()
+            },
+        );
+        assert!(
+            live_on_stopped
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+                .contains("not running")
+        );
+        h2.migrate(&name, &h1, &MigrateOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            whereabouts(&name, &[&h1, &h2]),
+            [("host1".to_string(), DomainState::Shutoff)]
+        );
+        h1.start(&name).unwrap();
+        assert_eq!(
+            whereabouts(&name, &[&h1, &h2]),
+            [("host1".to_string(), DomainState::Running)]
+        );
+    }));
+    cleanup(&name, &[&h1, &h2]);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn an_aborted_migration_leaves_the_guest_running_on_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = Arc::new(connect(1, dir.path()));
+    let h2 = Arc::new(connect(2, dir.path()));
+    let name = format!("kvmop-abort-{}", std::process::id());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        h1.define(&DomainXml::minimal(&name, domain_type(), 1024 * 1024, 1))
+            .unwrap();
+        h1.start(&name).unwrap();
+        let mig = {
+            let (h1, h2, name) = (h1.clone(), h2.clone(), name.clone());
+            std::thread::spawn(move || {
+                // 1 MiB/s: long enough to abort
+                let opts = MigrateOptions {
+                    live: true,
+                    bandwidth_mib: Some(1),
+                    ..Default::default()
+                };
+                h1.migrate(&name, &h2, &opts)
+            })
+        };
+        assert!(
+            h1.wait_for_job(&name, Duration::from_secs(10)).unwrap(),
+            "the migration job never started"
+        );
+        h1.abort_job(&name).unwrap_or_else(|e| panic!("{e}"));
+        let outcome = mig.join().unwrap();
+        assert!(outcome.is_err(), "an aborted migration must report failure");
+        assert_eq!(
+            whereabouts(&name, &[&h1, &h2]),
+            [("host1".to_string(), DomainState::Running)]
+        );
+        assert!(!h1.job_progress(&name).unwrap().active);
+    }));
+    cleanup(&name, &[&h1, &h2]);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
