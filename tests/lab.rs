@@ -421,6 +421,7 @@ fn running_guest_operations_and_hotplug() {
                 bus: Some("scsi".into()),
             },
             readonly: None,
+            boot: None,
             alias: Some(Alias {
                 name: "ua-data".into(),
             }),
@@ -457,6 +458,7 @@ fn running_guest_operations_and_hotplug() {
             model: Some(Model {
                 model_type: "virtio".into(),
             }),
+            boot: None,
             alias: Some(Alias {
                 name: "ua-net0".into(),
             }),

@@ -49,7 +49,7 @@ pub struct Metadata {
 }
 
 /// The ownership stamp: which object this domain belongs to.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     #[serde(rename = "@xmlns:kvmop", default = "owner_ns")]
     pub xmlns: String,
@@ -204,7 +204,16 @@ pub struct Disk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readonly: Option<Empty>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootOrder>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias: Option<Alias>,
+}
+
+/// Per-device `<boot order='N'/>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BootOrder {
+    #[serde(rename = "@order")]
+    pub order: u32,
 }
 
 fn disk_device() -> String {
@@ -292,6 +301,8 @@ pub struct Interface {
     pub source: Option<InterfaceSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<Model>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootOrder>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias: Option<Alias>,
 }
@@ -488,6 +499,7 @@ mod tests {
                 bus: Some("virtio".into()),
             },
             readonly: None,
+            boot: None,
             alias: None,
         });
         let xml = d.render().unwrap_or_else(|e| panic!("{e}"));
@@ -542,6 +554,7 @@ mod tests {
             model: Some(Model {
                 model_type: "virtio".into(),
             }),
+            boot: None,
             alias: Some(Alias {
                 name: "ua-net0".into(),
             }),

@@ -6,6 +6,7 @@
 //! - [`connection`]: a libvirt connection to one node and the domain operations on it.
 //! - [`cache`]: one cached connection per node; calls on `spawn_blocking` with timeouts, reconnect with backoff.
 //! - [`domain_xml`]: the typed domain XML model.
+//! - [`domain_spec`]: a resolved VM spec to domain XML, the host's XML back to an observed spec, drift.
 //! - [`storage`]: pools and volumes (typed XML and operations).
 //! - [`migration`]: live and cold migration, job progress, abort.
 //! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats.
@@ -13,6 +14,7 @@
 
 pub mod cache;
 pub mod connection;
+pub mod domain_spec;
 pub mod domain_xml;
 pub mod ffi;
 pub mod host_facts;
