@@ -784,3 +784,79 @@ fn lifecycle_events_and_bulk_stats_of_a_real_guest() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn cloud_init_seed_is_a_real_iso_with_the_cidata_label() {
+    use kvm_operator::hypervisor::cloud_init::Seed;
+    use kvm_operator::hypervisor::storage::PoolXml;
+    let conn =
+        hypervisor::Connection::open("qemu:///system", "local").unwrap_or_else(|e| panic!("{e}"));
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let name = format!("kvmop-seed-{}", std::process::id());
+    let def = PoolXml::from_spec(
+        &name,
+        &pool_spec(&format!(
+            "nodeName: local\ntype: dir\ntargetPath: {}",
+            tmp.path().display()
+        )),
+    );
+    let user_data = format!(
+        "#cloud-config\nhostname: web-1\nwrite_files:\n  - path: /etc/motd\n    content: {}\n",
+        "é".repeat(3000)
+    );
+    let seed = Seed::new(
+        "6f1e3c1a-uid",
+        "web-1",
+        &user_data,
+        Some("version: 2\nethernets: {}\n"),
+    );
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        conn.ensure_pool(&def, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let vol = conn
+            .write_seed(&name, "seed.iso", &seed)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // read it back with independent tools
+        let label = std::process::Command::new("blkid")
+            .args(["-o", "value", "-s", "LABEL", &vol.path])
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(String::from_utf8_lossy(&label.stdout).trim(), "cidata");
+        let ls = std::process::Command::new("isoinfo")
+            .args(["-J", "-f", "-i", &vol.path])
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut names: Vec<String> = String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["/meta-data", "/network-config", "/user-data"]);
+        let extract = |file: &str| {
+            let out = std::process::Command::new("isoinfo")
+                .args(["-J", "-i", &vol.path, "-x", file])
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(extract("/user-data"), user_data);
+        assert_eq!(extract("/meta-data"), seed.meta_data);
+        // rewriting with other content replaces it
+        let smaller = Seed::new("6f1e3c1a-uid", "web-1", "#cloud-config\n", None);
+        let vol = conn
+            .write_seed(&name, "seed.iso", &smaller)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(vol.capacity, smaller.to_iso().len() as u64);
+        let out = std::process::Command::new("isoinfo")
+            .args(["-J", "-i", &vol.path, "-x", "/user-data"])
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "#cloud-config\n");
+        conn.delete_volume(&name, "seed.iso")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }));
+    let _ = conn.remove_pool(&name);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}

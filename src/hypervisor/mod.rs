@@ -9,10 +9,12 @@
 //! - [`domain_spec`]: a resolved VM spec to domain XML, the host's XML back to an observed spec, drift.
 //! - [`storage`]: pools and volumes (typed XML and operations).
 //! - [`migration`]: live and cold migration, job progress, abort.
+//! - [`cloud_init`]: NoCloud seed ISO images built in Rust.
 //! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats.
 //! - [`stats`]: typed per-domain stats from one call per node.
 
 pub mod cache;
+pub mod cloud_init;
 pub mod connection;
 pub mod domain_spec;
 pub mod domain_xml;

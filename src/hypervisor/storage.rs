@@ -607,6 +607,26 @@ impl Connection {
         }
     }
 
+    /// Writes a cloud-init seed image into raw volume `name`, creating or replacing it so it holds
+    /// exactly this seed.
+    pub fn write_seed(
+        &self,
+        pool: &str,
+        name: &str,
+        seed: &super::cloud_init::Seed,
+    ) -> Result<VolumeInfo, HvError> {
+        let iso = seed.to_iso();
+        let len = iso.len() as u64;
+        if let Ok(cur) = self.volume_info(pool, name)
+            && cur.capacity != len
+        {
+            self.delete_volume(pool, name)?;
+        }
+        self.create_volume(pool, name, len, VolumeFormat::Raw)?;
+        self.upload(pool, name, &iso)?;
+        self.volume_info(pool, name)
+    }
+
     /// Writes `data` into a volume from offset 0 through a libvirt stream.
     pub fn upload(&self, pool: &str, name: &str, data: &[u8]) -> Result<(), HvError> {
         let p = self.pool(pool)?;
