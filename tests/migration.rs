@@ -195,3 +195,71 @@ fn an_aborted_migration_leaves_the_guest_running_on_its_source() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn post_copy_switch_completes_a_throttled_live_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = Arc::new(connect(1, dir.path()));
+    let h2 = Arc::new(connect(2, dir.path()));
+    let name = format!("kvmop-pc-{}", std::process::id());
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        h1.define(&DomainXml::minimal(&name, domain_type(), 1024 * 1024, 1))
+            .unwrap();
+        h1.start(&name).unwrap();
+        let mig = {
+            let (h1, h2, name) = (h1.clone(), h2.clone(), name.clone());
+            std::thread::spawn(move || {
+                let opts = MigrateOptions {
+                    live: true,
+                    post_copy: true,
+                    bandwidth_mib: Some(1),
+                    ..Default::default()
+                };
+                h1.migrate(&name, &h2, &opts)
+            })
+        };
+        assert!(h1.wait_for_job(&name, Duration::from_secs(10)).unwrap());
+        // libvirt's job exists before QEMU's migration (and its post-copy capability) is set up:
+        // switch only once data moves. Pre-copy at 1 MiB/s would take long; post-copy is quick.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while h1.job_progress(&name).unwrap().data_processed == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t0 = Instant::now();
+        h1.start_post_copy(&name).unwrap_or_else(|e| panic!("{e}"));
+        mig.join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("post-copy migration failed: {e}"));
+        eprintln!("post-copy finished {:?} after the switch", t0.elapsed());
+        assert_eq!(
+            whereabouts(&name, &[&h1, &h2]),
+            [("host2".to_string(), DomainState::Running)]
+        );
+    }));
+    cleanup(&name, &[&h1, &h2]);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn qemu_tcp_transport_reaches_a_host_without_ssh() {
+    let spec: KvmNodeSpec = serde_json::from_value(serde_json::json!({
+        "address": env("KVM_LAB_HOST1_ADDR"),
+        "libvirtUri": format!("qemu+tcp://{}/system", env("KVM_LAB_HOST1_ADDR")),
+    }))
+    .unwrap();
+    spec.validate().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let c = hypervisor::connect_node(&NodeAccess {
+        name: "host1-tcp".into(),
+        spec,
+        private_key: None,
+        state_dir: dir.path().to_path_buf(),
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.hostname().unwrap(), "host1");
+    // no key material is written for transports that do not use SSH
+    assert!(!dir.path().join("host1-tcp").exists());
+}

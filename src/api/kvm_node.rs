@@ -59,7 +59,7 @@ use super::validation::{FieldErrors, check_host};
     )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[x_kube(validation = Rule::new("has(self.hostKeyFingerprint) || (has(self.insecureSkipHostKeyVerification) && self.insecureSkipHostKeyVerification) || (has(self.libvirtUri) && self.libvirtUri.startsWith('test:'))").message("spec.hostKeyFingerprint is required: set it to the host's SHA256 key fingerprint (ssh-keyscan HOST | ssh-keygen -lf -), or set spec.insecureSkipHostKeyVerification: true to trust any key").field_path(".hostKeyFingerprint"))]
+#[x_kube(validation = Rule::new("has(self.hostKeyFingerprint) || (has(self.insecureSkipHostKeyVerification) && self.insecureSkipHostKeyVerification) || (has(self.libvirtUri) && (self.libvirtUri.startsWith('test:') || self.libvirtUri.startsWith('qemu+tls:') || self.libvirtUri.startsWith('qemu+tcp:')))").message("spec.hostKeyFingerprint is required for SSH transports: set it to the host's SHA256 key fingerprint (ssh-keyscan HOST | ssh-keygen -lf -), or set spec.insecureSkipHostKeyVerification: true to trust any key").field_path(".hostKeyFingerprint"))]
 #[x_kube(validation = Rule::new("has(self.sshKeySecretRef) || (has(self.libvirtUri) && (self.libvirtUri.startsWith('test:') || self.libvirtUri.startsWith('qemu+tls:') || self.libvirtUri.startsWith('qemu+tcp:')))").message("spec.sshKeySecretRef is required for SSH transports: name a Secret holding the private key").field_path(".sshKeySecretRef"))]
 pub struct KvmNodeSpec {
     /// Host name or IP address of the host's SSH server (and of libvirt, for qemu+tls and qemu+tcp).
@@ -323,6 +323,12 @@ impl KvmNodeSpec {
             .libvirt_uri
             .as_deref()
             .is_some_and(|u| u.starts_with("test:"));
+        // qemu+tls authenticates the host with certificates, qemu+tcp not at all: no SSH key
+        let no_ssh = is_test
+            || self
+                .libvirt_uri
+                .as_deref()
+                .is_some_and(|u| u.starts_with("qemu+tls://") || u.starts_with("qemu+tcp://"));
         if let Some(uri) = &self.libvirt_uri {
             const SCHEMES: [&str; 5] = [
                 "qemu+ssh://",
@@ -351,18 +357,13 @@ impl KvmNodeSpec {
                     );
                 }
             }
-            None if !self.insecure_skip_host_key_verification && !is_test => e.push(
+            None if !self.insecure_skip_host_key_verification && !no_ssh => e.push(
                 "spec.hostKeyFingerprint",
                 "is required: set it to the host's SHA256 key fingerprint (ssh-keyscan HOST | ssh-keygen -lf -), or set spec.insecureSkipHostKeyVerification: true to trust any key",
             ),
             None => {}
         }
-        let needs_key = !is_test
-            && !self
-                .libvirt_uri
-                .as_deref()
-                .is_some_and(|u| u.starts_with("qemu+tls://") || u.starts_with("qemu+tcp://"));
-        if needs_key && self.ssh_key_secret_ref.is_none() {
+        if !no_ssh && self.ssh_key_secret_ref.is_none() {
             e.push(
                 "spec.sshKeySecretRef",
                 "is required for SSH transports: name a Secret holding the private key (kubectl create secret generic NAME --type=kubernetes.io/ssh-auth --from-file=ssh-privatekey=KEYFILE)",

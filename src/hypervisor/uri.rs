@@ -34,6 +34,16 @@ impl Transport {
         }
     }
 
+    /// The port libvirt uses when the URI names none.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Transport::LibSsh | Transport::Ssh => 22,
+            Transport::Tls => 16514,
+            Transport::Tcp => 16509,
+            Transport::Test => 0,
+        }
+    }
+
     /// True for the transports that go through the host's sshd.
     pub fn uses_ssh(self) -> bool {
         matches!(self, Transport::LibSsh | Transport::Ssh)
@@ -98,6 +108,7 @@ impl NodeTarget {
                 None => (rest, "/system"),
             };
             t.path = path.to_string();
+            let mut port_from_uri = None;
             if t.transport == Transport::Test {
                 if !authority.is_empty() {
                     return Err(bad("test URIs have no host: use test:///default"));
@@ -115,7 +126,13 @@ impl NodeTarget {
                 t.address = host.to_string();
                 if let Some(p) = port {
                     t.port = p;
+                    port_from_uri = Some(p);
                 }
+            }
+            // spec.port is the SSH port: TLS and TCP use libvirtd's own ports unless the URI
+            // names one
+            if !t.transport.uses_ssh() && port_from_uri.is_none() {
+                t.port = t.transport.default_port();
             }
             if t.path != "/system" && t.transport != Transport::Test {
                 return Err(bad(
@@ -149,13 +166,7 @@ impl NodeTarget {
             let _ = write!(uri, "{}@", encode(&self.user));
         }
         uri.push_str(&host);
-        let default_port = match self.transport {
-            Transport::LibSsh | Transport::Ssh => 22,
-            Transport::Tls => 16514,
-            Transport::Tcp => 16509,
-            Transport::Test => 0,
-        };
-        if self.port != default_port {
+        if self.port != self.transport.default_port() {
             let _ = write!(uri, ":{}", self.port);
         }
         uri.push_str(&self.path);
@@ -239,7 +250,11 @@ mod tests {
     fn overrides_choose_transport_host_and_port() {
         let t = NodeTarget::from_spec(&spec(Some("qemu+tls://hv1.example.org/system")))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(t.uri(), "qemu+tls://hv1.example.org:2222/system");
+        // spec.port (2222) is the SSH port: TLS keeps libvirtd's port
+        assert_eq!(t.uri(), "qemu+tls://hv1.example.org/system");
+        let t = NodeTarget::from_spec(&spec(Some("qemu+tcp://hv1.example.org:16600/system")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.uri(), "qemu+tcp://hv1.example.org:16600/system");
         let t = NodeTarget::from_spec(&spec(Some("qemu+ssh://admin@[fe80::1]:22/system")))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.uri(), "qemu+ssh://admin@[fe80::1]/system?no_tty=1");
