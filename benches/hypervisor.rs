@@ -110,6 +110,7 @@ fn main() {
         spec,
         private_key: Some(std::fs::read(env("KVM_LAB_SSH_KEY")).unwrap()),
         state_dir: dir.path().to_path_buf(),
+        tls: None,
         timeout: Duration::from_secs(10),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -193,6 +194,27 @@ fn main() {
         ssh_virsh(&["destroy", "kvmop-bench-cycle"], None);
         ssh_virsh(&["undefine", "kvmop-bench-cycle"], None);
     });
+    // libvirt's other SSH transport: qemu+ssh runs the `ssh` program, whose known_hosts must hold
+    // the host key (the lab's wrapper in $KVM_LAB/ssh/bin does that when it is first on PATH)
+    let wrapper = format!("{}/ssh/bin", env("KVM_LAB"));
+    let ssh_transport =
+        std::env::var("PATH").unwrap_or_default().split(':').next() == Some(wrapper.as_str());
+    let ours_info_ssh = ssh_transport.then(|| {
+        let mut a = access.clone();
+        a.name = "bench-ssh".into();
+        a.spec.libvirt_uri = Some(format!(
+            "qemu+ssh://{}@{}:{}/system",
+            env("KVM_LAB_SSH_USER"),
+            env("KVM_LAB_SSH_ADDR"),
+            env("KVM_LAB_SSH_PORT")
+        ));
+        pool.upsert(a);
+        time(n_fast, || {
+            let p = probe.clone();
+            rt.block_on(pool.call("bench-ssh", "info", move |c| c.info(&p)))
+                .unwrap();
+        })
+    });
     for n in &names {
         let _ = direct.undefine(n);
     }
@@ -249,4 +271,17 @@ fn main() {
         r(direct_cycle, ours_cycle),
         "<= 1.2x",
     );
+    match ours_info_ssh {
+        Some(t) => line(
+            "info: qemu+libssh vs qemu+ssh",
+            ours_info,
+            "qemu+ssh",
+            t,
+            r(ours_info, t),
+            "libssh no slower (>= 1x)",
+        ),
+        None => println!(
+            "info: qemu+libssh vs qemu+ssh: not measured (run with PATH=$KVM_LAB/ssh/bin:$PATH)"
+        ),
+    }
 }

@@ -112,13 +112,14 @@ EOW
   chmod 755 "$LAB/ssh/bin/ssh"
 }
 
-start_sshd() {
-  setup_ssh_keys
-  cat >"$LAB/ssh/sshd_config" <<EOC
-Port $SSH_PORT
-ListenAddress 127.0.0.1
-HostKey $LAB/ssh/host_ed25519
-PidFile $LAB/ssh/sshd.pid
+# write_sshd_config FILE PORT LISTEN_ADDR HOST_KEY PID_FILE: key-only root login, the lab's
+# authorized key, stream-local forwarding allowed (libvirt's socket can be tunnelled).
+write_sshd_config() {
+  cat >"$1" <<EOC
+Port $2
+ListenAddress $3
+HostKey $4
+PidFile $5
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -129,6 +130,11 @@ AllowStreamLocalForwarding yes
 AllowTcpForwarding yes
 LogLevel VERBOSE
 EOC
+}
+
+start_sshd() {
+  setup_ssh_keys
+  write_sshd_config "$LAB/ssh/sshd_config" "$SSH_PORT" 127.0.0.1 "$LAB/ssh/host_ed25519" "$LAB/ssh/sshd.pid"
   if ! pid_alive "$LAB/ssh/sshd.pid"; then
     /usr/sbin/sshd -f "$LAB/ssh/sshd_config" -E "$LAB/ssh/sshd.log"
   fi
@@ -156,16 +162,48 @@ cmd_up() {
 host_name() { printf 'host%d' "$1"; }
 host_ip() { printf '%s.%d' "$NET_PREFIX" "$1"; }
 
+# A lab CA and the operator's client certificate (EC P-256; libvirt's GnuTLS reads them).
+setup_pki() {
+  local d="$LAB/pki"
+  mkdir -p "$d" && chmod 700 "$d"
+  if [ ! -f "$d/ca.crt" ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -keyout "$d/ca.key" -out "$d/ca.crt" -subj /CN=kvm-lab-ca \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+  fi
+  [ -f "$d/client.crt" ] || issue_cert "$d/client" kvm-operator "extendedKeyUsage=clientAuth"
+}
+
+# issue_cert PREFIX CN EXTENSIONS: PREFIX.key + PREFIX.crt signed by the lab CA
+issue_cert() {
+  local d="$LAB/pki"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
+  printf '%s\nkeyUsage=critical,digitalSignature,keyEncipherment\n' "$3" >"$1.ext"
+  openssl x509 -req -in "$1.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
+    -extfile "$1.ext" -out "$1.crt" 2>/dev/null
+  rm -f "$1.csr" "$1.ext"
+  chmod 600 "$1.key"
+}
+
 setup_host_dirs() {
   local i=$1 b="$LAB/hosts/$(host_name "$1")"
   rm -rf "$b"
-  mkdir -p "$b"/{lib/qemu,lib/images,cache/qemu,log/qemu,run}
+  mkdir -p "$b"/{lib/qemu,lib/images,cache/qemu,log/qemu,run,pki}
+  setup_pki
+  issue_cert "$b/pki/server" "$(host_name "$i")" \
+    "subjectAltName=IP:$(host_ip "$i"),DNS:$(host_name "$i")
+extendedKeyUsage=serverAuth"
   cp -a /etc/libvirt "$b/etc"
   rm -f "$b"/etc/qemu/*.xml "$b"/etc/storage/*.xml
   rm -rf "$b/etc/qemu/networks" "$b/etc/storage/autostart" "$b/etc/qemu/autostart"
   cat >"$b/etc/libvirtd.conf" <<EOC
 host_uuid = "$(printf '00000000-0000-4000-8000-%012d' "$i")"
-listen_tls = 0
+listen_tls = 1
+tls_port = "16514"
+key_file = "$b/pki/server.key"
+cert_file = "$b/pki/server.crt"
+ca_file = "$LAB/pki/ca.crt"
+auth_tls = "none"
 listen_tcp = 1
 tcp_port = "16509"
 listen_addr = "$(host_ip "$i")"
@@ -179,20 +217,7 @@ stdio_handler = "file"
 migration_address = "$(host_ip "$i")"
 EOC
   ssh-keygen -q -t ed25519 -N '' -C "$(host_name "$i")" -f "$b/ssh_host_ed25519"
-  cat >"$b/sshd_config" <<EOC
-Port 22
-ListenAddress $(host_ip "$i")
-HostKey $b/ssh_host_ed25519
-PidFile $b/sshd.pid
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-AuthorizedKeysFile $LAB/ssh/authorized_keys
-StrictModes no
-UsePAM no
-AllowStreamLocalForwarding yes
-LogLevel VERBOSE
-EOC
+  write_sshd_config "$b/sshd_config" 22 "$(host_ip "$i")" "$b/ssh_host_ed25519" "$b/sshd.pid"
 }
 
 # Runs inside `unshare --mount --uts --net --propagation private`: private libvirt dirs, then libvirtd.
@@ -336,6 +361,7 @@ export KVM_LAB_SSH_USER=root
 export KVM_LAB_SSH_KEY=$LAB/ssh/client_ed25519
 export KVM_LAB_KNOWN_HOSTS=$LAB/ssh/known_hosts
 export KVM_LAB_HOSTS=$n
+export KVM_LAB_PKI=$LAB/pki
 EOE
   for i in $(seq "$n"); do
     local pub="$LAB/hosts/$(host_name "$i")/ssh_host_ed25519.pub"

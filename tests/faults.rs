@@ -27,6 +27,7 @@ fn access(name: &str, addr: &str, fingerprint: &str, dir: &std::path::Path) -> N
         spec,
         private_key: Some(std::fs::read(env("KVM_LAB_SSH_KEY")).unwrap()),
         state_dir: dir.to_path_buf(),
+        tls: None,
         timeout: Duration::from_secs(2),
     }
 }

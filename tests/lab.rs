@@ -55,6 +55,7 @@ fn access(
         spec,
         private_key: key,
         state_dir: dir.path().to_path_buf(),
+        tls: None,
         timeout: Duration::from_secs(10),
     };
     (access, dir)

@@ -28,6 +28,7 @@ fn connect(i: u32, dir: &std::path::Path) -> Connection {
         spec,
         private_key: Some(std::fs::read(env("KVM_LAB_SSH_KEY")).unwrap()),
         state_dir: dir.to_path_buf(),
+        tls: None,
         timeout: Duration::from_secs(10),
     })
     .unwrap_or_else(|e| panic!("host{i}: {e}"))
@@ -256,10 +257,89 @@ fn qemu_tcp_transport_reaches_a_host_without_ssh() {
         spec,
         private_key: None,
         state_dir: dir.path().to_path_buf(),
+        tls: None,
         timeout: Duration::from_secs(10),
     })
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.hostname().unwrap(), "host1");
     // no key material is written for transports that do not use SSH
     assert!(!dir.path().join("host1-tcp").exists());
+}
+
+fn tls_access(name: &str, ca: Vec<u8>, dir: &std::path::Path) -> NodeAccess {
+    let pki = std::path::PathBuf::from(env("KVM_LAB_PKI"));
+    let spec: KvmNodeSpec = serde_json::from_value(serde_json::json!({
+        "address": env("KVM_LAB_HOST1_ADDR"),
+        "libvirtUri": format!("qemu+tls://{}/system", env("KVM_LAB_HOST1_ADDR")),
+        "tlsSecretRef": {"name": "lab-tls"},
+    }))
+    .unwrap();
+    spec.validate().unwrap_or_else(|e| panic!("{e}"));
+    NodeAccess {
+        name: name.into(),
+        spec,
+        private_key: None,
+        state_dir: dir.to_path_buf(),
+        tls: Some(hypervisor::TlsMaterial {
+            ca_cert: ca,
+            client_cert: std::fs::read(pki.join("client.crt")).unwrap(),
+            client_key: std::fs::read(pki.join("client.key")).unwrap(),
+        }),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+#[test]
+fn qemu_tls_transport_with_client_certificates() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = std::fs::read(std::path::PathBuf::from(env("KVM_LAB_PKI")).join("ca.crt")).unwrap();
+    let access = tls_access("host1-tls", ca, dir.path());
+    assert!(
+        !format!("{access:?}").contains("PRIVATE KEY"),
+        "keys must not appear in Debug output"
+    );
+    let c = hypervisor::connect_node(&access).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.hostname().unwrap(), "host1");
+    for f in ["cacert.pem", "clientcert.pem", "clientkey.pem"] {
+        let mode = std::fs::metadata(dir.path().join("host1-tls").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f}: {mode:o}");
+    }
+    // a CA that did not sign the host's certificate: refused
+    let other = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=impostor",
+        ])
+        .arg("-keyout")
+        .arg(other.path().join("k"))
+        .arg("-out")
+        .arg(other.path().join("c"))
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok);
+    let wrong = tls_access(
+        "host1-tls-wrong-ca",
+        std::fs::read(other.path().join("c")).unwrap(),
+        dir.path(),
+    );
+    let err = hypervisor::connect_node(&wrong)
+        .err()
+        .unwrap_or_else(|| panic!("connected trusting the wrong CA"));
+    assert!(err.to_string().contains("host1-tls-wrong-ca"), "{err}");
 }

@@ -60,6 +60,7 @@ use super::validation::{FieldErrors, check_host};
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[x_kube(validation = Rule::new("has(self.hostKeyFingerprint) || (has(self.insecureSkipHostKeyVerification) && self.insecureSkipHostKeyVerification) || (has(self.libvirtUri) && (self.libvirtUri.startsWith('test:') || self.libvirtUri.startsWith('qemu+tls:') || self.libvirtUri.startsWith('qemu+tcp:')))").message("spec.hostKeyFingerprint is required for SSH transports: set it to the host's SHA256 key fingerprint (ssh-keyscan HOST | ssh-keygen -lf -), or set spec.insecureSkipHostKeyVerification: true to trust any key").field_path(".hostKeyFingerprint"))]
+#[x_kube(validation = Rule::new("!has(self.libvirtUri) || !self.libvirtUri.startsWith('qemu+tls:') || has(self.tlsSecretRef)").message("spec.tlsSecretRef is required for qemu+tls: name a Secret with ca.crt, tls.crt and tls.key").field_path(".tlsSecretRef"))]
 #[x_kube(validation = Rule::new("has(self.sshKeySecretRef) || (has(self.libvirtUri) && (self.libvirtUri.startsWith('test:') || self.libvirtUri.startsWith('qemu+tls:') || self.libvirtUri.startsWith('qemu+tcp:')))").message("spec.sshKeySecretRef is required for SSH transports: name a Secret holding the private key").field_path(".sshKeySecretRef"))]
 pub struct KvmNodeSpec {
     /// Host name or IP address of the host's SSH server (and of libvirt, for qemu+tls and qemu+tcp).
@@ -83,6 +84,12 @@ pub struct KvmNodeSpec {
     /// Required for the SSH transports; ignored for `test:///` URIs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_key_secret_ref: Option<SecretKeyRef>,
+
+    /// Secret with the operator's TLS client certificate for `qemu+tls` URIs: keys `ca.crt` (the
+    /// CA that signed the host's libvirtd certificate), `tls.crt` and `tls.key` (a
+    /// `kubernetes.io/tls` Secret with `ca.crt` added). Required for qemu+tls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_ref: Option<SecretRef>,
 
     /// The host's SSH key fingerprint, `SHA256:` followed by 43 base64 characters, as printed by
     /// `ssh-keygen -lf`. The operator refuses to talk to a host whose key does not match.
@@ -150,6 +157,19 @@ pub struct SecretKeyRef {
 
 fn default_ssh_key_field() -> String {
     "ssh-privatekey".to_string()
+}
+
+/// A Secret by name.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Namespace of the Secret. Default: the namespace the operator runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
 }
 
 /// Overcommit ratios: allocatable = (capacity - reserved) × ratio.
@@ -362,6 +382,16 @@ impl KvmNodeSpec {
                 "is required: set it to the host's SHA256 key fingerprint (ssh-keyscan HOST | ssh-keygen -lf -), or set spec.insecureSkipHostKeyVerification: true to trust any key",
             ),
             None => {}
+        }
+        let tls = self
+            .libvirt_uri
+            .as_deref()
+            .is_some_and(|u| u.starts_with("qemu+tls://"));
+        if tls && self.tls_secret_ref.is_none() {
+            e.push(
+                "spec.tlsSecretRef",
+                "is required for qemu+tls: name a Secret with ca.crt (the CA of the host's certificate), tls.crt and tls.key (the operator's client certificate)",
+            );
         }
         if !no_ssh && self.ssh_key_secret_ref.is_none() {
             e.push(

@@ -116,12 +116,8 @@ impl Connection {
         QUIET.call_once(virt::error::clear_error_callback);
         // events and keepalive need the event loop running before the connection opens
         super::ffi::ensure_event_loop();
-        let conn = Connect::open(Some(uri)).map_err(|e| HvError::Libvirt {
-            op: "connect",
-            target: node.to_string(),
-            cause: e.message().to_string(),
-            code: e.code().to_raw() as i32,
-        })?;
+        let conn = Connect::open(Some(uri))
+            .map_err(|e| HvError::libvirt("connect", node.to_string(), &e))?;
         // Remote connections: a probe every 5 s, dead after 3 unanswered (about 20 s). Local and
         // test connections do not support keepalive; that is fine.
         let _ = conn.set_keep_alive(5, 3);
@@ -139,12 +135,7 @@ impl Connection {
     }
 
     pub(crate) fn err(&self, op: &'static str, e: virt::error::Error) -> HvError {
-        HvError::Libvirt {
-            op,
-            target: self.node.clone(),
-            cause: e.message().to_string(),
-            code: e.code().to_raw() as i32,
-        }
+        HvError::libvirt(op, self.node.clone(), &e)
     }
 
     /// Node name this connection belongs to.

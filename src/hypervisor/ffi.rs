@@ -208,12 +208,11 @@ pub fn subscribe_lifecycle(
         // SAFETY: libvirt did not take ownership on failure.
         drop(unsafe { Box::from_raw(opaque as *mut Sink) });
         let e = virt::error::Error::last_error();
-        return Err(HvError::Libvirt {
-            op: "subscribe to domain events",
-            target: node.to_string(),
-            cause: e.message().to_string(),
-            code: e.code().to_raw() as i32,
-        });
+        return Err(HvError::libvirt(
+            "subscribe to domain events",
+            node.to_string(),
+            &e,
+        ));
     }
     Ok(EventSubscription {
         conn: conn.clone(),
@@ -298,12 +297,7 @@ pub fn all_domain_stats(
     let n = unsafe { sys::virConnectGetAllDomainStats(conn.as_ptr(), stats, &mut recs, 0) };
     if n < 0 {
         let e = virt::error::Error::last_error();
-        return Err(HvError::Libvirt {
-            op: "get domain stats",
-            target: node.to_string(),
-            cause: e.message().to_string(),
-            code: e.code().to_raw() as i32,
-        });
+        return Err(HvError::libvirt("get domain stats", node.to_string(), &e));
     }
     let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
     if !recs.is_null() {

@@ -118,11 +118,8 @@ impl Connection {
         };
         d.migrate3(dest.raw(), params, opts.flags())
             .map(|_| ())
-            .map_err(|e| HvError::Libvirt {
-                op: "migrate",
-                target: format!("{} -> {}", self.node(), dest.node()),
-                cause: e.message().to_string(),
-                code: e.code().to_raw() as i32,
+            .map_err(|e| {
+                HvError::libvirt("migrate", format!("{} -> {}", self.node(), dest.node()), &e)
             })
     }
 

@@ -77,6 +77,16 @@ pub enum HvError {
 }
 
 impl HvError {
+    /// A libvirt error from `op` on `target` (a node name, or `a -> b` for migrations).
+    pub fn libvirt(op: &'static str, target: impl Into<String>, e: &virt::error::Error) -> Self {
+        HvError::Libvirt {
+            op,
+            target: target.into(),
+            cause: e.message().to_string(),
+            code: e.code().to_raw() as i32,
+        }
+    }
+
     /// Static CamelCase reason: the Event reason, condition reason and metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -106,8 +116,23 @@ impl HvError {
     }
 }
 
+/// TLS client material for qemu+tls (PEM).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsMaterial {
+    /// CA certificate that signed the host's libvirtd certificate.
+    pub ca_cert: Vec<u8>,
+    pub client_cert: Vec<u8>,
+    pub client_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsMaterial { <redacted> }")
+    }
+}
+
 /// How to reach one node: its spec and where its private files live.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeAccess {
     /// KvmNode name (for messages and file names).
     pub name: String,
@@ -116,8 +141,27 @@ pub struct NodeAccess {
     pub private_key: Option<Vec<u8>>,
     /// Directory for the node's key and pinned known_hosts (created 0700).
     pub state_dir: PathBuf,
+    /// TLS client material from the node's TLS Secret (qemu+tls).
+    pub tls: Option<TlsMaterial>,
     /// Timeout for connecting and for the SSH handshake.
     pub timeout: Duration,
+}
+
+// Keys never reach a log: Debug shows whether they are present, not what they are.
+impl std::fmt::Debug for NodeAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeAccess")
+            .field("name", &self.name)
+            .field("spec", &self.spec)
+            .field(
+                "private_key",
+                &self.private_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tls", &self.tls.as_ref().map(|_| "<redacted>"))
+            .field("state_dir", &self.state_dir)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Connects to a node: checks the pinned host key over SSH, writes the key material into the
@@ -164,6 +208,18 @@ pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
         if target.transport == Transport::LibSsh {
             target.known_hosts = Some(kh);
         }
+    }
+    if target.transport == Transport::Tls {
+        let tls = access.tls.as_ref().ok_or_else(|| HvError::InvalidTarget {
+            field: "spec.tlsSecretRef",
+            cause: format!("KvmNode {:?}: qemu+tls needs ca.crt, tls.crt and tls.key from the referenced Secret", access.name),
+        })?;
+        // libvirt reads these three names from the directory named by pkipath
+        let dir = node_dir(&access.state_dir, &access.name)?;
+        ssh::write_private_file(&dir.join("cacert.pem"), &tls.ca_cert)?;
+        ssh::write_private_file(&dir.join("clientcert.pem"), &tls.client_cert)?;
+        ssh::write_private_file(&dir.join("clientkey.pem"), &tls.client_key)?;
+        target.pkipath = Some(dir);
     }
     Connection::open(&target.uri(), &access.name)
 }

@@ -63,6 +63,8 @@ pub struct NodeTarget {
     pub keyfile: Option<PathBuf>,
     /// known_hosts file holding the pinned key (libssh transport).
     pub known_hosts: Option<PathBuf>,
+    /// Directory with cacert.pem, clientcert.pem and clientkey.pem (tls transport).
+    pub pkipath: Option<PathBuf>,
 }
 
 impl NodeTarget {
@@ -77,6 +79,7 @@ impl NodeTarget {
             path: "/system".into(),
             keyfile: None,
             known_hosts: None,
+            pkipath: None,
         };
         if let Some(uri) = &spec.libvirt_uri {
             let bad = |why: &str| HvError::InvalidTarget {
@@ -180,6 +183,11 @@ impl NodeTarget {
                 q.push(("known_hosts", kh.display().to_string()));
                 q.push(("known_hosts_verify", "normal".into()));
             }
+        }
+        if self.transport == Transport::Tls
+            && let Some(p) = &self.pkipath
+        {
+            q.push(("pkipath", p.display().to_string()));
         }
         if self.transport == Transport::Ssh {
             // never prompt: a hung password prompt would stall the connection forever
