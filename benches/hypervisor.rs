@@ -150,7 +150,11 @@ fn main() {
                 d.name().unwrap(),
                 d.uuid_string().unwrap(),
                 d.state().unwrap(),
-                d.xml_desc(0).unwrap(),
+                d.metadata(
+                    virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                    Some(kvm_operator::hypervisor::domain_xml::OWNER_NS),
+                    0,
+                ),
             );
         }
     });

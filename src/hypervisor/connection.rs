@@ -198,10 +198,15 @@ impl Connection {
             let name = d.name().map_err(|e| self.err("domain name", e))?;
             let uuid = d.uuid_string().map_err(|e| self.err("domain uuid", e))?;
             let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
-            let owner = match d.xml_desc(0) {
-                Ok(xml) => DomainXml::parse(&xml).ok().and_then(|x| x.owner().cloned()),
-                Err(_) => None,
-            };
+            // only our metadata element travels, not the whole domain XML
+            let owner = d
+                .metadata(
+                    sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                    Some(super::domain_xml::OWNER_NS),
+                    0,
+                )
+                .ok()
+                .and_then(|xml| Owner::from_metadata_element(&xml));
             out.push(DomainSummary {
                 name,
                 uuid,

@@ -66,7 +66,24 @@ fn owner_ns() -> String {
     OWNER_NS.to_string()
 }
 
+/// Our stamp as `virDomainGetMetadata` returns it: the element without its prefix.
+#[derive(Deserialize)]
+struct OwnerElement {
+    #[serde(rename = "@uid")]
+    uid: String,
+    #[serde(rename = "@namespace")]
+    namespace: String,
+    #[serde(rename = "@name")]
+    name: String,
+}
+
 impl Owner {
+    /// Parses the element libvirt returns for our metadata namespace; `None` if it is not ours.
+    pub fn from_metadata_element(xml: &str) -> Option<Self> {
+        let e: OwnerElement = quick_xml::de::from_str(xml).ok()?;
+        Some(Owner::new(&e.uid, &e.namespace, &e.name))
+    }
+
     pub fn new(uid: &str, namespace: &str, name: &str) -> Self {
         Self {
             xmlns: OWNER_NS.to_string(),
@@ -573,6 +590,14 @@ mod tests {
             .console();
         assert_eq!(c.vnc.as_deref(), Some("127.0.0.1:5901"));
         assert_eq!(c.serial.as_deref(), Some("/dev/pts/7"));
+    }
+
+    #[test]
+    fn metadata_elements_as_libvirt_returns_them() {
+        let o = Owner::from_metadata_element(r#"<owner uid="u1" namespace="ns" name="vm"/>"#);
+        assert_eq!(o, Some(Owner::new("u1", "ns", "vm")));
+        assert_eq!(Owner::from_metadata_element("<owner uid='u'/>"), None);
+        assert_eq!(Owner::from_metadata_element("garbage"), None);
     }
 
     #[test]
