@@ -343,3 +343,111 @@ fn qemu_tls_transport_with_client_certificates() {
         .unwrap_or_else(|| panic!("connected trusting the wrong CA"));
     assert!(err.to_string().contains("host1-tls-wrong-ca"), "{err}");
 }
+
+/// What a controller does, written against the trait only.
+async fn provision_and_move<H: hypervisor::Hypervisor>(
+    hv: &H,
+    name: &str,
+    from: &str,
+    to: &str,
+) -> Vec<String> {
+    let xml = DomainXml::minimal(name, domain_type(), 64 * 1024, 1);
+    hv.call(from, "define", move |c| c.define(&xml))
+        .await
+        .unwrap();
+    let n = name.to_string();
+    hv.call(from, "start", move |c| c.start(&n)).await.unwrap();
+    let n = name.to_string();
+    hv.call_pair(from, to, "migrate", move |a, b| {
+        a.migrate(
+            &n,
+            b,
+            &MigrateOptions {
+                live: true,
+                ..Default::default()
+            },
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let n = name.to_string();
+    let mut on = Vec::new();
+    for node in [from, to] {
+        let n = n.clone();
+        if hv.call(node, "state", move |c| c.state(&n)).await.is_ok() {
+            on.push(node.to_string());
+        }
+    }
+    on
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_reach_every_backend_through_the_hypervisor_trait() {
+    use kvm_operator::hypervisor::cache::NodePool;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = NodePool::new(Duration::from_secs(30));
+    let ssh_node = |i: u32| {
+        let spec: KvmNodeSpec = serde_json::from_value(serde_json::json!({
+            "address": env(&format!("KVM_LAB_HOST{i}_ADDR")), "sshKeySecretRef": {"name": "lab"},
+            "hostKeyFingerprint": env(&format!("KVM_LAB_HOST{i}_FINGERPRINT")),
+        }))
+        .unwrap();
+        NodeAccess {
+            name: format!("host{i}"),
+            spec,
+            private_key: Some(std::fs::read(env("KVM_LAB_SSH_KEY")).unwrap()),
+            state_dir: dir.path().to_path_buf(),
+            tls: None,
+            timeout: Duration::from_secs(10),
+        }
+    };
+    pool.upsert(ssh_node(1));
+    pool.upsert(ssh_node(2));
+    let test_spec: KvmNodeSpec = serde_json::from_value(
+        serde_json::json!({"address": "localhost", "libvirtUri": "test:///default"}),
+    )
+    .unwrap();
+    pool.upsert(NodeAccess {
+        name: "embedded".into(),
+        spec: test_spec,
+        private_key: None,
+        state_dir: dir.path().to_path_buf(),
+        tls: None,
+        timeout: Duration::from_secs(5),
+    });
+
+    // host facts: over SSH for the lab hosts, from libvirt for the test driver
+    let (facts, usage) = pool
+        .host_facts("host1", Duration::from_millis(200))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        facts.load.is_some() && usage.is_some() && facts.cpus.is_some(),
+        "{facts:?}"
+    );
+    let (facts, usage) = pool
+        .host_facts("embedded", Duration::from_millis(200))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        facts.cpus.is_some_and(|c| c > 0) && facts.memory_total.is_some() && usage.is_none(),
+        "{facts:?}"
+    );
+    let names = pool
+        .call("embedded", "list", |c| c.list_domains())
+        .await
+        .unwrap();
+    assert!(names.iter().any(|d| d.name == "test"));
+
+    let name = format!("kvmop-trait-{}", std::process::id());
+    let on = provision_and_move(&pool, &name, "host1", "host2").await;
+    for node in ["host1", "host2"] {
+        let n = name.clone();
+        let _ = pool
+            .call(node, "cleanup", move |c| {
+                c.destroy(&n).and_then(|_| c.undefine(&n))
+            })
+            .await;
+    }
+    assert_eq!(on, ["host2"], "after the move only host2 has the domain");
+}

@@ -245,6 +245,106 @@ impl NodePool {
         }
     }
 
+    /// Runs `f` with the connections of two nodes (a migration's source and destination).
+    pub async fn call_pair<T, F>(
+        &self,
+        a: &str,
+        b: &str,
+        op: &'static str,
+        f: F,
+    ) -> Result<T, HvError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        let get = |n: &str| {
+            self.lock_nodes()
+                .get(n)
+                .cloned()
+                .ok_or_else(|| HvError::NotFound {
+                    what: format!("KvmNode {n:?}"),
+                    target: "the operator's node list".into(),
+                })
+        };
+        let (na, nb) = (get(a)?, get(b)?);
+        let (ca, _) = self.connection(&na, self.call_timeout).await?;
+        let (cb, _) = self.connection(&nb, self.call_timeout).await?;
+        // no overall timeout here: a migration runs as long as its own completion timeout says;
+        // callers watch and abort it through `call` on the source
+        tokio::task::spawn_blocking(move || f(&ca, &cb))
+            .await
+            .map_err(|join| HvError::Local {
+                cause: format!("{op} between {a} and {b} panicked: {join}"),
+            })?
+    }
+
+    /// Host facts: over SSH for SSH transports (with CPU use sampled over `interval`), from
+    /// libvirt otherwise.
+    pub async fn host_facts(
+        &self,
+        node: &str,
+        interval: Duration,
+    ) -> Result<(super::host_facts::HostFacts, Option<u32>), HvError> {
+        let n = self
+            .lock_nodes()
+            .get(node)
+            .cloned()
+            .ok_or_else(|| HvError::NotFound {
+                what: format!("KvmNode {node:?}"),
+                target: "the operator's node list".into(),
+            })?;
+        let target = super::uri::NodeTarget::from_spec(&n.access.spec)?;
+        if !target.transport.uses_ssh() {
+            return self
+                .call(node, "host facts", |c| c.libvirt_facts().map(|f| (f, None)))
+                .await;
+        }
+        let access = n.access.clone();
+        let timeout = self.call_timeout + interval;
+        let task = tokio::task::spawn_blocking(move || {
+            let policy = match (
+                &access.spec.host_key_fingerprint,
+                access.spec.insecure_skip_host_key_verification,
+            ) {
+                (Some(fp), _) => super::ssh::HostKeyPolicy::Pinned(fp.clone()),
+                (None, true) => super::ssh::HostKeyPolicy::AcceptAny,
+                (None, false) => {
+                    return Err(HvError::InvalidTarget {
+                        field: "spec.hostKeyFingerprint",
+                        cause: format!("KvmNode {:?} has no pinned host key", access.name),
+                    });
+                }
+            };
+            let key = access
+                .private_key
+                .as_deref()
+                .ok_or_else(|| HvError::InvalidTarget {
+                    field: "spec.sshKeySecretRef",
+                    cause: format!("KvmNode {:?}: no private key", access.name),
+                })?;
+            let ssh = super::ssh::SshSession::connect(
+                &target.address,
+                target.port,
+                &target.user,
+                key,
+                &policy,
+                access.timeout,
+            )?;
+            super::host_facts::collect(&ssh, Some(interval))
+        });
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(HvError::Local {
+                cause: format!("host facts of {node} panicked: {join}"),
+            }),
+            Err(_) => Err(HvError::Timeout {
+                op: "host facts",
+                target: node.to_string(),
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
     /// Lets the next call try to connect at once (e.g. after the node's spec was fixed or the
     /// operator was told the host is back).
     pub fn reset_backoff(&self, name: &str) {

@@ -370,6 +370,42 @@ impl Connection {
         DomainXml::parse(&xml)
     }
 
+    /// Host facts as libvirt reports them, for nodes reached without SSH (test, TLS, TCP): CPUs,
+    /// CPU model, memory, free memory, versions and KVM support. Load averages and CPU use need
+    /// SSH and stay unset.
+    pub fn libvirt_facts(&self) -> Result<super::host_facts::HostFacts, HvError> {
+        let ni = self
+            .conn
+            .node_info()
+            .map_err(|e| self.err("node info", e))?;
+        let free = self
+            .conn
+            .free_memory()
+            .map_err(|e| self.err("free memory", e))?;
+        let (lib, hv) = self.versions()?;
+        let driver = self.driver()?;
+        let kvm = if driver == "QEMU" {
+            let caps = self
+                .conn
+                .capabilities()
+                .map_err(|e| self.err("capabilities", e))?;
+            Some(caps.contains("<domain type='kvm'"))
+        } else {
+            None
+        };
+        Ok(super::host_facts::HostFacts {
+            cpus: Some(ni.cpus),
+            cpu_model: Some(ni.model),
+            memory_total: ni.memory.checked_mul(1024),
+            memory_available: Some(free),
+            load: None,
+            cpu_times: None,
+            kvm,
+            libvirt_version: Some(lib),
+            qemu_version: (driver == "QEMU").then_some(hv),
+        })
+    }
+
     /// Sends every domain lifecycle event on this node to `tx` until the subscription is dropped.
     pub fn subscribe_events(
         &self,

@@ -37,6 +37,81 @@ use crate::api::kvm_node::KvmNodeSpec;
 use ssh::HostKeyPolicy;
 use uri::{NodeTarget, Transport};
 
+/// What the controllers use of the hypervisors: operations addressed by node name, run with the
+/// connection cache's timeouts, backoff and concurrency limits. The closure receives a
+/// [`Connection`], whose methods are the typed operations of this module (controllers never build
+/// XML, URIs or commands). [`cache::NodePool`] is the implementation; a KvmNode whose
+/// `libvirtUri` is `test:///default` makes it a cheap real backend for controller tests.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Runs `f` on `node`'s connection.
+    fn call<T, F>(
+        &self,
+        node: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static;
+
+    /// Runs `f` on the connections of two nodes (migration).
+    fn call_pair<T, F>(
+        &self,
+        a: &str,
+        b: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Connection) -> Result<T, HvError> + Send + 'static;
+
+    /// CPUs, memory, load, CPU use over `interval`, KVM and versions of `node`.
+    fn host_facts(
+        &self,
+        node: &str,
+        interval: Duration,
+    ) -> impl std::future::Future<Output = Result<(host_facts::HostFacts, Option<u32>), HvError>> + Send;
+}
+
+impl Hypervisor for cache::NodePool {
+    fn call<T, F>(
+        &self,
+        node: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        cache::NodePool::call(self, node, op, f)
+    }
+
+    fn call_pair<T, F>(
+        &self,
+        a: &str,
+        b: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        cache::NodePool::call_pair(self, a, b, op, f)
+    }
+
+    fn host_facts(
+        &self,
+        node: &str,
+        interval: Duration,
+    ) -> impl std::future::Future<Output = Result<(host_facts::HostFacts, Option<u32>), HvError>> + Send
+    {
+        cache::NodePool::host_facts(self, node, interval)
+    }
+}
+
 /// Errors of the hypervisor layer. Every message names the host (or object) and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {
