@@ -1,9 +1,10 @@
 //! Per-operation latency of the hypervisor layer, side by side in one run over the lab's
 //! loopback sshd (`eval "$(hack/lab.sh env)"; cargo bench --bench hypervisor`):
 //!
-//! - ours: `NodePool::call` (spawn_blocking, timeout, cached qemu+libssh connection), as the
-//!   controllers use it;
+//! - ours: `NodePool::call` (spawn_blocking, timeout, cached connection through our own ssh2
+//!   tunnel), as the controllers use it;
 //! - direct: the same libvirt calls made raw on a connection of the same transport;
+//! - qemu+libssh and qemu+ssh: libvirt's own SSH transports, for the transport choice;
 //! - ssh+virsh: a new `ssh host virsh …` per operation, as SSH/virsh-based managers do.
 //!
 //! Each line ends with the ratio and its target. Figures are medians; the machine is shared and
@@ -219,6 +220,31 @@ fn main() {
                 .unwrap();
         })
     });
+    // libvirt's own libssh transport, for the transport comparison (same calls, same daemon)
+    let mut libssh_access = access.clone();
+    libssh_access.name = "bench-libssh".into();
+    libssh_access.spec.libvirt_uri = Some(format!(
+        "qemu+libssh://{}@{}:{}/system",
+        env("KVM_LAB_SSH_USER"),
+        env("KVM_LAB_SSH_ADDR"),
+        env("KVM_LAB_SSH_PORT")
+    ));
+    let libssh = kvm_operator::hypervisor::connect_node(&libssh_access).unwrap();
+    let libssh_info = time(n_fast, || {
+        libssh
+            .raw()
+            .lookup_domain_by_name(&probe)
+            .unwrap()
+            .info()
+            .unwrap();
+    });
+    let libssh_list = time(n_fast, || {
+        libssh.list_domains().unwrap();
+    });
+    let tunnel_list = time(n_fast, || {
+        direct.list_domains().unwrap();
+    });
+    drop(libssh);
     for n in &names {
         let _ = direct.undefine(n);
     }
@@ -277,15 +303,31 @@ fn main() {
     );
     match ours_info_ssh {
         Some(t) => line(
-            "info: qemu+libssh vs qemu+ssh",
+            "info: ours (ssh2 tunnel) vs qemu+ssh",
             ours_info,
             "qemu+ssh",
             t,
             r(ours_info, t),
-            "libssh no slower (>= 1x)",
+            "no slower (>= 1x)",
         ),
-        None => println!(
-            "info: qemu+libssh vs qemu+ssh: not measured (run with PATH=$KVM_LAB/ssh/bin:$PATH)"
-        ),
+        None => {
+            println!("info: ours vs qemu+ssh: not measured (run with PATH=$KVM_LAB/ssh/bin:$PATH)")
+        }
     }
+    line(
+        "info: our ssh2 tunnel vs qemu+libssh",
+        direct_info,
+        "qemu+libssh",
+        libssh_info,
+        r(direct_info, libssh_info),
+        "tunnel no slower (>= 1x)",
+    );
+    line(
+        "list: our ssh2 tunnel vs qemu+libssh",
+        tunnel_list,
+        "qemu+libssh",
+        libssh_list,
+        r(tunnel_list, libssh_list),
+        "tunnel no slower (>= 1x)",
+    );
 }

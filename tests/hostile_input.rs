@@ -57,6 +57,8 @@ proptest! {
             "sshKeySecretRef": {"name": "s"},
         })).unwrap();
         let mut t = NodeTarget::from_spec(&spec).unwrap();
+        // the transport that carries key and known_hosts paths in its URI
+        t.transport = kvm_operator::hypervisor::uri::Transport::LibSsh;
         t.keyfile = Some(key.clone().into());
         t.known_hosts = Some(kh.clone().into());
         let uri = t.uri();

@@ -80,15 +80,22 @@ fn real_guest_lifecycle_over_ssh_with_pinned_host_key() {
     let (libvirt, qemu) = conn.versions().unwrap_or_else(|e| panic!("{e}"));
     assert!(libvirt.starts_with(|c: char| c.is_ascii_digit()) && qemu.contains('.'));
 
-    // The key and the pinned known_hosts are private to the operator.
+    // The default path (our SSH tunnel) writes no key anywhere: only the local socket, 0600.
     use std::os::unix::fs::PermissionsExt;
-    for f in ["id", "known_hosts"] {
-        let mode = std::fs::metadata(dir.path().join("lab-local").join(f))
-            .unwrap_or_else(|e| panic!("{f}: {e}"))
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
-    }
+    let node_dir = dir.path().join("lab-local");
+    assert!(
+        !node_dir.join("id").exists(),
+        "the private key stays in memory"
+    );
+    let mode = std::fs::metadata(node_dir.join("libvirt.sock"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "libvirt.sock is reachable by others: {mode:o}"
+    );
 
     let name = format!("kvmop-lab-{}", std::process::id());
     let mut xml = DomainXml::minimal(&name, domain_type(), 64 * 1024, 1);
@@ -149,6 +156,40 @@ fn real_guest_lifecycle_over_ssh_with_pinned_host_key() {
 }
 
 #[test]
+fn qemu_libssh_transport_pins_the_host_key_in_a_private_known_hosts() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = lab();
+    let key = std::fs::read(&lab.key).unwrap_or_else(|e| panic!("{e}"));
+    let uri = format!(
+        "qemu+libssh://{}@{}:{}/system",
+        lab.user, lab.addr, lab.port
+    );
+    let (mut acc, dir) = access(&lab, "lab-libssh", &lab.fingerprint, Some(key.clone()));
+    acc.spec.libvirt_uri = Some(uri.clone());
+    let conn = hypervisor::connect_node(&acc).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(conn.driver().unwrap_or_default(), "QEMU");
+    for f in ["id", "known_hosts"] {
+        let mode = std::fs::metadata(dir.path().join("lab-libssh").join(f))
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
+    }
+    // the same transport refuses a host whose key is not the pinned one
+    let (mut wrong, _d) = access(
+        &lab,
+        "lab-libssh-wrong",
+        &format!("SHA256:{}", "C".repeat(43)),
+        Some(key),
+    );
+    wrong.spec.libvirt_uri = Some(uri);
+    assert!(matches!(
+        hypervisor::connect_node(&wrong),
+        Err(HvError::HostKeyMismatch { .. })
+    ));
+}
+
+#[test]
 fn a_changed_host_key_is_refused_before_any_credential_is_sent() {
     let lab = lab();
     let wrong = format!("SHA256:{}", "A".repeat(43));
@@ -170,7 +211,7 @@ fn a_changed_host_key_is_refused_before_any_credential_is_sent() {
 }
 
 #[test]
-fn a_wrong_private_key_fails_with_a_libvirt_error_naming_the_node() {
+fn a_wrong_private_key_is_refused_with_an_error_naming_the_node() {
     let lab = lab();
     // A fresh key the lab's sshd does not know.
     let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -188,11 +229,12 @@ fn a_wrong_private_key_fails_with_a_libvirt_error_naming_the_node() {
     let err = hypervisor::connect_node(&access)
         .err()
         .unwrap_or_else(|| panic!("connected with an unknown key"));
+    assert!(matches!(err, HvError::Ssh { .. }), "{err}");
+    let msg = err.to_string();
     assert!(
-        matches!(err, HvError::Libvirt { op: "connect", .. }),
-        "{err}"
+        msg.contains("lab-bad-key") && msg.contains("authentication failed"),
+        "{msg}"
     );
-    assert!(err.to_string().contains("lab-bad-key"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(30));
 }
 
@@ -857,6 +899,88 @@ fn cloud_init_seed_is_a_real_iso_with_the_cidata_label() {
             .unwrap_or_else(|e| panic!("{e}"));
     }));
     let _ = conn.remove_pool(&name);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn libvirt_and_vnc_through_our_own_ssh_tunnel() {
+    use kvm_operator::hypervisor::domain_xml::Graphics;
+    use kvm_operator::hypervisor::ssh::{HostKeyPolicy, SshSession};
+    use kvm_operator::hypervisor::tunnel::{Remote, Tunnel};
+    use std::io::Read;
+    let lab = lab();
+    let key = std::fs::read(&lab.key).unwrap_or_else(|e| panic!("{e}"));
+    let session = || {
+        SshSession::connect(
+            &lab.addr,
+            lab.port,
+            &lab.user,
+            &key,
+            &HostKeyPolicy::Pinned(lab.fingerprint.clone()),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let sock = tmp.path().join("libvirt.sock");
+    let tunnel = Tunnel::start(
+        session(),
+        Remote::UnixSocket("/var/run/libvirt/libvirt-sock".into()),
+        &sock,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let conn = hypervisor::Connection::open(
+        &format!("qemu+unix:///system?socket={}", sock.display()),
+        "tunnelled",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(conn.driver().ok().as_deref(), Some("QEMU"));
+    let name = format!("kvmop-tun-{}", std::process::id());
+    let mut xml = DomainXml::minimal(&name, domain_type(), 64 * 1024, 1);
+    xml.devices.graphics.push(Graphics {
+        graphics_type: "vnc".into(),
+        port: Some(-1),
+        autoport: Some("yes".into()),
+        listen: Some("127.0.0.1".into()),
+    });
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        conn.define(&xml).unwrap_or_else(|e| panic!("{e}"));
+        conn.start(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(conn.state(&name).ok(), Some(DomainState::Running));
+        // the console: a guest's VNC port on the host's loopback, through a second tunnel
+        let vnc = conn
+            .console(&name)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .vnc
+            .unwrap_or_else(|| panic!("no VNC"));
+        let port: u16 = vnc
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{vnc}"));
+        let vsock = tmp.path().join("vnc.sock");
+        let _vt = Tunnel::start(session(), Remote::Tcp("127.0.0.1".into(), port), &vsock)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut s =
+            std::os::unix::net::UnixStream::connect(&vsock).unwrap_or_else(|e| panic!("{e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut banner = [0u8; 12];
+        s.read_exact(&mut banner).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            banner.starts_with(b"RFB 003."),
+            "{:?}",
+            String::from_utf8_lossy(&banner)
+        );
+    }));
+    let _ = conn.destroy(&name);
+    let _ = conn.undefine(&name);
+    assert!(tunnel.is_running());
+    drop(conn);
+    drop(tunnel);
+    assert!(!sock.exists(), "the socket is removed with the tunnel");
     if let Err(p) = result {
         std::panic::resume_unwind(p);
     }

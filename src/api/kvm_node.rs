@@ -102,10 +102,13 @@ pub struct KvmNodeSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_host_key_verification: bool,
 
-    /// Overrides the libvirt URI built from address, port and user. Supported schemes:
-    /// `qemu+ssh`, `qemu+libssh`, `qemu+tls`, `qemu+tcp` and `test` (libvirt's built-in test driver,
-    /// for trying the operator without a host), e.g. `qemu+tls://hv1.example.org/system` or
-    /// `test:///default`.
+    /// How libvirt is reached. Default (unset): libvirt's RPC carried through the operator's own
+    /// SSH session to address:port as user, with the host key checked on that session and the
+    /// private key kept in memory. Set it to use one of libvirt's transports instead: `qemu+libssh`,
+    /// `qemu+ssh` (the `ssh` program; its own known_hosts applies), `qemu+tls` (client certificates
+    /// from tlsSecretRef), `qemu+tcp` (no authentication: trusted networks only) or `test`
+    /// (libvirt's built-in test driver, to try the operator without a host), e.g.
+    /// `qemu+tls://hv1.example.org/system` or `test:///default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(max = 1024),

@@ -98,6 +98,9 @@ pub struct Connection {
     conn: Connect,
     /// Node name, for messages.
     node: String,
+    /// The SSH tunnel libvirt talks through, when there is one; declared after `conn` so the
+    /// connection closes before the tunnel does.
+    tunnel: Option<super::tunnel::Tunnel>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -124,6 +127,7 @@ impl Connection {
         Ok(Self {
             conn,
             node: node.to_string(),
+            tunnel: None,
         })
     }
 
@@ -136,6 +140,12 @@ impl Connection {
 
     pub(crate) fn err(&self, op: &'static str, e: virt::error::Error) -> HvError {
         HvError::libvirt(op, self.node.clone(), &e)
+    }
+
+    /// Keeps `tunnel` alive as long as this connection (libvirt talks through it).
+    pub(crate) fn with_tunnel(mut self, tunnel: super::tunnel::Tunnel) -> Self {
+        self.tunnel = Some(tunnel);
+        self
     }
 
     /// Node name this connection belongs to.
@@ -424,9 +434,10 @@ impl Connection {
         )
     }
 
-    /// True while libvirt considers the connection alive (keepalive answered).
+    /// True while libvirt considers the connection alive (keepalive answered) and its SSH
+    /// tunnel, if any, still runs.
     pub fn is_alive(&self) -> bool {
-        self.conn.is_alive().unwrap_or(false)
+        self.conn.is_alive().unwrap_or(false) && self.tunnel.as_ref().is_none_or(|t| t.is_running())
     }
 
     /// Removes the definition (and NVRAM). A missing domain is success.

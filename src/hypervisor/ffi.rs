@@ -361,3 +361,22 @@ pub fn start_post_copy(dom: &virt::domain::Domain) -> Result<(), virt::error::Er
     }
     Ok(())
 }
+
+/// Waits until one of `fds` is ready: each entry is `(fd, want_read, want_write)`; returns, per
+/// entry, whether it became readable or writable (or hung up). `timeout_ms` bounds the wait.
+pub fn poll_ready(fds: &[(std::os::fd::RawFd, bool, bool)], timeout_ms: i32) -> Vec<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, r, w)| libc::pollfd {
+            fd,
+            events: (if r { libc::POLLIN } else { 0 }) | (if w { libc::POLLOUT } else { 0 }),
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: pfds is a valid array of pollfd of the given length for the duration of the call.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if n <= 0 {
+        return vec![false; fds.len()];
+    }
+    pfds.iter().map(|p| p.revents != 0).collect()
+}

@@ -10,6 +10,7 @@
 //! - [`storage`]: pools and volumes (typed XML and operations).
 //! - [`migration`]: live and cold migration, job progress, abort.
 //! - [`cloud_init`]: NoCloud seed ISO images built in Rust.
+//! - [`tunnel`]: local sockets forwarded through our own SSH session (libvirt RPC, VNC).
 //! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats.
 //! - [`stats`]: typed per-domain stats from one call per node.
 
@@ -24,6 +25,7 @@ pub mod migration;
 pub mod ssh;
 pub mod stats;
 pub mod storage;
+pub mod tunnel;
 pub mod uri;
 
 use std::path::{Path, PathBuf};
@@ -260,13 +262,6 @@ pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
                 });
             }
         };
-        let key = ssh::verify_host_key(&target.address, target.port, &policy, access.timeout)?;
-        let dir = node_dir(&access.state_dir, &access.name)?;
-        let kh = dir.join("known_hosts");
-        ssh::write_private_file(
-            &kh,
-            ssh::known_hosts_line(&target.address, target.port, &key).as_bytes(),
-        )?;
         let pem = access
             .private_key
             .as_deref()
@@ -277,12 +272,57 @@ pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
                     access.name
                 ),
             })?;
-        let keyfile = dir.join("id");
-        ssh::write_private_file(&keyfile, pem)?;
-        target.keyfile = Some(keyfile);
-        if target.transport == Transport::LibSsh {
-            target.known_hosts = Some(kh);
+        let name_ssh = |e: HvError| match e {
+            HvError::Ssh { target, cause } => HvError::Ssh {
+                target: format!("KvmNode {} ({target})", access.name),
+                cause,
+            },
+            other => other,
+        };
+        if target.transport == Transport::SshTunnel {
+            // host key checked and key used in memory, on the session that carries libvirt
+            let session = ssh::SshSession::connect(
+                &target.address,
+                target.port,
+                &target.user,
+                pem,
+                &policy,
+                access.timeout,
+            )
+            .map_err(name_ssh)?;
+            let out = session
+                .run(ssh::RemoteCommand::LibvirtSocket)
+                .map_err(name_ssh)?;
+            let remote = out.stdout.trim().to_string();
+            if out.status != 0 || !remote.starts_with("/var/run/libvirt/") {
+                return Err(HvError::Ssh {
+                    target: format!("KvmNode {} ({})", access.name, session.target()),
+                    cause: "no libvirt socket on the host (/var/run/libvirt/virtqemud-sock or libvirt-sock): is libvirt installed and running?".into(),
+                });
+            }
+            let dir = node_dir(&access.state_dir, &access.name)?;
+            let local = dir.join("libvirt.sock");
+            let t = tunnel::Tunnel::start(session, tunnel::Remote::UnixSocket(remote), &local)?;
+            let uri = format!("qemu+unix:///system?socket={}", local.display());
+            return Connection::open(&uri, &access.name).map(|c| c.with_tunnel(t));
         }
+        ssh::verify_host_key(&target.address, target.port, &policy, access.timeout)
+            .map_err(name_ssh)
+            .and_then(|key| {
+                let dir = node_dir(&access.state_dir, &access.name)?;
+                let kh = dir.join("known_hosts");
+                ssh::write_private_file(
+                    &kh,
+                    ssh::known_hosts_line(&target.address, target.port, &key).as_bytes(),
+                )?;
+                let keyfile = dir.join("id");
+                ssh::write_private_file(&keyfile, pem)?;
+                target.keyfile = Some(keyfile);
+                if target.transport == Transport::LibSsh {
+                    target.known_hosts = Some(kh);
+                }
+                Ok(())
+            })?;
     }
     if target.transport == Transport::Tls {
         let tls = access.tls.as_ref().ok_or_else(|| HvError::InvalidTarget {

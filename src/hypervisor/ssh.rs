@@ -89,13 +89,17 @@ fn handshake(
     port: u16,
     policy: &HostKeyPolicy,
     timeout: Duration,
-) -> Result<(Session, HostKey), HvError> {
+) -> Result<(Session, HostKey, TcpStream), HvError> {
     let target = format!("{host}:{port}");
     let ssh_err = |cause: String| HvError::Ssh {
         target: target.clone(),
         cause,
     };
     let tcp = connect_tcp(host, port, timeout)?;
+    // a second handle on the same socket, to wait for it with poll(2) when tunnelling
+    let watch = tcp
+        .try_clone()
+        .map_err(|e| ssh_err(format!("cannot clone the socket: {e}")))?;
     let mut sess = Session::new().map_err(|e| ssh_err(e.to_string()))?;
     sess.set_tcp_stream(tcp);
     sess.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
@@ -119,7 +123,7 @@ fn handshake(
             expected: want.clone(),
             actual: key.fingerprint,
         }),
-        _ => Ok((sess, key)),
+        _ => Ok((sess, key, watch)),
     }
 }
 
@@ -131,7 +135,7 @@ pub fn verify_host_key(
     policy: &HostKeyPolicy,
     timeout: Duration,
 ) -> Result<HostKey, HvError> {
-    let (sess, key) = handshake(host, port, policy, timeout)?;
+    let (sess, key, _) = handshake(host, port, policy, timeout)?;
     sess.disconnect(None, "host key checked", None).ok();
     Ok(key)
 }
@@ -177,6 +181,9 @@ pub enum RemoteCommand {
     HostFacts,
     /// Restart the libvirt daemon through systemd.
     RestartDaemon(LibvirtDaemon),
+    /// Print the path of the libvirt socket that serves qemu:///system (modular virtqemud
+    /// first, then the monolithic libvirtd).
+    LibvirtSocket,
 }
 
 /// libvirt daemons a host may run: the monolithic one or the modular QEMU driver daemon.
@@ -200,6 +207,10 @@ impl RemoteCommand {
                 "echo '==> libvirtd'; (libvirtd --version || virtqemud --version) 2>/dev/null | head -n 1; ",
                 "echo '==> qemu'; (qemu-system-x86_64 --version || /usr/libexec/qemu-kvm --version) 2>/dev/null | head -n 1"
             ),
+            RemoteCommand::LibvirtSocket => concat!(
+                "for s in /var/run/libvirt/virtqemud-sock /var/run/libvirt/libvirt-sock; do ",
+                "if [ -S \"$s\" ]; then echo \"$s\"; exit 0; fi; done; exit 1"
+            ),
             RemoteCommand::RestartDaemon(LibvirtDaemon::Libvirtd) => {
                 "systemctl restart libvirtd.service"
             }
@@ -222,6 +233,8 @@ pub struct CmdOutput {
 pub struct SshSession {
     sess: Session,
     target: String,
+    /// The session's socket, for poll(2).
+    tcp: TcpStream,
 }
 
 impl std::fmt::Debug for SshSession {
@@ -251,7 +264,7 @@ impl SshSession {
             target: target.clone(),
             cause,
         };
-        let (sess, _key) = handshake(host, port, policy, timeout)?;
+        let (sess, _key, tcp) = handshake(host, port, policy, timeout)?;
         let pem = std::str::from_utf8(private_key_pem).map_err(|_| {
             ssh_err("the private key is not text (PEM or OpenSSH format expected)".into())
         })?;
@@ -263,7 +276,7 @@ impl SshSession {
         if !sess.authenticated() {
             return Err(ssh_err("not authenticated".into()));
         }
-        Ok(Self { sess, target })
+        Ok(Self { sess, target, tcp })
     }
 
     /// Runs one of the operator's fixed commands.
@@ -301,6 +314,11 @@ impl SshSession {
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
             stderr: String::from_utf8_lossy(&stderr).into_owned(),
         })
+    }
+
+    /// The libssh2 session and its socket, for the tunnel.
+    pub(crate) fn parts(&self) -> (&Session, &TcpStream) {
+        (&self.sess, &self.tcp)
     }
 
     /// `user@host:port`.

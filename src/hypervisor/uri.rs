@@ -9,8 +9,11 @@ use crate::api::kvm_node::KvmNodeSpec;
 /// How libvirt reaches the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
+    /// The default: libvirt's RPC through the operator's own SSH session (ssh2), forwarded to the
+    /// host's libvirt socket. The host key is checked on the session that carries the traffic
+    /// and the private key stays in memory.
+    SshTunnel,
     /// `qemu+libssh`: libvirt's built-in SSH client, which checks our pinned known_hosts file.
-    /// The default.
     LibSsh,
     /// `qemu+ssh`: the `ssh` program; host keys are checked by its own configuration.
     Ssh,
@@ -26,6 +29,7 @@ impl Transport {
     /// URI scheme.
     pub fn scheme(self) -> &'static str {
         match self {
+            Transport::SshTunnel => "ssh-tunnel",
             Transport::LibSsh => "qemu+libssh",
             Transport::Ssh => "qemu+ssh",
             Transport::Tls => "qemu+tls",
@@ -37,7 +41,7 @@ impl Transport {
     /// The port libvirt uses when the URI names none.
     pub fn default_port(self) -> u16 {
         match self {
-            Transport::LibSsh | Transport::Ssh => 22,
+            Transport::SshTunnel | Transport::LibSsh | Transport::Ssh => 22,
             Transport::Tls => 16514,
             Transport::Tcp => 16509,
             Transport::Test => 0,
@@ -46,7 +50,10 @@ impl Transport {
 
     /// True for the transports that go through the host's sshd.
     pub fn uses_ssh(self) -> bool {
-        matches!(self, Transport::LibSsh | Transport::Ssh)
+        matches!(
+            self,
+            Transport::SshTunnel | Transport::LibSsh | Transport::Ssh
+        )
     }
 }
 
@@ -72,7 +79,7 @@ impl NodeTarget {
     /// transport and path; address, port and user come from the spec unless the URI names them.
     pub fn from_spec(spec: &KvmNodeSpec) -> Result<Self, HvError> {
         let mut t = NodeTarget {
-            transport: Transport::LibSsh,
+            transport: Transport::SshTunnel,
             address: spec.address.clone(),
             port: spec.port,
             user: spec.user.clone(),
@@ -154,7 +161,9 @@ impl NodeTarget {
         Ok(t)
     }
 
-    /// The URI libvirt opens. Query values are percent-encoded.
+    /// The URI libvirt opens. Query values are percent-encoded. For [`Transport::SshTunnel`]
+    /// this is the remote endpoint as a user would write it; libvirt itself opens the local
+    /// socket of the tunnel.
     pub fn uri(&self) -> String {
         if self.transport == Transport::Test {
             return format!("test://{}", self.path);
@@ -244,8 +253,19 @@ mod tests {
     }
 
     #[test]
-    fn libssh_is_the_default_and_carries_pinned_files() {
-        let mut t = NodeTarget::from_spec(&spec(None)).unwrap_or_else(|e| panic!("{e}"));
+    fn the_ssh_tunnel_is_the_default() {
+        let t = NodeTarget::from_spec(&spec(None)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.transport, Transport::SshTunnel);
+        assert_eq!(
+            (t.address.as_str(), t.port, t.user.as_str()),
+            ("10.0.0.5", 2222, "root")
+        );
+    }
+
+    #[test]
+    fn libssh_carries_pinned_files() {
+        let mut t = NodeTarget::from_spec(&spec(Some("qemu+libssh://10.0.0.5:2222/system")))
+            .unwrap_or_else(|e| panic!("{e}"));
         t.keyfile = Some("/run/kvm op/key&x".into());
         t.known_hosts = Some("/run/kvm-op/kh".into());
         assert_eq!(
