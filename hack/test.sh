@@ -9,6 +9,9 @@ hack/lab.sh install
 hack/lab.sh up
 hack/lab.sh hosts 2
 eval "$(hack/lab.sh env)"
+# qemu+ssh runs the `ssh` program, whose configuration must know the hosts' keys: the lab's
+# wrapper points it at the lab's known_hosts with strict checking (tests only)
+export PATH="$KVM_LAB/ssh/bin:$PATH"
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings

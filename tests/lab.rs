@@ -190,6 +190,34 @@ fn qemu_libssh_transport_pins_the_host_key_in_a_private_known_hosts() {
 }
 
 #[test]
+fn qemu_ssh_transport_through_the_ssh_program() {
+    let lab = lab();
+    let wrapper = format!("{}/ssh/bin", std::env::var("KVM_LAB").unwrap_or_default());
+    let path = std::env::var("PATH").unwrap_or_default();
+    assert_eq!(
+        path.split(':').next(),
+        Some(wrapper.as_str()),
+        "qemu+ssh needs the lab's ssh wrapper first on PATH (hack/test.sh sets it)"
+    );
+    let key = std::fs::read(&lab.key).unwrap_or_else(|e| panic!("{e}"));
+    let (mut acc, dir) = access(&lab, "lab-ssh", &lab.fingerprint, Some(key));
+    acc.spec.libvirt_uri = Some(format!(
+        "qemu+ssh://{}@{}:{}/system",
+        lab.user, lab.addr, lab.port
+    ));
+    let conn = hypervisor::connect_node(&acc).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(conn.driver().unwrap_or_default(), "QEMU");
+    assert!(conn.list_domains().is_ok());
+    // the ssh program reads the key from a 0600 file the operator wrote
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("lab-ssh").join("id"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0);
+}
+
+#[test]
 fn a_changed_host_key_is_refused_before_any_credential_is_sent() {
     let lab = lab();
     let wrong = format!("SHA256:{}", "A".repeat(43));
@@ -430,6 +458,9 @@ fn running_guest_operations_and_hotplug() {
             "{console:?}"
         );
 
+        // an ACPI reboot request is accepted; the guest keeps running (QEMU restarts it)
+        conn.reboot(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(conn.state(&name).ok(), Some(DomainState::Running));
         conn.suspend(&name).unwrap_or_else(|e| panic!("{e}"));
         conn.suspend(&name)
             .unwrap_or_else(|e| panic!("suspending a paused guest must succeed: {e}"));
