@@ -107,6 +107,16 @@ impl NodePool {
         self.lock_nodes().remove(name);
     }
 
+    fn node(&self, name: &str) -> Result<Arc<Node>, HvError> {
+        self.lock_nodes()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| HvError::NotFound {
+                what: format!("KvmNode {name:?}"),
+                target: "the operator's node list".into(),
+            })
+    }
+
     /// Names of the known nodes.
     pub fn nodes(&self) -> Vec<String> {
         let mut v: Vec<String> = self.lock_nodes().keys().cloned().collect();
@@ -131,14 +141,7 @@ impl NodePool {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
     {
-        let n = self
-            .lock_nodes()
-            .get(node)
-            .cloned()
-            .ok_or_else(|| HvError::NotFound {
-                what: format!("KvmNode {node:?}"),
-                target: "the operator's node list".into(),
-            })?;
+        let n = self.node(node)?;
         let timeout = self.call_timeout;
         let timeout_err = || HvError::Timeout {
             op,
@@ -257,16 +260,7 @@ impl NodePool {
         T: Send + 'static,
         F: FnOnce(&Connection, &Connection) -> Result<T, HvError> + Send + 'static,
     {
-        let get = |n: &str| {
-            self.lock_nodes()
-                .get(n)
-                .cloned()
-                .ok_or_else(|| HvError::NotFound {
-                    what: format!("KvmNode {n:?}"),
-                    target: "the operator's node list".into(),
-                })
-        };
-        let (na, nb) = (get(a)?, get(b)?);
+        let (na, nb) = (self.node(a)?, self.node(b)?);
         let (ca, _) = self.connection(&na, self.call_timeout).await?;
         let (cb, _) = self.connection(&nb, self.call_timeout).await?;
         // no overall timeout here: a migration runs as long as its own completion timeout says;
@@ -285,14 +279,7 @@ impl NodePool {
         node: &str,
         interval: Duration,
     ) -> Result<(super::host_facts::HostFacts, Option<u32>), HvError> {
-        let n = self
-            .lock_nodes()
-            .get(node)
-            .cloned()
-            .ok_or_else(|| HvError::NotFound {
-                what: format!("KvmNode {node:?}"),
-                target: "the operator's node list".into(),
-            })?;
+        let n = self.node(node)?;
         let target = super::uri::NodeTarget::from_spec(&n.access.spec)?;
         if !target.transport.uses_ssh() {
             return self
@@ -302,26 +289,7 @@ impl NodePool {
         let access = n.access.clone();
         let timeout = self.call_timeout + interval;
         let task = tokio::task::spawn_blocking(move || {
-            let policy = match (
-                &access.spec.host_key_fingerprint,
-                access.spec.insecure_skip_host_key_verification,
-            ) {
-                (Some(fp), _) => super::ssh::HostKeyPolicy::Pinned(fp.clone()),
-                (None, true) => super::ssh::HostKeyPolicy::AcceptAny,
-                (None, false) => {
-                    return Err(HvError::InvalidTarget {
-                        field: "spec.hostKeyFingerprint",
-                        cause: format!("KvmNode {:?} has no pinned host key", access.name),
-                    });
-                }
-            };
-            let key = access
-                .private_key
-                .as_deref()
-                .ok_or_else(|| HvError::InvalidTarget {
-                    field: "spec.sshKeySecretRef",
-                    cause: format!("KvmNode {:?}: no private key", access.name),
-                })?;
+            let (policy, key) = super::ssh_credentials(&access)?;
             let ssh = super::ssh::SshSession::connect(
                 &target.address,
                 target.port,

@@ -246,32 +246,7 @@ impl std::fmt::Debug for NodeAccess {
 pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
     let mut target = NodeTarget::from_spec(&access.spec)?;
     if target.transport.uses_ssh() {
-        let policy = match (
-            &access.spec.host_key_fingerprint,
-            access.spec.insecure_skip_host_key_verification,
-        ) {
-            (Some(fp), _) => HostKeyPolicy::Pinned(fp.clone()),
-            (None, true) => HostKeyPolicy::AcceptAny,
-            (None, false) => {
-                return Err(HvError::InvalidTarget {
-                    field: "spec.hostKeyFingerprint",
-                    cause: format!(
-                        "KvmNode {:?} has no pinned host key; set spec.hostKeyFingerprint (or spec.insecureSkipHostKeyVerification: true)",
-                        access.name
-                    ),
-                });
-            }
-        };
-        let pem = access
-            .private_key
-            .as_deref()
-            .ok_or_else(|| HvError::InvalidTarget {
-                field: "spec.sshKeySecretRef",
-                cause: format!(
-                    "KvmNode {:?}: no private key was found in the referenced Secret",
-                    access.name
-                ),
-            })?;
+        let (policy, pem) = ssh_credentials(access)?;
         let name_ssh = |e: HvError| match e {
             HvError::Ssh { target, cause } => HvError::Ssh {
                 target: format!("KvmNode {} ({target})", access.name),
@@ -337,6 +312,38 @@ pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
         target.pkipath = Some(dir);
     }
     Connection::open(&target.uri(), &access.name)
+}
+
+/// The host key policy and private key an SSH connection to this node uses; an error names the
+/// spec field to fix.
+pub(crate) fn ssh_credentials(access: &NodeAccess) -> Result<(HostKeyPolicy, &[u8]), HvError> {
+    let policy = match (
+        &access.spec.host_key_fingerprint,
+        access.spec.insecure_skip_host_key_verification,
+    ) {
+        (Some(fp), _) => HostKeyPolicy::Pinned(fp.clone()),
+        (None, true) => HostKeyPolicy::AcceptAny,
+        (None, false) => {
+            return Err(HvError::InvalidTarget {
+                field: "spec.hostKeyFingerprint",
+                cause: format!(
+                    "KvmNode {:?} has no pinned host key; set spec.hostKeyFingerprint (or spec.insecureSkipHostKeyVerification: true)",
+                    access.name
+                ),
+            });
+        }
+    };
+    let pem = access
+        .private_key
+        .as_deref()
+        .ok_or_else(|| HvError::InvalidTarget {
+            field: "spec.sshKeySecretRef",
+            cause: format!(
+                "KvmNode {:?}: no private key was found in the referenced Secret",
+                access.name
+            ),
+        })?;
+    Ok((policy, pem))
 }
 
 fn node_dir(state_dir: &Path, node: &str) -> Result<PathBuf, HvError> {
