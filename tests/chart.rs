@@ -51,6 +51,15 @@ fn render(values: Value) -> Rendered {
     Rendered { report, objects }
 }
 
+/// The strings of a JSON list (e.g. an RBAC rule's verbs).
+fn strs(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.as_str())
+        .collect()
+}
+
 fn get<'a>(r: &'a Rendered, key: &str) -> &'a Value {
     r.objects.get(key).unwrap_or_else(|| {
         panic!(
@@ -151,18 +160,8 @@ fn rbac_is_least_privilege() {
     let r = render(json!({}));
     let cr = get(&r, "ClusterRole/kvm-kvm-operator");
     for rule in cr["rules"].as_array().into_iter().flatten() {
-        let verbs: Vec<&str> = rule["verbs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-            .collect();
-        let resources: Vec<&str> = rule["resources"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-            .collect();
+        let verbs: Vec<&str> = strs(&rule["verbs"]);
+        let resources: Vec<&str> = strs(&rule["resources"]);
         for bad in [
             "*",
             "delete",

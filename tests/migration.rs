@@ -156,6 +156,34 @@ fn live_then_cold_migration_keeps_the_guest_on_exactly_one_host() {
     }
 }
 
+/// Starts a 1 GiB guest on `src` and a live migration to `dst` throttled to 1 MiB/s (long enough
+/// to act on mid-way), and waits until the job exists.
+fn start_throttled_migration(
+    src: &Arc<Connection>,
+    dst: &Arc<Connection>,
+    name: &str,
+    post_copy: bool,
+) -> std::thread::JoinHandle<Result<(), HvError>> {
+    src.define(&DomainXml::minimal(name, domain_type(), 1024 * 1024, 1))
+        .unwrap();
+    src.start(name).unwrap();
+    let (s, d, n) = (src.clone(), dst.clone(), name.to_string());
+    let mig = std::thread::spawn(move || {
+        let opts = MigrateOptions {
+            live: true,
+            post_copy,
+            bandwidth_mib: Some(1),
+            ..Default::default()
+        };
+        s.migrate(&n, &d, &opts)
+    });
+    assert!(
+        src.wait_for_job(name, Duration::from_secs(10)).unwrap(),
+        "the migration job never started"
+    );
+    mig
+}
+
 #[test]
 fn an_aborted_migration_leaves_the_guest_running_on_its_source() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,25 +191,7 @@ fn an_aborted_migration_leaves_the_guest_running_on_its_source() {
     let h2 = Arc::new(connect(2, dir.path()));
     let name = format!("kvmop-abort-{}", std::process::id());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        h1.define(&DomainXml::minimal(&name, domain_type(), 1024 * 1024, 1))
-            .unwrap();
-        h1.start(&name).unwrap();
-        let mig = {
-            let (h1, h2, name) = (h1.clone(), h2.clone(), name.clone());
-            std::thread::spawn(move || {
-                // 1 MiB/s: long enough to abort
-                let opts = MigrateOptions {
-                    live: true,
-                    bandwidth_mib: Some(1),
-                    ..Default::default()
-                };
-                h1.migrate(&name, &h2, &opts)
-            })
-        };
-        assert!(
-            h1.wait_for_job(&name, Duration::from_secs(10)).unwrap(),
-            "the migration job never started"
-        );
+        let mig = start_throttled_migration(&h1, &h2, &name, false);
         h1.abort_job(&name).unwrap_or_else(|e| panic!("{e}"));
         let outcome = mig.join().unwrap();
         assert!(outcome.is_err(), "an aborted migration must report failure");
@@ -204,22 +214,7 @@ fn post_copy_switch_completes_a_throttled_live_migration() {
     let h2 = Arc::new(connect(2, dir.path()));
     let name = format!("kvmop-pc-{}", std::process::id());
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        h1.define(&DomainXml::minimal(&name, domain_type(), 1024 * 1024, 1))
-            .unwrap();
-        h1.start(&name).unwrap();
-        let mig = {
-            let (h1, h2, name) = (h1.clone(), h2.clone(), name.clone());
-            std::thread::spawn(move || {
-                let opts = MigrateOptions {
-                    live: true,
-                    post_copy: true,
-                    bandwidth_mib: Some(1),
-                    ..Default::default()
-                };
-                h1.migrate(&name, &h2, &opts)
-            })
-        };
-        assert!(h1.wait_for_job(&name, Duration::from_secs(10)).unwrap());
+        let mig = start_throttled_migration(&h1, &h2, &name, true);
         // libvirt's job exists before QEMU's migration (and its post-copy capability) is set up:
         // switch only once data moves. Pre-copy at 1 MiB/s would take long; post-copy is quick.
         let deadline = Instant::now() + Duration::from_secs(10);

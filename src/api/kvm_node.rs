@@ -3,8 +3,6 @@
 // as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
-use std::collections::BTreeMap;
-
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -413,9 +411,4 @@ impl KvmNodeSpec {
         }
         e.into_result()
     }
-}
-
-/// Labels of a node, as selectors see them.
-pub fn node_labels(node: &KvmNode) -> BTreeMap<String, String> {
-    node.metadata.labels.clone().unwrap_or_default()
 }

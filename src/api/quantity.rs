@@ -118,11 +118,6 @@ impl ByteQuantity {
         self.bytes
     }
 
-    /// Whole KiB, rounded up (libvirt's unit for memory).
-    pub fn kib_ceil(&self) -> u64 {
-        self.bytes.div_ceil(1024)
-    }
-
     /// The text as the user wrote it.
     pub fn as_str(&self) -> &str {
         &self.text

@@ -323,3 +323,49 @@ impl NodePool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_node(name: &str, dir: &std::path::Path, uri: &str) -> NodeAccess {
+        NodeAccess {
+            name: name.into(),
+            spec: serde_json::from_value(
+                serde_json::json!({"address": "localhost", "libvirtUri": uri}),
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+            private_key: None,
+            state_dir: dir.to_path_buf(),
+            tls: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn upsert_keeps_or_replaces_connections_and_remove_forgets_the_node() {
+        let dir = std::env::temp_dir();
+        let pool = NodePool::new(Duration::from_secs(5));
+        pool.upsert(test_node("a", &dir, "test:///default"));
+        pool.upsert(test_node("b", &dir, "test:///default"));
+        assert_eq!(pool.nodes(), ["a", "b"]);
+        assert!(!pool.is_connected("a"), "connections open on first use");
+        let n = pool
+            .call("a", "list", |c| c.list_domains().map(|d| d.len()))
+            .await;
+        assert!(n.is_ok_and(|n| n >= 1));
+        assert!(pool.is_connected("a"));
+        // the same access again keeps the open connection
+        pool.upsert(test_node("a", &dir, "test:///default"));
+        assert!(pool.is_connected("a"));
+        // a changed spec replaces it
+        let mut changed = test_node("a", &dir, "test:///default");
+        changed.spec.maintenance = true;
+        pool.upsert(changed);
+        assert!(!pool.is_connected("a"));
+        pool.remove("a");
+        assert_eq!(pool.nodes(), ["b"]);
+        let gone = pool.call("a", "list", |c| c.list_domains()).await;
+        assert!(matches!(gone, Err(HvError::NotFound { .. })), "{gone:?}");
+    }
+}
