@@ -257,7 +257,7 @@ fn a_wrong_private_key_is_refused_with_an_error_naming_the_node() {
     let err = hypervisor::connect_node(&access)
         .err()
         .unwrap_or_else(|| panic!("connected with an unknown key"));
-    assert!(matches!(err, HvError::Ssh { .. }), "{err}");
+    assert!(matches!(err, HvError::AuthFailed { .. }), "{err}");
     let msg = err.to_string();
     assert!(
         msg.contains("lab-bad-key") && msg.contains("authentication failed"),

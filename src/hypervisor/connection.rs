@@ -41,6 +41,8 @@ pub enum DeviceScope {
     LiveAndConfig,
     /// The persistent definition only (applies at the next start).
     Config,
+    /// The running guest only (the definition already has the change).
+    Live,
 }
 
 /// A libvirt domain's state, as the operator distinguishes it.
@@ -92,6 +94,7 @@ pub struct DomainSummary {
 }
 
 static QUIET: Once = Once::new();
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// An open libvirt connection to one node.
 pub struct Connection {
@@ -101,6 +104,8 @@ pub struct Connection {
     /// The SSH tunnel libvirt talks through, when there is one; declared after `conn` so the
     /// connection closes before the tunnel does.
     tunnel: Option<super::tunnel::Tunnel>,
+    /// Unique per opened connection: tells a reconnect apart from the same connection.
+    id: u64,
 }
 
 impl std::fmt::Debug for Connection {
@@ -128,6 +133,7 @@ impl Connection {
             conn,
             node: node.to_string(),
             tunnel: None,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -146,6 +152,11 @@ impl Connection {
     pub(crate) fn with_tunnel(mut self, tunnel: super::tunnel::Tunnel) -> Self {
         self.tunnel = Some(tunnel);
         self
+    }
+
+    /// Unique id of this connection (a reconnect gets a new one).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Node name this connection belongs to.
@@ -349,6 +360,15 @@ impl Connection {
             DeviceScope::LiveAndConfig if live => {
                 sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG
             }
+            DeviceScope::Live if live => sys::VIR_DOMAIN_AFFECT_LIVE,
+            DeviceScope::Live => {
+                return Err(HvError::Local {
+                    cause: format!(
+                        "a live device change needs a running domain; it is off on {}",
+                        self.node
+                    ),
+                });
+            }
             _ => sys::VIR_DOMAIN_AFFECT_CONFIG,
         })
     }
@@ -438,6 +458,56 @@ impl Connection {
     /// tunnel, if any, still runs.
     pub fn is_alive(&self) -> bool {
         self.conn.is_alive().unwrap_or(false) && self.tunnel.as_ref().is_none_or(|t| t.is_running())
+    }
+
+    /// Stamps a domain (running or not) with our ownership metadata, live and in its definition,
+    /// without restarting it: how an existing domain is adopted.
+    pub fn set_owner(&self, name: &str, owner: &Owner) -> Result<(), HvError> {
+        let d = self.lookup(name)?;
+        let live = d.is_active().map_err(|e| self.err("domain state", e))?;
+        let flags = if live {
+            sys::VIR_DOMAIN_AFFECT_LIVE | sys::VIR_DOMAIN_AFFECT_CONFIG
+        } else {
+            sys::VIR_DOMAIN_AFFECT_CONFIG
+        };
+        d.set_metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(&owner.to_metadata_element()?),
+            Some(super::domain_xml::OWNER_PREFIX),
+            Some(super::domain_xml::OWNER_NS),
+            flags,
+        )
+        .map_err(|e| self.err("set domain metadata", e))
+    }
+
+    /// Sets vCPUs and memory in the persistent definition only (they apply at the next start),
+    /// for domains whose definition the operator does not rewrite (adopted ones).
+    pub fn set_config_resources(
+        &self,
+        name: &str,
+        vcpus: Option<u32>,
+        memory_kib: Option<u64>,
+    ) -> Result<(), HvError> {
+        let d = self.lookup(name)?;
+        if let Some(v) = vcpus {
+            let cur = self.persistent_xml(name)?.vcpu.count;
+            let max = sys::VIR_DOMAIN_VCPU_CONFIG | sys::VIR_DOMAIN_VCPU_MAXIMUM;
+            let cfg = sys::VIR_DOMAIN_VCPU_CONFIG;
+            // the current count may never exceed the maximum: order the two calls
+            let steps = if v >= cur { [max, cfg] } else { [cfg, max] };
+            for f in steps {
+                d.set_vcpus_flags(v, f)
+                    .map_err(|e| self.err("set vcpus", e))?;
+            }
+        }
+        if let Some(m) = memory_kib {
+            let cfg = sys::VIR_DOMAIN_MEM_CONFIG;
+            d.set_memory_flags(m, cfg | sys::VIR_DOMAIN_MEM_MAXIMUM)
+                .map_err(|e| self.err("set memory", e))?;
+            d.set_memory_flags(m, cfg)
+                .map_err(|e| self.err("set memory", e))?;
+        }
+        Ok(())
     }
 
     /// Removes the definition (and NVRAM). A missing domain is success.

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use super::domain_xml::{
-    Alias, BootOrder, Controller, Cpu, Devices, Disk, DiskDriver, DiskSource, DiskTarget,
+    Alias, BootOrder, Controller, Cpu, Device, Devices, Disk, DiskDriver, DiskSource, DiskTarget,
     DomainXml, Empty, Features, Graphics, Interface, InterfaceSource, Mac, Memory, Metadata, Model,
     Os, OsType, Owner, Serial, SourceHost, Topology, Vcpu,
 };
@@ -97,11 +97,7 @@ fn bus_name(b: DiskBus) -> &'static str {
 
 /// Target device name for the `index`-th disk on a bus (`vda`, `sdb`, `hdc`, … `vdaa`).
 fn target_dev(bus: DiskBus, index: usize) -> String {
-    let prefix = match bus {
-        DiskBus::Virtio => "vd",
-        DiskBus::Sata | DiskBus::Scsi => "sd",
-        DiskBus::Ide => "hd",
-    };
+    let prefix = target_prefix(bus);
     let mut n = index;
     let mut letters = Vec::new();
     loop {
@@ -113,6 +109,138 @@ fn target_dev(bus: DiskBus, index: usize) -> String {
     }
     letters.reverse();
     format!("{prefix}{}", letters.into_iter().collect::<String>())
+}
+
+fn target_prefix(bus: DiskBus) -> &'static str {
+    match bus {
+        DiskBus::Virtio => "vd",
+        DiskBus::Sata | DiskBus::Scsi => "sd",
+        DiskBus::Ide => "hd",
+    }
+}
+
+fn disk_xml(d: &PlannedDisk, dev: String, boot: Option<BootOrder>) -> Disk {
+    let (disk_type, source) = match &d.backing {
+        DiskBacking::File(p) => (
+            "file",
+            DiskSource {
+                file: Some(p.clone()),
+                ..DiskSource::default()
+            },
+        ),
+        DiskBacking::Block(p) => (
+            "block",
+            DiskSource {
+                dev: Some(p.clone()),
+                ..DiskSource::default()
+            },
+        ),
+        DiskBacking::Network {
+            protocol,
+            name,
+            hosts,
+        } => (
+            "network",
+            DiskSource {
+                protocol: Some(protocol.clone()),
+                name: Some(name.clone()),
+                host: hosts
+                    .iter()
+                    .map(|(h, p)| SourceHost {
+                        name: h.clone(),
+                        port: *p,
+                    })
+                    .collect(),
+                ..DiskSource::default()
+            },
+        ),
+    };
+    Disk {
+        disk_type: disk_type.into(),
+        device: if d.cdrom { "cdrom" } else { "disk" }.into(),
+        driver: Some(DiskDriver {
+            name: "qemu".into(),
+            format: Some(d.format.clone()),
+        }),
+        source: Some(source),
+        target: DiskTarget {
+            dev,
+            bus: Some(bus_name(d.bus).into()),
+        },
+        readonly: (d.readonly || d.cdrom).then_some(Empty {}),
+        boot,
+        alias: Some(alias(&d.name)),
+    }
+}
+
+fn nic_xml(n: &PlannedNic, boot: Option<BootOrder>) -> Interface {
+    let (t, source) = match &n.source {
+        NicSource::Bridge(b) => (
+            "bridge",
+            InterfaceSource {
+                bridge: Some(b.clone()),
+                network: None,
+            },
+        ),
+        NicSource::Network(w) => (
+            "network",
+            InterfaceSource {
+                network: Some(w.clone()),
+                bridge: None,
+            },
+        ),
+    };
+    Interface {
+        iface_type: t.into(),
+        mac: n.mac.clone().map(|address| Mac { address }),
+        source: Some(source),
+        model: Some(Model {
+            model_type: match n.model {
+                NicModel::Virtio => "virtio",
+                NicModel::E1000 => "e1000",
+                NicModel::Rtl8139 => "rtl8139",
+            }
+            .into(),
+        }),
+        boot,
+        alias: Some(alias(&n.name)),
+    }
+}
+
+/// The device to hot-plug for `disk`, on the first target name of its bus that `used` (the
+/// domain's current targets) does not hold. Hot-plugged devices carry no boot order.
+pub fn hotplug_disk(disk: &PlannedDisk, used: &std::collections::BTreeSet<String>) -> Device {
+    let dev = (0..)
+        .map(|i| target_dev(disk.bus, i))
+        .find(|d| !used.contains(d))
+        .unwrap_or_else(|| target_dev(disk.bus, used.len()));
+    Device::Disk(disk_xml(disk, dev, None))
+}
+
+/// The device to hot-plug for `nic`.
+pub fn hotplug_nic(nic: &PlannedNic) -> Device {
+    Device::Interface(nic_xml(nic, None))
+}
+
+/// The device to detach: the domain's own element for the disk or NIC named `name` (spec name
+/// from the alias, or target / MAC for devices without one).
+pub fn device_named(x: &DomainXml, name: &str) -> Option<Device> {
+    let alias_name = format!("{ALIAS_PREFIX}{name}");
+    x.devices
+        .disk
+        .iter()
+        .find(|d| d.alias.as_ref().is_some_and(|a| a.name == alias_name) || d.target.dev == name)
+        .map(|d| Device::Disk(d.clone()))
+        .or_else(|| {
+            x.devices
+                .interface
+                .iter()
+                .find(|n| {
+                    n.alias.as_ref().is_some_and(|a| a.name == alias_name)
+                        || n.mac.as_ref().is_some_and(|m| m.address.eq_ignore_ascii_case(name))
+                })
+                .map(|n| Device::Interface(n.clone()))
+        })
 }
 
 impl DomainPlan {
@@ -132,102 +260,15 @@ impl DomainPlan {
         let mut disks = Vec::new();
         for d in &self.disks {
             // sata and scsi share the sdX namespace
-            let key = match d.bus {
-                DiskBus::Sata | DiskBus::Scsi => "sd",
-                DiskBus::Virtio => "vd",
-                DiskBus::Ide => "hd",
-            };
-            let idx = counters.entry(key).or_insert(0);
+            let idx = counters.entry(target_prefix(d.bus)).or_insert(0);
             let dev = target_dev(d.bus, *idx);
             *idx += 1;
-            let (disk_type, source) = match &d.backing {
-                DiskBacking::File(p) => (
-                    "file",
-                    DiskSource {
-                        file: Some(p.clone()),
-                        ..DiskSource::default()
-                    },
-                ),
-                DiskBacking::Block(p) => (
-                    "block",
-                    DiskSource {
-                        dev: Some(p.clone()),
-                        ..DiskSource::default()
-                    },
-                ),
-                DiskBacking::Network {
-                    protocol,
-                    name,
-                    hosts,
-                } => (
-                    "network",
-                    DiskSource {
-                        protocol: Some(protocol.clone()),
-                        name: Some(name.clone()),
-                        host: hosts
-                            .iter()
-                            .map(|(h, p)| SourceHost {
-                                name: h.clone(),
-                                port: *p,
-                            })
-                            .collect(),
-                        ..DiskSource::default()
-                    },
-                ),
-            };
-            disks.push(Disk {
-                disk_type: disk_type.into(),
-                device: if d.cdrom { "cdrom" } else { "disk" }.into(),
-                driver: Some(DiskDriver {
-                    name: "qemu".into(),
-                    format: Some(d.format.clone()),
-                }),
-                source: Some(source),
-                target: DiskTarget {
-                    dev,
-                    bus: Some(bus_name(d.bus).into()),
-                },
-                readonly: (d.readonly || d.cdrom).then_some(Empty {}),
-                boot: boot_of(&d.name),
-                alias: Some(alias(&d.name)),
-            });
+            disks.push(disk_xml(d, dev, boot_of(&d.name)));
         }
         let interface = self
             .nics
             .iter()
-            .map(|n| {
-                let (t, source) = match &n.source {
-                    NicSource::Bridge(b) => (
-                        "bridge",
-                        InterfaceSource {
-                            bridge: Some(b.clone()),
-                            network: None,
-                        },
-                    ),
-                    NicSource::Network(w) => (
-                        "network",
-                        InterfaceSource {
-                            network: Some(w.clone()),
-                            bridge: None,
-                        },
-                    ),
-                };
-                Interface {
-                    iface_type: t.into(),
-                    mac: n.mac.clone().map(|address| Mac { address }),
-                    source: Some(source),
-                    model: Some(Model {
-                        model_type: match n.model {
-                            NicModel::Virtio => "virtio",
-                            NicModel::E1000 => "e1000",
-                            NicModel::Rtl8139 => "rtl8139",
-                        }
-                        .into(),
-                    }),
-                    boot: boot_of(&n.name),
-                    alias: Some(alias(&n.name)),
-                }
-            })
+            .map(|n| nic_xml(n, boot_of(&n.name)))
             .collect();
         let mut controller = Vec::new();
         if self.disks.iter().any(|d| d.bus == DiskBus::Scsi) {

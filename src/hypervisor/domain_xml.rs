@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::HvError;
 
 /// XML namespace of the operator's ownership stamp in `<metadata>`.
+/// Prefix of our metadata element.
+pub const OWNER_PREFIX: &str = "kvmop";
 pub const OWNER_NS: &str = "https://kvm-operator.io/xmlns/owner/v1alpha1";
 
 /// `<domain>`.
@@ -67,7 +69,7 @@ fn owner_ns() -> String {
 }
 
 /// Our stamp as `virDomainGetMetadata` returns it: the element without its prefix.
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 struct OwnerElement {
     #[serde(rename = "@uid")]
     uid: String,
@@ -82,6 +84,19 @@ impl Owner {
     pub fn from_metadata_element(xml: &str) -> Option<Self> {
         let e: OwnerElement = quick_xml::de::from_str(xml).ok()?;
         Some(Owner::new(&e.uid, &e.namespace, &e.name))
+    }
+
+    /// The element `virDomainSetMetadata` takes (libvirt adds the namespace prefix).
+    pub fn to_metadata_element(&self) -> Result<String, HvError> {
+        let e = OwnerElement {
+            uid: self.uid.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        };
+        quick_xml::se::to_string_with_root("owner", &e).map_err(|err| HvError::Xml {
+            what: "owner metadata".into(),
+            cause: err.to_string(),
+        })
     }
 
     pub fn new(uid: &str, namespace: &str, name: &str) -> Self {

@@ -11,6 +11,7 @@
 //! - [`migration`]: live and cold migration, job progress, abort.
 //! - [`cloud_init`]: NoCloud seed ISO images built in Rust.
 //! - [`tunnel`]: local sockets forwarded through our own SSH session (libvirt RPC, VNC).
+//! - [`events`]: domain lifecycle events of a node, re-subscribed after reconnects.
 //! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats.
 //! - [`stats`]: typed per-domain stats from one call per node.
 
@@ -19,6 +20,7 @@ pub mod cloud_init;
 pub mod connection;
 pub mod domain_spec;
 pub mod domain_xml;
+pub mod events;
 pub mod ffi;
 pub mod host_facts;
 pub mod migration;
@@ -121,6 +123,8 @@ pub enum HvError {
     Unreachable { target: String, cause: String },
     #[error("SSH to {target} failed: {cause}")]
     Ssh { target: String, cause: String },
+    #[error("SSH to {target} was refused: {cause}")]
+    AuthFailed { target: String, cause: String },
     #[error(
         "host key of {target} does not match: expected {expected}, the host presented {actual}; if the host was reinstalled, update spec.hostKeyFingerprint, otherwise someone may be intercepting the connection"
     )]
@@ -169,6 +173,7 @@ impl HvError {
         match self {
             HvError::Unreachable { .. } => "HostUnreachable",
             HvError::Ssh { .. } => "SshFailed",
+            HvError::AuthFailed { .. } => "AuthFailed",
             HvError::HostKeyMismatch { .. } => "HostKeyMismatch",
             HvError::Libvirt { .. } => "LibvirtError",
             HvError::Xml { .. } => "InvalidXml",
@@ -249,6 +254,10 @@ pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
         let (policy, pem) = ssh_credentials(access)?;
         let name_ssh = |e: HvError| match e {
             HvError::Ssh { target, cause } => HvError::Ssh {
+                target: format!("KvmNode {} ({target})", access.name),
+                cause,
+            },
+            HvError::AuthFailed { target, cause } => HvError::AuthFailed {
                 target: format!("KvmNode {} ({target})", access.name),
                 cause,
             },

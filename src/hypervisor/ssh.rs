@@ -269,12 +269,15 @@ impl SshSession {
             ssh_err("the private key is not text (PEM or OpenSSH format expected)".into())
         })?;
         sess.userauth_pubkey_memory(user, None, pem, None)
-            .map_err(|e| HvError::Ssh {
+            .map_err(|e| HvError::AuthFailed {
                 target: target.clone(),
                 cause: format!("public key authentication failed ({}); check that the key in the Secret is in the user's authorized_keys", e.message()),
             })?;
         if !sess.authenticated() {
-            return Err(ssh_err("not authenticated".into()));
+            return Err(HvError::AuthFailed {
+                target: target.clone(),
+                cause: "the server did not accept the key".into(),
+            });
         }
         Ok(Self { sess, target, tcp })
     }
