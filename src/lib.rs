@@ -2,6 +2,7 @@
 //!
 //! Module map:
 //! - [`api`] — the four custom resources, data only.
+//! - [`controller`] — the controllers: observe, plan (pure), execute, status.
 //! - [`hypervisor`] — the only code that talks to libvirt and SSH.
 //! - [`manifest`] — reading the YAML users apply, into our types.
 //! - [`http`] — health endpoints.
@@ -10,6 +11,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod http;
 pub mod hypervisor;
 pub mod manifest;

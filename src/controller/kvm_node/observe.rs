@@ -1,0 +1,37 @@
+//! What a node is right now: host facts, its domains and their figures, each read once.
+
+use std::time::Duration;
+
+use crate::hypervisor::host_facts::HostFacts;
+use crate::hypervisor::stats::DomainStats;
+use crate::hypervisor::{DomainSummary, HvError, Hypervisor};
+
+/// A node as read in one pass. Each part fails on its own: a host whose SSH works but whose
+/// libvirt is down reports facts and a libvirt error.
+#[derive(Debug)]
+pub struct Observed {
+    /// Host facts and CPU use (percent, when sampled).
+    pub facts: Result<(HostFacts, Option<u32>), HvError>,
+    /// Every domain, with our stamp when present.
+    pub domains: Result<Vec<DomainSummary>, HvError>,
+    /// Per-domain figures from one bulk call (empty when it failed).
+    pub stats: Vec<DomainStats>,
+}
+
+/// Reads `node` through the hypervisor layer; CPU use is sampled over `sample`.
+pub async fn observe(hv: &impl Hypervisor, node: &str, sample: Duration) -> Observed {
+    let facts = hv.host_facts(node, sample).await;
+    let domains = hv.call(node, "list domains", |c| c.list_domains()).await;
+    let stats = if domains.is_ok() {
+        hv.call(node, "domain stats", |c| c.domain_stats())
+            .await
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Observed {
+        facts,
+        domains,
+        stats,
+    }
+}

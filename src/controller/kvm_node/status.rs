@@ -1,0 +1,194 @@
+//! A node's status from what was observed (pure).
+
+use std::collections::BTreeMap;
+
+use crate::api::ByteQuantity;
+use crate::api::condition::{self, Time, set_condition};
+use crate::api::kvm_node::{
+    KvmNode, KvmNodeStatus, NodeLoad, NodeResources, UnmanagedDomain, VmCounts,
+};
+use crate::api::virtual_machine::VirtualMachine;
+use crate::hypervisor::DomainState;
+use crate::hypervisor::host_facts::HostFacts;
+
+use super::observe::Observed;
+
+/// Condition type: the node accepts new VMs (Ready and not in maintenance).
+pub const SCHEDULABLE: &str = "Schedulable";
+/// Condition type: deletion waits for the node's VMs.
+pub const DELETING: &str = "Deleting";
+
+/// CPUs and bytes a VM takes on its node: from its spec, or from the domain's figures when
+/// the spec leaves them to an adopted domain.
+pub fn vm_request(vm: &VirtualMachine, stats: &BTreeMap<&str, (u64, u64)>) -> (u32, u64) {
+    let observed = vm
+        .status
+        .as_ref()
+        .and_then(|s| s.domain_name.as_deref())
+        .and_then(|d| stats.get(d).copied());
+    let cpus = vm
+        .spec
+        .vcpus
+        .or_else(|| observed.and_then(|(c, _)| u32::try_from(c).ok()))
+        .unwrap_or(0);
+    let mem = vm
+        .spec
+        .memory
+        .as_ref()
+        .map(|m| m.bytes())
+        .or_else(|| observed.map(|(_, kib)| kib.saturating_mul(1024)))
+        .unwrap_or(0);
+    (cpus, mem)
+}
+
+/// `(capacity - reserved) × overcommit`, rounded down.
+pub fn allocatable(node: &KvmNode, cpus: u32, memory: u64) -> NodeResources {
+    let r = &node.spec.reserved;
+    let o = &node.spec.overcommit;
+    let c = f64::from(cpus.saturating_sub(r.cpus)) * o.cpu;
+    let m = memory.saturating_sub(r.memory.as_ref().map_or(0, |q| q.bytes())) as f64 * o.memory;
+    NodeResources {
+        cpus: c.floor().clamp(0.0, f64::from(u32::MAX)) as u32,
+        memory: ByteQuantity::from_bytes(m.floor().max(0.0) as u64),
+    }
+}
+
+fn load(facts: &HostFacts, cpu: Option<u32>) -> Option<NodeLoad> {
+    let l = facts.load?;
+    Some(NodeLoad {
+        load1: format!("{:.2}", l[0]),
+        load5: format!("{:.2}", l[1]),
+        load15: format!("{:.2}", l[2]),
+        cpu_usage_percent: cpu.unwrap_or(0),
+        memory_free: ByteQuantity::from_bytes(facts.memory_available.unwrap_or(0)),
+    })
+}
+
+/// Whether the node is Ready, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The node's status. `vms` are the VirtualMachines bound to this node.
+pub fn status(
+    node: &KvmNode,
+    observed: &Observed,
+    vms: &[&VirtualMachine],
+    now: Time,
+) -> (KvmNodeStatus, Readiness) {
+    let gen_ = node.metadata.generation;
+    let prior = node.status.clone().unwrap_or_default();
+    let mut st = KvmNodeStatus {
+        observed_generation: gen_,
+        conditions: prior.conditions.clone(),
+        last_heartbeat: prior.last_heartbeat.clone(),
+        ..Default::default()
+    };
+    let stats: BTreeMap<&str, (u64, u64)> = observed
+        .stats
+        .iter()
+        .map(|s| {
+            (
+                s.domain.as_str(),
+                (s.vcpus.unwrap_or(0), s.balloon_maximum_kib.unwrap_or(0)),
+            )
+        })
+        .collect();
+    if let Ok((facts, cpu)) = &observed.facts {
+        if let (Some(c), Some(m)) = (facts.cpus, facts.memory_total) {
+            st.capacity = Some(NodeResources {
+                cpus: c,
+                memory: ByteQuantity::from_bytes(m),
+            });
+            st.allocatable = Some(allocatable(node, c, m));
+        }
+        st.load = load(facts, *cpu);
+        st.libvirt_version = facts.libvirt_version.clone();
+        st.qemu_version = facts.qemu_version.clone();
+        st.hypervisor = Some(match facts.kvm {
+            Some(true) => "kvm".into(),
+            Some(false) => "qemu (software emulation: /dev/kvm is missing)".into(),
+            None => "test".into(),
+        });
+    }
+    let (cpus, mem) = vms.iter().fold((0u32, 0u64), |(c, m), vm| {
+        let (vc, vm_) = vm_request(vm, &stats);
+        (c.saturating_add(vc), m.saturating_add(vm_))
+    });
+    st.allocated = Some(NodeResources {
+        cpus,
+        memory: ByteQuantity::from_bytes(mem),
+    });
+    if let Ok(domains) = &observed.domains {
+        let managed = domains.iter().filter(|d| d.owner.is_some()).count();
+        st.vms = Some(VmCounts {
+            total: domains.len() as u32,
+            running: domains
+                .iter()
+                .filter(|d| d.state == DomainState::Running)
+                .count() as u32,
+            managed: managed as u32,
+            unmanaged: (domains.len() - managed) as u32,
+        });
+        st.unmanaged_domains = domains
+            .iter()
+            .filter(|d| d.owner.is_none())
+            .map(|d| UnmanagedDomain {
+                name: d.name.clone(),
+                uuid: d.uuid.clone(),
+                state: d.state.as_str().into(),
+            })
+            .collect();
+        st.unmanaged_domains.sort_by(|a, b| a.name.cmp(&b.name));
+        st.last_heartbeat = Some(now.clone());
+    }
+    let (reachable, r_reason, r_msg) = match (&observed.facts, &observed.domains) {
+        (_, Ok(_)) | (Ok(_), _) => (true, "Reachable", "the host answers".to_string()),
+        (Err(e), Err(_)) => (false, e.reason(), e.to_string()),
+    };
+    let (ready, reason, msg): (bool, &'static str, String) = match (&observed.facts, &observed.domains) {
+        (Ok((f, _)), Ok(_)) if f.kvm == Some(false) => (
+            true,
+            "SoftwareEmulation",
+            "libvirt works but /dev/kvm is missing: VMs run with QEMU software emulation (slow); enable virtualisation in the host's firmware".into(),
+        ),
+        (_, Ok(_)) => (true, "Ready", "libvirt answers".into()),
+        (Ok(_), Err(e)) => (
+            false,
+            "LibvirtUnavailable",
+            format!("the host answers over SSH but libvirt does not: {e}; check that libvirtd (or virtqemud) runs on the host"),
+        ),
+        (Err(_), Err(e)) => (false, e.reason(), e.to_string()),
+    };
+    set_condition(
+        &mut st.conditions,
+        condition::condition(condition::REACHABLE, reachable, r_reason, r_msg, gen_, now.clone()),
+    );
+    set_condition(
+        &mut st.conditions,
+        condition::condition(condition::READY, ready, reason, msg.clone(), gen_, now.clone()),
+    );
+    let (sched, s_reason, s_msg) = if node.spec.maintenance {
+        (false, "Maintenance", "spec.maintenance is true: no new VM is placed here; evacuation of running VMs arrives with the Migration controller".to_string())
+    } else if !ready {
+        (false, "NotReady", "the node is not Ready".to_string())
+    } else {
+        (true, "Schedulable", "new VMs may be placed here".to_string())
+    };
+    set_condition(
+        &mut st.conditions,
+        condition::condition(SCHEDULABLE, sched, s_reason, s_msg, gen_, now),
+    );
+    st.conditions.retain(|c| c.type_ != DELETING);
+    (
+        st,
+        Readiness {
+            ready,
+            reason,
+            message: msg,
+        },
+    )
+}

@@ -1,0 +1,400 @@
+//! The controllers: one module per kind, each `observe → plan (pure) → execute → status`, with
+//! the same file names.
+//!
+//! Each controller has two layers:
+//! - a core (`mod.rs`'s `reconcile_core` / `cleanup_core`) that takes the object, a [`World`]
+//!   snapshot of the other objects and the hypervisors, and returns an [`Outcome`]: the status
+//!   to write, the Events to publish and when to look again. It never talks to the Kubernetes
+//!   API, so lab tests (and standalone mode) drive it against real libvirt directly.
+//! - the Kubernetes glue (`reconcile`): finalizer, Secrets, server-side-apply status patch on the
+//!   status subresource with one field manager per controller, Events through kube's Recorder.
+//!   tower-test scenarios pin its API calls.
+
+pub mod kvm_node;
+
+
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::api::{KvmNode, StoragePool, VirtualMachine};
+use crate::hypervisor::cache::NodePool;
+use crate::hypervisor::ffi::DomainEvent;
+
+/// The one finalizer of every kind: it guards state outside Kubernetes (domains, volumes,
+/// pools, the node's VMs).
+pub const FINALIZER: &str = "kvm-operator.io/cleanup";
+
+/// Name Events are reported under.
+pub const REPORTER: &str = "kvm-operator";
+
+/// Settings shared by the controllers.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Namespace of Secrets a KvmNode references without a namespace (the operator's own).
+    pub namespace: String,
+    /// Private directory for node keys and tunnels.
+    pub state_dir: PathBuf,
+    /// How often a node is re-read (facts, domain list); also the batched VM resync.
+    pub node_resync: Duration,
+    /// How often a VM is reconciled without any event (a safety net).
+    pub vm_resync: Duration,
+    /// How often a pool is refreshed.
+    pub pool_resync: Duration,
+    /// Graceful shutdown time before a guest is forced off.
+    pub shutdown_grace: Duration,
+    /// Timeout of the SSH handshake and libvirt connect.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            namespace: "kvm-operator".into(),
+            state_dir: PathBuf::from("/var/lib/kvm-operator"),
+            node_resync: Duration::from_secs(30),
+            vm_resync: Duration::from_secs(300),
+            pool_resync: Duration::from_secs(120),
+            shutdown_grace: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// A snapshot of the objects a reconcile looks at besides its own.
+#[derive(Clone, Debug, Default)]
+pub struct World {
+    pub nodes: Vec<Arc<KvmNode>>,
+    pub pools: Vec<Arc<StoragePool>>,
+    pub vms: Vec<Arc<VirtualMachine>>,
+}
+
+impl World {
+    pub fn node(&self, name: &str) -> Option<&KvmNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name_any() == name)
+            .map(|n| n.as_ref())
+    }
+
+    /// The StoragePool object `name` in `namespace`.
+    pub fn pool(&self, namespace: &str, name: &str) -> Option<&StoragePool> {
+        self.pools
+            .iter()
+            .find(|p| p.name_any() == name && p.namespace().as_deref() == Some(namespace))
+            .map(|p| p.as_ref())
+    }
+}
+
+/// A Kubernetes Event to publish about the reconciled object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    /// Stable CamelCase reason (also the condition reason where one applies).
+    pub reason: &'static str,
+    /// What was done, CamelCase.
+    pub action: &'static str,
+    pub message: String,
+}
+
+impl Note {
+    pub fn normal(reason: &'static str, action: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            warning: false,
+            reason,
+            action,
+            message: message.into(),
+        }
+    }
+
+    pub fn warning(reason: &'static str, action: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            warning: true,
+            reason,
+            action,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a core reconcile decided: the status to write, Events, and when to look again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome<S> {
+    pub status: S,
+    pub notes: Vec<Note>,
+    /// `None`: wait for a change of the object (invalid spec, nothing to do).
+    pub requeue: Option<Duration>,
+}
+
+impl<S> Outcome<S> {
+    pub fn action(&self) -> Action {
+        self.requeue.map_or_else(Action::await_change, Action::requeue)
+    }
+}
+
+/// Errors that reach the controller runtime (the Kubernetes API failed, or a deletion must
+/// wait). Everything that happens on a host is folded into status by the cores instead.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API call failed for {object}: {source}")]
+    Kube {
+        object: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{object}: finalizer update failed: {cause}")]
+    Finalizer { object: String, cause: String },
+    #[error("{object} cannot be deleted yet: {cause}")]
+    DeletionBlocked { object: String, cause: String },
+    #[error("{object}: {cause}")]
+    Hypervisor {
+        object: String,
+        cause: String,
+        reason: &'static str,
+    },
+}
+
+impl Error {
+    /// Stable CamelCase reason (Event reason, metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "KubeApiError",
+            Error::Finalizer { .. } => "FinalizerError",
+            Error::DeletionBlocked { .. } => "DeletionBlocked",
+            Error::Hypervisor { reason, .. } => reason,
+        }
+    }
+
+    pub fn kube(object: impl Into<String>, source: kube::Error) -> Self {
+        Error::Kube {
+            object: object.into(),
+            source,
+        }
+    }
+}
+
+/// Everything the controllers share.
+pub struct Context {
+    pub client: Client,
+    pub hv: Arc<NodePool>,
+    pub nodes: Store<KvmNode>,
+    pub pools: Store<StoragePool>,
+    pub vms: Store<VirtualMachine>,
+    pub recorder: Recorder,
+    pub config: Config,
+    /// Domain events of every followed node (feeds VM reconciles).
+    pub events: UnboundedSender<DomainEvent>,
+    followers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        hv: Arc<NodePool>,
+        stores: (Store<KvmNode>, Store<StoragePool>, Store<VirtualMachine>),
+        config: Config,
+        events: UnboundedSender<DomainEvent>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: REPORTER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Self {
+            client,
+            hv,
+            nodes: stores.0,
+            pools: stores.1,
+            vms: stores.2,
+            recorder,
+            config,
+            events,
+            followers: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn world(&self) -> World {
+        World {
+            nodes: self.nodes.state(),
+            pools: self.pools.state(),
+            vms: self.vms.state(),
+        }
+    }
+
+    /// Starts following `node`'s domain events (once).
+    pub fn follow(&self, node: &str) {
+        let mut f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        if f.get(node).is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let task = tokio::spawn(crate::hypervisor::events::follow(
+            self.hv.clone(),
+            node.to_string(),
+            self.events.clone(),
+            Duration::from_secs(5),
+        ));
+        f.insert(node.to_string(), task);
+    }
+
+    /// Stops following `node`'s events.
+    pub fn unfollow(&self, node: &str) {
+        let mut f = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = f.remove(node) {
+            h.abort();
+        }
+    }
+
+    /// Publishes `notes` about `obj`; a failure to publish is logged, never fatal.
+    pub async fn publish(&self, reference: &ObjectReference, notes: &[Note]) {
+        for n in notes {
+            let ev = Event {
+                type_: if n.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: n.reason.into(),
+                note: Some(truncate(&n.message, 1000)),
+                action: n.action.into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&ev, reference).await {
+                tracing::warn!(reason = n.reason, error = %e, "cannot publish an Event");
+            }
+        }
+    }
+
+    /// Backoff for an object whose reconcile failed: 5 s doubling to 5 min; a deletion that
+    /// must wait is retried every 30 s.
+    pub fn error_action(&self, key: &str, err: &Error) -> Action {
+        if matches!(err, Error::DeletionBlocked { .. }) {
+            return Action::requeue(Duration::from_secs(30));
+        }
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        Action::requeue(backoff(*n))
+    }
+
+    /// Forgets an object's failures after a successful reconcile.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+/// 5 s doubling per failure, at most 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(16));
+    Duration::from_secs(secs.min(300))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// `Kind namespace/name` or `Kind name`, for messages.
+pub fn describe<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    match obj.meta().namespace.as_deref() {
+        Some(ns) => format!("{} {ns}/{}", K::kind(&()), obj.name_any()),
+        None => format!("{} {}", K::kind(&()), obj.name_any()),
+    }
+}
+
+/// Writes `status` by server-side apply on the status subresource, as `manager`.
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    obj: &K,
+    manager: &str,
+    status: &impl Serialize,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| Error::kube(describe(obj), e))
+}
+
+/// Maps kube's finalizer helper errors onto ours.
+pub fn from_finalizer(
+    object: String,
+    e: kube::runtime::finalizer::Error<Error>,
+) -> Error {
+    use kube::runtime::finalizer::Error as F;
+    match e {
+        F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+        F::AddFinalizer(e) | F::RemoveFinalizer(e) => Error::Finalizer {
+            object,
+            cause: e.to_string(),
+        },
+        other => Error::Finalizer {
+            object,
+            cause: other.to_string(),
+        },
+    }
+}
+
+/// Now, as a condition timestamp.
+pub fn now() -> crate::api::condition::Time {
+    crate::api::condition::Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_to_five_minutes() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(4), Duration::from_secs(40));
+        assert_eq!(backoff(7), Duration::from_secs(300));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn event_messages_are_cut_on_a_character_boundary() {
+        let s = "é".repeat(600);
+        let t = truncate(&s, 1000);
+        assert!(t.len() <= 1004);
+        assert!(t.ends_with('…'));
+        assert_eq!(truncate("short", 1000), "short");
+    }
+}
