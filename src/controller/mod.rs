@@ -11,6 +11,7 @@
 //!   tower-test scenarios pin its API calls.
 
 pub mod kvm_node;
+pub mod storage_pool;
 
 
 
