@@ -4,6 +4,7 @@
 //! - [`api`] — the four custom resources, data only.
 //! - [`controller`] — the controllers: observe, plan (pure), execute, status.
 //! - [`hypervisor`] — the only code that talks to libvirt and SSH.
+//! - [`placement`] — choosing the node for a new VM (pure), with an explanation.
 //! - [`manifest`] — reading the YAML users apply, into our types.
 //! - [`http`] — health endpoints.
 //! - [`cli`] — the commands behind the binary's subcommands.
@@ -15,4 +16,5 @@ pub mod controller;
 pub mod http;
 pub mod hypervisor;
 pub mod manifest;
+pub mod placement;
 pub mod telemetry;
