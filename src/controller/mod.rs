@@ -12,8 +12,7 @@
 
 pub mod kvm_node;
 pub mod storage_pool;
-
-
+pub mod virtual_machine;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -142,7 +141,8 @@ pub struct Outcome<S> {
 
 impl<S> Outcome<S> {
     pub fn action(&self) -> Action {
-        self.requeue.map_or_else(Action::await_change, Action::requeue)
+        self.requeue
+            .map_or_else(Action::await_change, Action::requeue)
     }
 }
 
@@ -354,10 +354,7 @@ where
 }
 
 /// Maps kube's finalizer helper errors onto ours.
-pub fn from_finalizer(
-    object: String,
-    e: kube::runtime::finalizer::Error<Error>,
-) -> Error {
+pub fn from_finalizer(object: String, e: kube::runtime::finalizer::Error<Error>) -> Error {
     use kube::runtime::finalizer::Error as F;
     match e {
         F::ApplyFailed(e) | F::CleanupFailed(e) => e,

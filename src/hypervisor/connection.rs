@@ -83,6 +83,18 @@ impl DomainState {
     }
 }
 
+/// A domain's state with the reason it is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateDetail {
+    pub state: DomainState,
+    /// It crashed (or failed to run) and is off or crashed.
+    pub crashed: bool,
+    /// Defined and never started (libvirt reports no reason).
+    pub never_started: bool,
+    /// The guest shut itself down.
+    pub guest_shutdown: bool,
+}
+
 /// A domain as listed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DomainSummary {
@@ -253,6 +265,27 @@ impl Connection {
         let d = self.lookup(name)?;
         let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
         Ok(DomainState::from_virt(st))
+    }
+
+    /// The domain's state, and whether it is off because it crashed (libvirt's shutoff reason;
+    /// on_crash=destroy leaves crashed guests shut off). `(Shutoff, false)` with `never_started`
+    /// true for a domain defined and not yet run.
+    pub fn state_detail(&self, name: &str) -> Result<StateDetail, HvError> {
+        let d = self.lookup(name)?;
+        let (st, reason) = d.state().map_err(|e| self.err("domain state", e))?;
+        let state = DomainState::from_virt(st);
+        use virt::domain::{DomainShutoffReason as R, DomainStateReason};
+        use virt::enumutil::Enum;
+        let off = match reason {
+            Enum::Known(DomainStateReason::Shutoff(Enum::Known(r))) => Some(r),
+            _ => None,
+        };
+        Ok(StateDetail {
+            state,
+            crashed: state == DomainState::Crashed || matches!(off, Some(R::Crashed | R::Failed)),
+            never_started: state == DomainState::Shutoff && matches!(off, Some(R::Unknown)),
+            guest_shutdown: matches!(off, Some(R::Shutdown)),
+        })
     }
 
     /// The domain's live XML, parsed.

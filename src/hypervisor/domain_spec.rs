@@ -237,7 +237,9 @@ pub fn device_named(x: &DomainXml, name: &str) -> Option<Device> {
                 .iter()
                 .find(|n| {
                     n.alias.as_ref().is_some_and(|a| a.name == alias_name)
-                        || n.mac.as_ref().is_some_and(|m| m.address.eq_ignore_ascii_case(name))
+                        || n.mac
+                            .as_ref()
+                            .is_some_and(|m| m.address.eq_ignore_ascii_case(name))
                 })
                 .map(|n| Device::Interface(n.clone()))
         })

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use connection::{
-    Connection, DeviceScope, DomainInfo, DomainState, DomainSummary, ShutdownOutcome,
+    Connection, DeviceScope, DomainInfo, DomainState, DomainSummary, ShutdownOutcome, StateDetail,
 };
 
 use crate::api::kvm_node::KvmNodeSpec;

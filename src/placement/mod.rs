@@ -70,7 +70,10 @@ fn filter(r: &Request, c: &Candidate) -> Option<String> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         if !missing.is_empty() {
-            return Some(format!("labels do not match nodeSelector ({})", missing.join(", ")));
+            return Some(format!(
+                "labels do not match nodeSelector ({})",
+                missing.join(", ")
+            ));
         }
     }
     if !c.ready {
@@ -86,7 +89,10 @@ fn filter(r: &Request, c: &Candidate) -> Option<String> {
         .map(String::as_str)
         .collect();
     if !missing.is_empty() {
-        return Some(format!("StoragePool {} is not running here", missing.join(", ")));
+        return Some(format!(
+            "StoragePool {} is not running here",
+            missing.join(", ")
+        ));
     }
     let Some((cpus, mem)) = c.allocatable else {
         return Some("capacity not reported yet".into());
@@ -94,7 +100,10 @@ fn filter(r: &Request, c: &Candidate) -> Option<String> {
     let free_cpus = cpus.saturating_sub(c.allocated.0);
     let free_mem = mem.saturating_sub(c.allocated.1);
     if r.cpus > free_cpus {
-        return Some(format!("needs {} vCPUs, {free_cpus} of {cpus} free after overcommit", r.cpus));
+        return Some(format!(
+            "needs {} vCPUs, {free_cpus} of {cpus} free after overcommit",
+            r.cpus
+        ));
     }
     if r.memory > free_mem {
         return Some(format!(
@@ -119,7 +128,10 @@ pub fn score(r: &Request, c: &Candidate) -> i64 {
             (total.saturating_sub(used) as f64 / total as f64).clamp(0.0, 1.0)
         }
     };
-    let cpu = share(u64::from(cpus), u64::from(c.allocated.0) + u64::from(r.cpus));
+    let cpu = share(
+        u64::from(cpus),
+        u64::from(c.allocated.0) + u64::from(r.cpus),
+    );
     let memory = share(mem, c.allocated.1.saturating_add(r.memory));
     let quiet = 1.0 - c.load_per_cpu.unwrap_or(0.0).clamp(0.0, 1.0);
     (400.0 * cpu + 400.0 * memory + 200.0 * quiet).round() as i64
@@ -157,10 +169,11 @@ pub fn place(r: &Request, candidates: &[Candidate]) -> Decision {
     let mut message = format!(
         "{} scored {best_score} of 1000 ({} vCPUs and {} free after placing it",
         best.name,
-        best.allocatable.map_or(0, |a| a.0.saturating_sub(best.allocated.0 + r.cpus)),
-        gib(best
-            .allocatable
-            .map_or(0, |a| a.1.saturating_sub(best.allocated.1.saturating_add(r.memory)))),
+        best.allocatable
+            .map_or(0, |a| a.0.saturating_sub(best.allocated.0 + r.cpus)),
+        gib(best.allocatable.map_or(0, |a| a
+            .1
+            .saturating_sub(best.allocated.1.saturating_add(r.memory)))),
     );
     if let Some(l) = best.load_per_cpu {
         message.push_str(&format!(", load {l:.2} per CPU"));
@@ -277,7 +290,10 @@ mod tests {
     fn equal_scores_break_ties_by_name_whatever_the_order() {
         let a = node("alpha", 8, 16, (0, 0), 0.0);
         let b = node("bravo", 8, 16, (0, 0), 0.0);
-        assert_eq!(chosen(&place(&req(1, 1), &[b.clone(), a.clone()])), Some("alpha"));
+        assert_eq!(
+            chosen(&place(&req(1, 1), &[b.clone(), a.clone()])),
+            Some("alpha")
+        );
         assert_eq!(chosen(&place(&req(1, 1), &[a, b])), Some("alpha"));
     }
 

@@ -110,7 +110,7 @@ pub async fn reconcile_core<H: Hypervisor>(
 }
 
 /// Deletion: allowed once no VirtualMachine is bound to the node.
-pub fn cleanup_core(node: &KvmNode, world: &World) -> Result<(), (KvmNodeStatus, Error)> {
+pub fn cleanup_core(node: &KvmNode, world: &World) -> Result<(), Box<(KvmNodeStatus, Error)>> {
     let name = node.name_any();
     let mut bound: Vec<String> = vms_on(world, &name)
         .iter()
@@ -137,13 +137,13 @@ pub fn cleanup_core(node: &KvmNode, world: &World) -> Result<(), (KvmNodeStatus,
             super::now(),
         ),
     );
-    Err((
+    Err(Box::new((
         st,
         Error::DeletionBlocked {
             object: format!("KvmNode {name}"),
             cause,
         },
-    ))
+    )))
 }
 
 /// Reads the node's SSH key and TLS Secrets into its access record.
@@ -161,8 +161,18 @@ pub async fn load_access(
         async move {
             match api.get_opt(&secret).await {
                 Ok(Some(s)) => Ok(s),
-                Ok(None) => Err(("SecretNotFound", format!("KvmNode {name}: Secret {ns}/{secret} does not exist; create it (see spec.sshKeySecretRef / spec.tlsSecretRef)"))),
-                Err(e) => Err(("SecretNotReadable", format!("KvmNode {name}: cannot read Secret {ns}/{secret}: {e}; the operator needs get on secrets in {ns}"))),
+                Ok(None) => Err((
+                    "SecretNotFound",
+                    format!(
+                        "KvmNode {name}: Secret {ns}/{secret} does not exist; create it (see spec.sshKeySecretRef / spec.tlsSecretRef)"
+                    ),
+                )),
+                Err(e) => Err((
+                    "SecretNotReadable",
+                    format!(
+                        "KvmNode {name}: cannot read Secret {ns}/{secret}: {e}; the operator needs get on secrets in {ns}"
+                    ),
+                )),
             }
         }
     };
@@ -264,7 +274,8 @@ async fn cleanup(node: &KvmNode, ctx: &Context, api: &Api<KvmNode>) -> Result<Ac
             ctx.hv.remove(&node.name_any());
             Ok(Action::await_change())
         }
-        Err((status, err)) => {
+        Err(blocked) => {
+            let (status, err) = *blocked;
             apply_status(api, node, MANAGER, &status).await?;
             ctx.publish(
                 &node.object_ref(&()),

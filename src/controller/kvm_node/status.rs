@@ -165,18 +165,36 @@ pub fn status(
     };
     set_condition(
         &mut st.conditions,
-        condition::condition(condition::REACHABLE, reachable, r_reason, r_msg, gen_, now.clone()),
+        condition::condition(
+            condition::REACHABLE,
+            reachable,
+            r_reason,
+            r_msg,
+            gen_,
+            now.clone(),
+        ),
     );
     set_condition(
         &mut st.conditions,
-        condition::condition(condition::READY, ready, reason, msg.clone(), gen_, now.clone()),
+        condition::condition(
+            condition::READY,
+            ready,
+            reason,
+            msg.clone(),
+            gen_,
+            now.clone(),
+        ),
     );
     let (sched, s_reason, s_msg) = if node.spec.maintenance {
         (false, "Maintenance", "spec.maintenance is true: no new VM is placed here; evacuation of running VMs arrives with the Migration controller".to_string())
     } else if !ready {
         (false, "NotReady", "the node is not Ready".to_string())
     } else {
-        (true, "Schedulable", "new VMs may be placed here".to_string())
+        (
+            true,
+            "Schedulable",
+            "new VMs may be placed here".to_string(),
+        )
     };
     set_condition(
         &mut st.conditions,

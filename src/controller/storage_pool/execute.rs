@@ -19,7 +19,9 @@ pub async fn execute(hv: &impl Hypervisor, steps: &[Step]) -> Executed {
                 autostart,
             } => {
                 let r = hv
-                    .call(&node, "ensure pool", move |c| c.ensure_pool(&def, autostart))
+                    .call(&node, "ensure pool", move |c| {
+                        c.ensure_pool(&def, autostart)
+                    })
                     .await
                     .map(Some);
                 (node, r)

@@ -95,12 +95,11 @@ pub fn users(pool: &StoragePool, world: &World) -> Vec<String> {
         .iter()
         .filter(|vm| vm.namespace().as_deref() == Some(ns.as_str()))
         .filter(|vm| {
-            vm.spec.disks.iter().any(|d| disk_pool(d) == Some(name.as_str()))
-                || vm
-                    .spec
-                    .cloud_init
-                    .as_ref()
-                    .and_then(|c| c.pool.as_deref())
+            vm.spec
+                .disks
+                .iter()
+                .any(|d| disk_pool(d) == Some(name.as_str()))
+                || vm.spec.cloud_init.as_ref().and_then(|c| c.pool.as_deref())
                     == Some(name.as_str())
         })
         .map(|vm| format!("{ns}/{}", vm.name_any()))
@@ -150,7 +149,9 @@ pub async fn cleanup_core<H: Hypervisor>(
             Note::normal(
                 "PoolRemoved",
                 "Delete",
-                format!("{object}: pool stopped and undefined on KvmNode {node}; its data was kept"),
+                format!(
+                    "{object}: pool stopped and undefined on KvmNode {node}; its data was kept"
+                ),
             )
         })
         .collect())
@@ -169,22 +170,20 @@ pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Acti
                 ctx.publish(&p.object_ref(&()), &outcome.notes).await;
                 Ok(outcome.action())
             }
-            Finalizer::Cleanup(p) => {
-                match cleanup_core(&p, &ctx.world(), ctx.hv.as_ref()).await {
-                    Ok(notes) => {
-                        ctx.publish(&p.object_ref(&()), &notes).await;
-                        Ok(Action::await_change())
-                    }
-                    Err(e) => {
-                        ctx.publish(
-                            &p.object_ref(&()),
-                            &[Note::warning(e.reason(), "Delete", e.to_string())],
-                        )
-                        .await;
-                        Err(e)
-                    }
+            Finalizer::Cleanup(p) => match cleanup_core(&p, &ctx.world(), ctx.hv.as_ref()).await {
+                Ok(notes) => {
+                    ctx.publish(&p.object_ref(&()), &notes).await;
+                    Ok(Action::await_change())
                 }
-            }
+                Err(e) => {
+                    ctx.publish(
+                        &p.object_ref(&()),
+                        &[Note::warning(e.reason(), "Delete", e.to_string())],
+                    )
+                    .await;
+                    Err(e)
+                }
+            },
         }
     })
     .await

@@ -14,10 +14,18 @@ use super::observe::Observed;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
     /// Define (when missing), build, start, set autostart, refresh.
-    Ensure { node: String, def: PoolXml, autostart: bool },
+    Ensure {
+        node: String,
+        def: PoolXml,
+        autostart: bool,
+    },
     /// The node has a different pool of that name and the spec says overwrite: stop and
     /// undefine it (volumes stay), then ensure ours.
-    Replace { node: String, def: PoolXml, autostart: bool },
+    Replace {
+        node: String,
+        def: PoolXml,
+        autostart: bool,
+    },
     /// The node no longer matches (or the object is deleted) and the policy is Delete: stop and
     /// undefine the pool; its data stays.
     Remove { node: String, pool: String },
@@ -90,7 +98,8 @@ pub fn plan(pool: &StoragePool, known: &[&KvmNode], observed: &Observed) -> Plan
                     .insert(node.clone(), Hold::Unreachable("not read yet".into()));
             }
             Some(Err(e)) => {
-                p.holds.insert(node.clone(), Hold::Unreachable(e.to_string()));
+                p.holds
+                    .insert(node.clone(), Hold::Unreachable(e.to_string()));
             }
             Some(Ok(on)) => match &on.definition {
                 Some(have) if !def.same_definition(have) => {

@@ -32,7 +32,9 @@ pub fn status(
         match (plan.holds.get(node), executed.get(node)) {
             (Some(Hold::NoSuchNode), _) => {
                 ns.state = PoolState::Pending;
-                ns.message = Some(format!("there is no KvmNode {node:?}; create it or fix spec.nodeName"));
+                ns.message = Some(format!(
+                    "there is no KvmNode {node:?}; create it or fix spec.nodeName"
+                ));
             }
             (Some(Hold::Unreachable(why)), _) => {
                 ns.state = PoolState::Unknown;
@@ -60,7 +62,11 @@ pub fn status(
                 ns.state = PoolState::Pending;
             }
         }
-        let before = prior.nodes.iter().find(|p| p.node == *node).map(|p| p.state);
+        let before = prior
+            .nodes
+            .iter()
+            .find(|p| p.node == *node)
+            .map(|p| p.state);
         if before != Some(ns.state) {
             match ns.state {
                 PoolState::Running => notes.push(Note::normal(
@@ -69,16 +75,26 @@ pub fn status(
                     format!("{name} runs on KvmNode {node}"),
                 )),
                 PoolState::Failed | PoolState::Conflict => notes.push(Note::warning(
-                    if ns.state == PoolState::Failed { "PoolFailed" } else { "PoolConflict" },
+                    if ns.state == PoolState::Failed {
+                        "PoolFailed"
+                    } else {
+                        "PoolConflict"
+                    },
                     "EnsurePool",
-                    format!("{name} on KvmNode {node}: {}", ns.message.clone().unwrap_or_default()),
+                    format!(
+                        "{name} on KvmNode {node}: {}",
+                        ns.message.clone().unwrap_or_default()
+                    ),
                 )),
                 _ => {}
             }
         }
         nodes.push(ns);
     }
-    let running = nodes.iter().filter(|n| n.state == PoolState::Running).count();
+    let running = nodes
+        .iter()
+        .filter(|n| n.state == PoolState::Running)
+        .count();
     let total = nodes.len();
     let mut st = StoragePoolStatus {
         observed_generation: gen_,
@@ -87,9 +103,17 @@ pub fn status(
         conditions: prior.conditions,
     };
     let (ready, reason, msg) = if total == 0 {
-        (false, "NoMatchingNode", "no KvmNode matches spec.nodeSelector; label nodes or change the selector".to_string())
+        (
+            false,
+            "NoMatchingNode",
+            "no KvmNode matches spec.nodeSelector; label nodes or change the selector".to_string(),
+        )
     } else if running == total {
-        (true, "Running", format!("running on {running} of {total} node(s)"))
+        (
+            true,
+            "Running",
+            format!("running on {running} of {total} node(s)"),
+        )
     } else {
         let bad: Vec<String> = st
             .nodes
@@ -104,7 +128,14 @@ pub fn status(
         } else {
             "Pending"
         };
-        (false, reason, format!("running on {running} of {total} node(s); not on {}", bad.join(", ")))
+        (
+            false,
+            reason,
+            format!(
+                "running on {running} of {total} node(s); not on {}",
+                bad.join(", ")
+            ),
+        )
     };
     set_condition(
         &mut st.conditions,

@@ -1,0 +1,720 @@
+//! VirtualMachine: place it, provision its volumes and seed, define the domain with our stamp,
+//! drive its run strategy, correct drift, hot-plug disks and NICs, adopt existing domains, and
+//! clean up by policy. A VM is bound to one node from placement on: it is only ever started
+//! there, so it never runs on two nodes.
+
+pub mod execute;
+pub mod observe;
+pub mod plan;
+pub mod status;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+
+use super::kvm_node::status::{SCHEDULABLE, vm_request};
+use super::{Config, Context, Error, FINALIZER, Note, Outcome, World, apply_status, describe};
+use crate::api::condition::{self, set_condition};
+use crate::api::storage_pool::PoolState;
+use crate::api::virtual_machine::{
+    FilteredNode, PlacementStatus, VirtualMachine, VirtualMachineStatus, disk_pool, domain_name,
+};
+use crate::hypervisor::ffi::DomainEvent;
+use crate::hypervisor::{HvError, Hypervisor};
+use crate::placement::{self, Candidate, Decision, Request};
+
+/// Field manager of this controller's status writes.
+pub const MANAGER: &str = "kvm-operator-virtualmachine";
+
+/// At most this many observe → plan → execute rounds per reconcile (volumes, then the domain,
+/// then power).
+const MAX_ROUNDS: usize = 4;
+
+fn with_condition(
+    vm: &VirtualMachine,
+    type_: &str,
+    ok: bool,
+    reason: &'static str,
+    message: String,
+) -> VirtualMachineStatus {
+    let mut st = vm.status.clone().unwrap_or_default();
+    st.observed_generation = vm.metadata.generation;
+    set_condition(
+        &mut st.conditions,
+        condition::condition(
+            type_,
+            ok,
+            reason,
+            message,
+            vm.metadata.generation,
+            super::now(),
+        ),
+    );
+    st
+}
+
+/// An outcome that only reports a problem: Ready=False with reason and message; an Event when
+/// the reason or message is new.
+pub fn problem(
+    vm: &VirtualMachine,
+    reason: &'static str,
+    message: String,
+    retry: Option<Duration>,
+) -> Outcome<VirtualMachineStatus> {
+    let same = vm
+        .status
+        .as_ref()
+        .and_then(|s| condition::find(&s.conditions, condition::READY))
+        .is_some_and(|c| c.reason == reason && c.message == message);
+    Outcome {
+        status: with_condition(vm, condition::READY, false, reason, message.clone()),
+        notes: if same {
+            vec![]
+        } else {
+            vec![Note::warning(reason, "Reconcile", message)]
+        },
+        requeue: retry,
+    }
+}
+
+/// Nodes as placement sees them, for a VM in `namespace` needing `pools`.
+pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
+    let ns = vm.namespace().unwrap_or_default();
+    let me = vm.uid();
+    world
+        .nodes
+        .iter()
+        .map(|n| {
+            let name = n.name_any();
+            let st = n.status.clone().unwrap_or_default();
+            let no_stats = Default::default();
+            let allocated = super::kvm_node::vms_on(world, &name)
+                .into_iter()
+                .filter(|v| v.uid() != me)
+                .map(|v| vm_request(v, &no_stats))
+                .fold((0u32, 0u64), |(c, m), (vc, vm_)| {
+                    (c.saturating_add(vc), m.saturating_add(vm_))
+                });
+            let pools = world
+                .pools
+                .iter()
+                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|p| {
+                    p.status.as_ref().is_some_and(|s| {
+                        s.nodes
+                            .iter()
+                            .any(|x| x.node == name && x.state == PoolState::Running)
+                    })
+                })
+                .map(|p| p.name_any())
+                .collect();
+            let load_per_cpu = match (&st.load, &st.capacity) {
+                (Some(l), Some(c)) if c.cpus > 0 => {
+                    l.load1.parse::<f64>().ok().map(|x| x / f64::from(c.cpus))
+                }
+                _ => None,
+            };
+            Candidate {
+                name: name.clone(),
+                labels: n.labels().clone(),
+                ready: condition::is_true(&st.conditions, condition::READY),
+                maintenance: n.spec.maintenance
+                    || condition::find(&st.conditions, SCHEDULABLE)
+                        .is_some_and(|c| c.reason == "Maintenance"),
+                allocatable: st.allocatable.as_ref().map(|a| (a.cpus, a.memory.bytes())),
+                allocated,
+                load_per_cpu,
+                pools,
+            }
+        })
+        .collect()
+}
+
+/// The placement request of a VM.
+pub fn request(vm: &VirtualMachine) -> Request {
+    let mut pools: BTreeSet<String> = vm
+        .spec
+        .disks
+        .iter()
+        .filter_map(disk_pool)
+        .map(str::to_string)
+        .collect();
+    if let Some(p) = vm.spec.cloud_init.as_ref().and_then(|c| c.pool.clone()) {
+        pools.insert(p);
+    }
+    Request {
+        cpus: vm.spec.vcpus.unwrap_or(0),
+        memory: vm.spec.memory.as_ref().map_or(0, |m| m.bytes()),
+        pools,
+        node_name: vm.spec.placement.as_ref().and_then(|p| p.node_name.clone()),
+        node_selector: vm
+            .spec
+            .placement
+            .as_ref()
+            .and_then(|p| p.node_selector.clone()),
+    }
+}
+
+/// First phase of a new VM: find a domain already stamped with its UID (a placement whose
+/// status write was lost), else choose a node. Only status changes; nothing is created.
+async fn schedule<H: Hypervisor>(
+    vm: &VirtualMachine,
+    world: &World,
+    hv: &H,
+) -> Outcome<VirtualMachineStatus> {
+    let uid = vm.uid().unwrap_or_default();
+    let ns = vm.namespace().unwrap_or_default();
+    let name = vm.name_any();
+    let scans = world.nodes.iter().map(|n| {
+        let node = n.name_any();
+        async move {
+            let r = hv.call(&node, "list domains", |c| c.list_domains()).await;
+            (node, r)
+        }
+    });
+    let mut found = Vec::new();
+    for (node, r) in futures::future::join_all(scans).await {
+        if let Ok(domains) = r {
+            for d in domains {
+                if d.owner.as_ref().is_some_and(|o| o.uid == uid) {
+                    found.push((node.clone(), d.name));
+                }
+            }
+        }
+    }
+    if found.len() > 1 {
+        let list: Vec<String> = found.iter().map(|(n, d)| format!("{d} on {n}")).collect();
+        return problem(
+            vm,
+            "DuplicateDomains",
+            format!(
+                "domains stamped for this VM exist on several nodes ({}); nothing is started until only one remains: remove the extra ones by hand",
+                list.join(", ")
+            ),
+            Some(Duration::from_secs(60)),
+        );
+    }
+    let now = super::now();
+    if let Some((node, domain)) = found.pop() {
+        let mut st = with_condition(
+            vm,
+            condition::SCHEDULED,
+            true,
+            "Recovered",
+            format!("found its domain {domain} on KvmNode {node}; bound to it"),
+        );
+        st.node = Some(node.clone());
+        st.domain_name = Some(domain);
+        st.placement = Some(PlacementStatus {
+            node,
+            score: None,
+            runner_up: None,
+            message: "recovered: its domain already existed there".into(),
+            filtered: vec![],
+            time: Some(now),
+        });
+        return Outcome {
+            status: st,
+            notes: vec![],
+            requeue: Some(Duration::from_secs(1)),
+        };
+    }
+    match placement::place(&request(vm), &candidates(world, vm)) {
+        Decision::Placed {
+            node,
+            score,
+            runner_up,
+            message,
+            filtered,
+        } => {
+            let mut st =
+                with_condition(vm, condition::SCHEDULED, true, "Scheduled", message.clone());
+            st.node = Some(node.clone());
+            st.domain_name = Some(domain_name(&ns, &name));
+            st.power_state = Some(crate::api::virtual_machine::PowerState::Pending);
+            st.placement = Some(PlacementStatus {
+                node: node.clone(),
+                score: Some(score),
+                runner_up: runner_up.map(|r| r.0),
+                message: message.clone(),
+                filtered: filtered
+                    .into_iter()
+                    .map(|(node, reason)| FilteredNode { node, reason })
+                    .collect(),
+                time: Some(now),
+            });
+            Outcome {
+                status: st,
+                notes: vec![Note::normal(
+                    "Scheduled",
+                    "Schedule",
+                    format!("placed on KvmNode {node}: {message}"),
+                )],
+                requeue: Some(Duration::from_secs(1)),
+            }
+        }
+        Decision::Unschedulable { message, filtered } => {
+            let mut out = problem(
+                vm,
+                "Unschedulable",
+                message.clone(),
+                Some(Duration::from_secs(30)),
+            );
+            set_condition(
+                &mut out.status.conditions,
+                condition::condition(
+                    condition::SCHEDULED,
+                    false,
+                    "Unschedulable",
+                    message.clone(),
+                    vm.metadata.generation,
+                    super::now(),
+                ),
+            );
+            out.status.placement = Some(PlacementStatus {
+                node: String::new(),
+                score: None,
+                runner_up: None,
+                message,
+                filtered: filtered
+                    .into_iter()
+                    .map(|(node, reason)| FilteredNode { node, reason })
+                    .collect(),
+                time: None,
+            });
+            out
+        }
+    }
+}
+
+fn failure(what: &'static str, node: &str, e: &HvError) -> (&'static str, &'static str, String) {
+    (
+        what,
+        e.reason(),
+        format!("{what} on KvmNode {node} failed: {e}"),
+    )
+}
+
+/// Observe → plan → execute rounds on the VM's node, then its status.
+async fn converge<H: Hypervisor>(
+    vm: &VirtualMachine,
+    node: &str,
+    world: &World,
+    hv: &H,
+    config: &Config,
+    user_data: Option<&str>,
+) -> Outcome<VirtualMachineStatus> {
+    let resolved = match plan::resolve(vm, node, world, user_data) {
+        Ok(r) => r,
+        Err(b) => return problem(vm, b.reason, b.message, b.retry),
+    };
+    let now = super::now();
+    let mut notes = Vec::new();
+    let mut restarted = false;
+    let mut fail = None;
+    let mut last = (observe::Observed::default(), plan::Plan::default());
+    for _ in 0..MAX_ROUNDS {
+        let observed = match observe::observe(hv, &resolved).await {
+            Ok(o) => o,
+            Err(e) => {
+                fail = Some(failure("reading the domain", node, &e));
+                break;
+            }
+        };
+        let p = plan::plan(vm, &resolved, &observed, &now);
+        let done = p.steps.is_empty() || p.blocked.is_some() || restarted;
+        if !p.drift.is_empty() {
+            notes.push(Note::normal(
+                "DriftCorrected",
+                "Update",
+                format!(
+                    "domain {} on KvmNode {node} differed from the spec ({}); correcting it",
+                    resolved.domain,
+                    plan::drift_text(&p.drift)
+                ),
+            ));
+        }
+        if done {
+            last = (observed, p);
+            break;
+        }
+        let ex = execute::execute(hv, &resolved, p.steps.clone(), config.shutdown_grace).await;
+        notes.extend(ex.notes);
+        restarted |= ex.restarted;
+        last = (observed, p);
+        if let Some((what, e)) = ex.failed {
+            fail = Some(failure(what, node, &e));
+            if let Ok(o) = observe::observe(hv, &resolved).await {
+                last.0 = o;
+            }
+            break;
+        }
+    }
+    // the last round may have run steps: describe the node as it is now
+    if !last.1.steps.is_empty()
+        && fail.is_none()
+        && let Ok(o) = observe::observe(hv, &resolved).await
+    {
+        last.1 = plan::plan(vm, &resolved, &o, &now);
+        last.0 = o;
+    }
+    if let Some((_, reason, msg)) = &fail {
+        notes.push(Note::warning(reason, "Reconcile", msg.clone()));
+    }
+    let (observed, p) = last;
+    let mut st = status::status(
+        vm,
+        world.node(node),
+        &status::Round {
+            resolved: &resolved,
+            observed: &observed,
+            plan: &p,
+            failure: fail.clone(),
+            restarted,
+        },
+        now.clone(),
+    );
+    if resolved.adopted && !condition::is_true(&st.conditions, condition::SCHEDULED) {
+        set_condition(
+            &mut st.conditions,
+            condition::condition(
+                condition::SCHEDULED,
+                true,
+                "Adopted",
+                format!(
+                    "adopted where it runs: domain {} on KvmNode {node}",
+                    resolved.domain
+                ),
+                vm.metadata.generation,
+                now.clone(),
+            ),
+        );
+        st.placement = Some(PlacementStatus {
+            node: node.to_string(),
+            score: None,
+            runner_up: None,
+            message: "adopted: an existing domain stays on its node".into(),
+            filtered: vec![],
+            time: Some(now),
+        });
+    }
+    let requeue = match (&fail, &p.blocked, p.wait) {
+        (Some((_, _, _)), _, _) => Duration::from_secs(15),
+        (None, Some(b), _) => b.retry.unwrap_or(config.vm_resync),
+        (None, None, Some(w)) => w,
+        (None, None, None) if !p.steps.is_empty() => Duration::from_secs(2),
+        _ => config.vm_resync,
+    };
+    Outcome {
+        status: st,
+        notes,
+        requeue: Some(requeue),
+    }
+}
+
+/// The core reconcile of a VM. `user_data` is the cloud-init user data read from the Secret
+/// the spec references (the glue reads it).
+pub async fn reconcile_core<H: Hypervisor>(
+    vm: &VirtualMachine,
+    world: &World,
+    hv: &H,
+    config: &Config,
+    user_data: Option<&str>,
+) -> Outcome<VirtualMachineStatus> {
+    if let Err(e) = vm.spec.validate() {
+        let mut out = problem(
+            vm,
+            "InvalidSpec",
+            format!("{}: {e}; fix the spec and apply it again", describe(vm)),
+            None,
+        );
+        out.status.observed_generation = vm.metadata.generation;
+        return out;
+    }
+    let node = vm
+        .status
+        .as_ref()
+        .and_then(|s| s.node.clone())
+        .or_else(|| vm.spec.adopt.as_ref().map(|a| a.node_name.clone()));
+    match node {
+        None => schedule(vm, world, hv).await,
+        Some(node) => converge(vm, &node, world, hv, config, user_data).await,
+    }
+}
+
+/// Deletion: destroy and undefine our domain, delete the volumes we created when the policy
+/// says Delete. Idempotent; a domain that is not ours is never touched.
+pub async fn cleanup_core<H: Hypervisor>(
+    vm: &VirtualMachine,
+    world: &World,
+    hv: &H,
+) -> Result<Vec<Note>, Error> {
+    let object = describe(vm);
+    let Some(node) = vm
+        .status
+        .as_ref()
+        .and_then(|s| s.node.clone())
+        .or_else(|| vm.spec.adopt.as_ref().map(|a| a.node_name.clone()))
+    else {
+        // never placed: nothing was created anywhere (placement is written before any creation)
+        return Ok(vec![]);
+    };
+    let ns = vm.namespace().unwrap_or_default();
+    let name = vm.name_any();
+    let uid = vm.uid().unwrap_or_default();
+    let domain = vm
+        .status
+        .as_ref()
+        .and_then(|s| s.domain_name.clone())
+        .or_else(|| vm.spec.adopt.as_ref().map(|a| a.domain.clone()))
+        .unwrap_or_else(|| domain_name(&ns, &name));
+    let hv_err = |e: HvError| Error::Hypervisor {
+        object: object.clone(),
+        reason: e.reason(),
+        cause: format!(
+            "cleanup on KvmNode {node} failed: {e}; it is retried (remove the finalizer {FINALIZER} by hand only if the node is gone for good)"
+        ),
+    };
+    let d = domain.clone();
+    let u = uid.clone();
+    let removed = hv
+        .call(&node, "remove domain", move |c| {
+            let x = match c.persistent_xml(&d) {
+                Ok(x) => x,
+                Err(HvError::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if x.owner().is_none_or(|o| o.uid != u) {
+                return Ok(Some(false));
+            }
+            c.destroy(&d)?;
+            c.undefine(&d)?;
+            Ok(Some(true))
+        })
+        .await
+        .map_err(hv_err)?;
+    let mut notes = Vec::new();
+    match removed {
+        Some(true) => notes.push(Note::normal(
+            "Deleted",
+            "Delete",
+            format!("domain {domain} destroyed and undefined on KvmNode {node}"),
+        )),
+        Some(false) => notes.push(Note::warning(
+            "DomainNotOurs",
+            "Delete",
+            format!("domain {domain} on KvmNode {node} does not carry this VM's stamp; it was left alone"),
+        )),
+        None => {}
+    }
+    let policy = vm.spec.volume_deletion_policy;
+    if policy == crate::api::storage_pool::DeletionPolicy::Delete && vm.spec.adopt.is_none() {
+        let mut vols = Vec::new();
+        for d in &vm.spec.disks {
+            let Some(obj) = disk_pool(d) else { continue };
+            let (created, volume) = if let Some(n) = &d.new {
+                (true, plan::volume_name(&ns, &name, &d.name, n.format))
+            } else if let Some(c) = &d.clone {
+                (true, plan::volume_name(&ns, &name, &d.name, c.format))
+            } else if d.overlay.is_some() {
+                (
+                    true,
+                    plan::volume_name(
+                        &ns,
+                        &name,
+                        &d.name,
+                        crate::api::virtual_machine::VolumeFormat::Qcow2,
+                    ),
+                )
+            } else {
+                (false, String::new())
+            };
+            if created {
+                vols.push((obj.to_string(), volume));
+            }
+        }
+        if let Some(ci) = &vm.spec.cloud_init
+            && let Some(obj) = ci
+                .pool
+                .as_deref()
+                .or_else(|| vm.spec.disks.iter().find_map(disk_pool))
+        {
+            vols.push((obj.to_string(), format!("{ns}-{name}-cidata.iso")));
+        }
+        for (obj, volume) in vols {
+            let Some(pool) = world.pool(&ns, &obj) else {
+                notes.push(Note::warning(
+                    "VolumeKept",
+                    "Delete",
+                    format!("volume {volume} was kept: StoragePool {ns}/{obj} no longer exists, so its node pool is unknown"),
+                ));
+                continue;
+            };
+            let lv = super::storage_pool::plan::libvirt_name(pool);
+            let v = volume.clone();
+            hv.call(&node, "delete volume", move |c| {
+                match c.delete_volume(&lv, &v) {
+                    Err(HvError::NotFound { .. }) => Ok(()),
+                    other => other,
+                }
+            })
+            .await
+            .map_err(hv_err)?;
+            notes.push(Note::normal(
+                "VolumeDeleted",
+                "Delete",
+                format!("volume {volume} deleted on KvmNode {node} (volumeDeletionPolicy: Delete)"),
+            ));
+        }
+    }
+    Ok(notes)
+}
+
+/// The VMs to reconcile for a domain event, a node's resync marker or a node's resync hint.
+pub fn refs_for_event(
+    ev: &DomainEvent,
+    vms: &[Arc<VirtualMachine>],
+) -> Vec<ObjectRef<VirtualMachine>> {
+    if ev.detail == super::kvm_node::execute::RESYNC_HINT
+        && let Some((ns, name)) = ev.domain.split_once('/')
+    {
+        return vec![ObjectRef::new(name).within(ns)];
+    }
+    let on_node = |vm: &VirtualMachine| {
+        vm.status.as_ref().and_then(|s| s.node.as_deref()) == Some(ev.node.as_str())
+    };
+    let resync = crate::hypervisor::events::is_resync(ev);
+    vms.iter()
+        .filter(|vm| on_node(vm))
+        .filter(|vm| {
+            resync
+                || vm.status.as_ref().is_some_and(|s| {
+                    s.domain_name.as_deref() == Some(ev.domain.as_str())
+                        || (!ev.uuid.is_empty()
+                            && s.domain_uuid.as_deref() == Some(ev.uuid.as_str()))
+                })
+        })
+        .map(|vm| ObjectRef::from_obj(vm.as_ref()))
+        .collect()
+}
+
+/// Reads the cloud-init user data Secret the spec references.
+async fn user_data(
+    vm: &VirtualMachine,
+    client: &kube::Client,
+) -> Result<Option<String>, (&'static str, String)> {
+    let Some(r) = vm
+        .spec
+        .cloud_init
+        .as_ref()
+        .and_then(|c| c.user_data_secret_ref.clone())
+    else {
+        return Ok(None);
+    };
+    let ns = r
+        .namespace
+        .clone()
+        .unwrap_or_else(|| vm.namespace().unwrap_or_default());
+    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let s = match api.get_opt(&r.name).await {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            return Err((
+                "SecretNotFound",
+                format!(
+                    "spec.cloudInit.userDataSecretRef: Secret {ns}/{} does not exist; create it",
+                    r.name
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err((
+                "SecretNotReadable",
+                format!(
+                    "spec.cloudInit.userDataSecretRef: cannot read Secret {ns}/{}: {e}",
+                    r.name
+                ),
+            ));
+        }
+    };
+    let bytes = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| b.0.clone())
+        .ok_or_else(|| {
+            (
+                "SecretKeyMissing",
+                format!(
+                    "spec.cloudInit.userDataSecretRef: Secret {ns}/{} has no key {:?}",
+                    r.name, r.key
+                ),
+            )
+        })?;
+    String::from_utf8(bytes).map(Some).map_err(|_| {
+        (
+            "InvalidSpec",
+            format!(
+                "spec.cloudInit.userDataSecretRef: key {:?} of Secret {ns}/{} is not UTF-8 text",
+                r.key, r.name
+            ),
+        )
+    })
+}
+
+/// The controller's reconcile.
+pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = vm.namespace().unwrap_or_default();
+    let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+    let object = describe(vm.as_ref());
+    let r = finalizer(&api, FINALIZER, vm, |event| async {
+        match event {
+            Finalizer::Apply(vm) => {
+                let outcome = match user_data(&vm, &ctx.client).await {
+                    Ok(ud) => {
+                        reconcile_core(
+                            &vm,
+                            &ctx.world(),
+                            ctx.hv.as_ref(),
+                            &ctx.config,
+                            ud.as_deref(),
+                        )
+                        .await
+                    }
+                    Err((reason, msg)) => problem(&vm, reason, msg, Some(Duration::from_secs(60))),
+                };
+                apply_status(&api, vm.as_ref(), MANAGER, &outcome.status).await?;
+                ctx.publish(&vm.object_ref(&()), &outcome.notes).await;
+                Ok(outcome.action())
+            }
+            Finalizer::Cleanup(vm) => {
+                match cleanup_core(&vm, &ctx.world(), ctx.hv.as_ref()).await {
+                    Ok(notes) => {
+                        ctx.publish(&vm.object_ref(&()), &notes).await;
+                        Ok(Action::await_change())
+                    }
+                    Err(e) => {
+                        ctx.publish(
+                            &vm.object_ref(&()),
+                            &[Note::warning(e.reason(), "Delete", e.to_string())],
+                        )
+                        .await;
+                        Err(e)
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|e| super::from_finalizer(object.clone(), e));
+    if r.is_ok() {
+        ctx.succeeded(&object);
+    }
+    r
+}

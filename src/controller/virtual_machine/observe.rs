@@ -1,0 +1,69 @@
+//! A VM's domain and volumes as its node has them, read in one blocking call.
+
+use std::collections::BTreeMap;
+
+use crate::hypervisor::domain_xml::DomainXml;
+use crate::hypervisor::storage::VolumeInfo;
+use crate::hypervisor::{DomainState, HvError, Hypervisor, StateDetail};
+
+use super::plan::Resolved;
+
+/// The domain as the host has it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DomainObs {
+    pub uuid: Option<String>,
+    pub state: StateDetail,
+    /// The persistent definition (what the next start runs).
+    pub persistent: DomainXml,
+    /// The running guest's definition, when it runs (or is paused).
+    pub live: Option<DomainXml>,
+}
+
+/// What the node has of this VM.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    pub domain: Option<DomainObs>,
+    /// Volumes by `(pool, volume)` (libvirt names); `None` when missing.
+    pub volumes: BTreeMap<(String, String), Option<VolumeInfo>>,
+}
+
+/// Reads the domain and every volume the VM uses.
+pub async fn observe(hv: &impl Hypervisor, r: &Resolved) -> Result<Observed, HvError> {
+    let domain = r.domain.clone();
+    let vols: Vec<(String, String)> = r
+        .disks
+        .iter()
+        .map(|d| (d.pool.clone(), d.volume.clone()))
+        .chain(r.seed.iter().map(|s| (s.pool.clone(), s.volume.clone())))
+        .collect();
+    hv.call(&r.node, "observe VM", move |c| {
+        let domain = match c.persistent_xml(&domain) {
+            Ok(persistent) => {
+                let state = c.state_detail(&domain)?;
+                let live = match state.state {
+                    DomainState::Shutoff => None,
+                    _ => Some(c.domain_xml(&domain)?),
+                };
+                Some(DomainObs {
+                    uuid: persistent.uuid.clone(),
+                    state,
+                    persistent,
+                    live,
+                })
+            }
+            Err(HvError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let mut volumes = BTreeMap::new();
+        for (pool, vol) in vols {
+            let info = match c.volume_info(&pool, &vol) {
+                Ok(i) => Some(i),
+                Err(HvError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            volumes.insert((pool, vol), info);
+        }
+        Ok(Observed { domain, volumes })
+    })
+    .await
+}

@@ -1,0 +1,845 @@
+//! What to do with a VM (pure): resolve its spec to host terms, then compare with what the
+//! node has and list the steps, in order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kube::ResourceExt;
+
+use crate::api::condition::Time;
+use crate::api::storage_pool::PoolType;
+use crate::api::virtual_machine::{
+    Disk, RunStrategy, VirtualMachine, VolumeFormat, disk_pool, domain_name,
+};
+use crate::controller::World;
+use crate::hypervisor::DomainState;
+use crate::hypervisor::cloud_init::Seed;
+use crate::hypervisor::domain_spec::{
+    self, DesiredVm, DiskBacking, DomainPlan, Drift, NicSource, ObservedVm, PlannedDisk, PlannedNic,
+};
+use crate::hypervisor::domain_xml::{Device, Owner};
+use crate::hypervisor::storage::VolumeInfo;
+
+use super::observe::{DomainObs, Observed};
+
+/// Spec name of the cloud-init seed device.
+pub const SEED_DEVICE: &str = "cidata";
+
+/// How a disk's volume comes to be.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Source {
+    New {
+        capacity: u64,
+        format: VolumeFormat,
+    },
+    Clone {
+        template: String,
+        capacity: Option<u64>,
+        format: VolumeFormat,
+    },
+    Overlay {
+        base: String,
+        capacity: Option<u64>,
+    },
+    /// Must exist; never created or deleted by us.
+    Existing,
+    Cdrom,
+}
+
+impl Source {
+    /// True for volumes the operator creates (and may delete by policy).
+    pub fn created_by_us(&self) -> bool {
+        matches!(
+            self,
+            Source::New { .. } | Source::Clone { .. } | Source::Overlay { .. }
+        )
+    }
+}
+
+/// An rbd pool's Ceph monitors `(host, port)` and its RADOS pool name.
+pub type RbdSource = (Vec<(String, Option<u16>)>, String);
+
+/// A spec disk in host terms.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiskRef {
+    pub name: String,
+    /// libvirt pool name and type.
+    pub pool: String,
+    pub pool_type: PoolType,
+    /// Ceph monitors of an rbd pool, and its RADOS pool name.
+    pub rbd: Option<RbdSource>,
+    pub volume: String,
+    pub source: Source,
+    pub bus: crate::api::virtual_machine::DiskBus,
+}
+
+/// The cloud-init seed volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeedRef {
+    pub pool: String,
+    pub pool_type: PoolType,
+    pub volume: String,
+    pub seed: Seed,
+}
+
+/// A VM resolved against its node and pools.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    pub node: String,
+    pub domain: String,
+    pub adopted: bool,
+    pub owner: Owner,
+    pub disks: Vec<DiskRef>,
+    pub seed: Option<SeedRef>,
+    /// `kvm`, `qemu` (no /dev/kvm) or `test` (libvirt's test driver).
+    pub domain_type: String,
+}
+
+/// Why the VM cannot progress now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blocked {
+    /// Stable CamelCase reason.
+    pub reason: &'static str,
+    pub message: String,
+    /// When to look again; None waits for a change of the object.
+    pub retry: Option<Duration>,
+}
+
+fn blocked(reason: &'static str, message: String, retry: Option<Duration>) -> Blocked {
+    Blocked {
+        reason,
+        message,
+        retry,
+    }
+}
+
+/// Volume name the operator gives a disk it creates: `<namespace>-<vm>-<disk>.<ext>`.
+pub fn volume_name(namespace: &str, vm: &str, disk: &str, format: VolumeFormat) -> String {
+    let ext = match format {
+        VolumeFormat::Qcow2 => "qcow2",
+        VolumeFormat::Raw => "img",
+    };
+    format!("{namespace}-{vm}-{disk}.{ext}")
+}
+
+fn disk_kind(d: &Disk) -> &'static str {
+    if d.new.is_some() {
+        "new"
+    } else if d.clone.is_some() {
+        "clone"
+    } else if d.overlay.is_some() {
+        "overlay"
+    } else if d.existing.is_some() {
+        "existing"
+    } else {
+        "cdrom"
+    }
+}
+
+/// Resolves the VM on `node` (its status.node or the adopted domain's node).
+pub fn resolve(
+    vm: &VirtualMachine,
+    node: &str,
+    world: &World,
+    user_data: Option<&str>,
+) -> Result<Resolved, Blocked> {
+    let ns = vm.namespace().unwrap_or_default();
+    let name = vm.name_any();
+    let uid = vm.uid().unwrap_or_default();
+    let adopted = vm.spec.adopt.is_some();
+    let domain = vm
+        .status
+        .as_ref()
+        .and_then(|s| s.domain_name.clone())
+        .or_else(|| vm.spec.adopt.as_ref().map(|a| a.domain.clone()))
+        .unwrap_or_else(|| domain_name(&ns, &name));
+    let pool_on_node = |field: &str,
+                        obj: &str|
+     -> Result<(String, PoolType, Option<RbdSource>), Blocked> {
+        let Some(p) = world.pool(&ns, obj) else {
+            return Err(blocked(
+                "PoolNotFound",
+                format!("{field}: there is no StoragePool {ns}/{obj}; create it or fix the name"),
+                Some(Duration::from_secs(30)),
+            ));
+        };
+        let running = p.status.as_ref().is_some_and(|s| {
+            s.nodes
+                .iter()
+                .any(|n| n.node == node && n.state == crate::api::storage_pool::PoolState::Running)
+        });
+        if !running {
+            return Err(blocked(
+                "PoolNotReady",
+                format!("{field}: StoragePool {ns}/{obj} is not running on KvmNode {node} yet"),
+                Some(Duration::from_secs(15)),
+            ));
+        }
+        let rbd = (p.spec.type_ == PoolType::Rbd).then(|| {
+            let src = p.spec.source.clone().unwrap_or_default();
+            (
+                src.host.iter().map(|h| (h.clone(), src.port)).collect(),
+                src.name.clone().unwrap_or_default(),
+            )
+        });
+        Ok((
+            super::super::storage_pool::plan::libvirt_name(p),
+            p.spec.type_,
+            rbd,
+        ))
+    };
+    let mut disks = Vec::new();
+    for (i, d) in vm.spec.disks.iter().enumerate() {
+        let Some(obj) = disk_pool(d) else { continue };
+        let field = format!("spec.disks[{i}].{}.pool", disk_kind(d));
+        let (pool, pool_type, rbd) = pool_on_node(&field, obj)?;
+        let (source, volume) = if let Some(n) = &d.new {
+            (
+                Source::New {
+                    capacity: n.size.bytes(),
+                    format: n.format,
+                },
+                volume_name(&ns, &name, &d.name, n.format),
+            )
+        } else if let Some(c) = &d.clone {
+            (
+                Source::Clone {
+                    template: c.template.clone(),
+                    capacity: c.size.as_ref().map(|s| s.bytes()),
+                    format: c.format,
+                },
+                volume_name(&ns, &name, &d.name, c.format),
+            )
+        } else if let Some(o) = &d.overlay {
+            (
+                Source::Overlay {
+                    base: o.base.clone(),
+                    capacity: o.size.as_ref().map(|s| s.bytes()),
+                },
+                volume_name(&ns, &name, &d.name, VolumeFormat::Qcow2),
+            )
+        } else if let Some(e) = &d.existing {
+            (Source::Existing, e.volume.clone())
+        } else if let Some(c) = &d.cdrom {
+            (Source::Cdrom, c.volume.clone())
+        } else {
+            continue;
+        };
+        if volume.len() > 255 {
+            return Err(blocked(
+                "InvalidSpec",
+                format!(
+                    "spec.disks[{i}]: the volume name {volume:?} would be longer than 255 characters; use a shorter VM, namespace or disk name"
+                ),
+                None,
+            ));
+        }
+        let bus = d.bus.unwrap_or(if d.cdrom.is_some() {
+            crate::api::virtual_machine::DiskBus::Sata
+        } else {
+            crate::api::virtual_machine::DiskBus::Virtio
+        });
+        disks.push(DiskRef {
+            name: d.name.clone(),
+            pool,
+            pool_type,
+            rbd,
+            volume,
+            source,
+            bus,
+        });
+    }
+    let mut seed = None;
+    if let Some(ci) = &vm.spec.cloud_init {
+        if vm.spec.disks.iter().any(|d| d.name == SEED_DEVICE) {
+            return Err(blocked(
+                "InvalidSpec",
+                format!(
+                    "spec.disks: the name {SEED_DEVICE:?} is taken by the cloud-init seed; rename that disk"
+                ),
+                None,
+            ));
+        }
+        let obj = ci
+            .pool
+            .as_deref()
+            .or_else(|| vm.spec.disks.iter().find_map(disk_pool));
+        let Some(obj) = obj else {
+            return Err(blocked(
+                "InvalidSpec",
+                "spec.cloudInit.pool: is required when the VM has no disk in a pool".into(),
+                None,
+            ));
+        };
+        let (pool, pool_type, _) = pool_on_node("spec.cloudInit.pool", obj)?;
+        if matches!(pool_type, PoolType::Rbd | PoolType::Iscsi) {
+            return Err(blocked(
+                "InvalidSpec",
+                format!(
+                    "spec.cloudInit.pool: StoragePool {obj} is {} and cannot hold the seed image; name a dir, netfs or logical pool",
+                    pool_type.as_str()
+                ),
+                None,
+            ));
+        }
+        let ud = user_data
+            .map(str::to_string)
+            .or_else(|| ci.user_data.clone())
+            .unwrap_or_else(|| "#cloud-config\n".into());
+        seed = Some(SeedRef {
+            pool,
+            pool_type,
+            volume: format!("{ns}-{name}-cidata.iso"),
+            seed: Seed::new(&uid, &name, &ud, ci.network_data.as_deref()),
+        });
+    }
+    let domain_type = world
+        .node(node)
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.hypervisor.as_deref())
+        .map(|h| {
+            if h.starts_with("kvm") {
+                "kvm"
+            } else if h == "test" {
+                "test"
+            } else {
+                "qemu"
+            }
+        })
+        .unwrap_or("kvm")
+        .to_string();
+    Ok(Resolved {
+        node: node.to_string(),
+        domain,
+        adopted,
+        owner: Owner::new(&uid, &ns, &name),
+        disks,
+        seed,
+        domain_type,
+    })
+}
+
+/// One step, in the order they run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    CreateVolume {
+        pool: String,
+        name: String,
+        capacity: u64,
+        format: VolumeFormat,
+    },
+    CloneVolume {
+        pool: String,
+        template: String,
+        name: String,
+        capacity: Option<u64>,
+        format: VolumeFormat,
+    },
+    OverlayVolume {
+        pool: String,
+        base: String,
+        name: String,
+        capacity: Option<u64>,
+    },
+    WriteSeed {
+        pool: String,
+        name: String,
+        seed: Seed,
+    },
+    /// Define or redefine the domain (persistent definition; a running guest keeps running).
+    Define(Box<DomainPlan>),
+    /// Stamp an existing domain as ours (adoption; no restart).
+    Stamp(Owner),
+    /// Persistent vCPUs / memory of an adopted domain.
+    SetConfigResources {
+        vcpus: Option<u32>,
+        memory_kib: Option<u64>,
+    },
+    AttachConfig(Device),
+    DetachConfig(Device),
+    AttachLive(Device),
+    DetachLive(Device),
+    Start,
+    /// Start again after a crash (counted in status.restartCount).
+    Restart,
+    Shutdown,
+    Suspend,
+    Resume,
+}
+
+impl Step {
+    pub fn is_provisioning(&self) -> bool {
+        matches!(
+            self,
+            Step::CreateVolume { .. }
+                | Step::CloneVolume { .. }
+                | Step::OverlayVolume { .. }
+                | Step::WriteSeed { .. }
+        )
+    }
+}
+
+/// The plan for one round.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// Differences found (and corrected by the steps, or waiting for a restart).
+    pub drift: Vec<Drift>,
+    /// Changes that apply at the next restart, described.
+    pub restart_pending: Vec<String>,
+    pub blocked: Option<Blocked>,
+    /// Look again after this long (restart backoff, a guest shutting down).
+    pub wait: Option<Duration>,
+}
+
+fn backing(d: &DiskRef, info: &VolumeInfo) -> DiskBacking {
+    match d.pool_type {
+        PoolType::Dir | PoolType::Netfs => DiskBacking::File(info.path.clone()),
+        PoolType::Logical | PoolType::Iscsi => DiskBacking::Block(info.path.clone()),
+        PoolType::Rbd => {
+            let (hosts, rados) = d.rbd.clone().unwrap_or_default();
+            DiskBacking::Network {
+                protocol: "rbd".into(),
+                name: format!("{rados}/{}", d.volume),
+                hosts,
+            }
+        }
+    }
+}
+
+/// Restart backoff after a crash: 10 s doubling per restart, at most 5 minutes.
+pub fn restart_backoff(restarts: u32) -> Duration {
+    Duration::from_secs((10u64 << restarts.min(5)).min(300))
+}
+
+/// The domain plan for a managed (not adopted) VM, once every volume exists.
+pub fn domain_plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed) -> Option<DomainPlan> {
+    let mut disks = Vec::new();
+    for d in &r.disks {
+        let info = observed
+            .volumes
+            .get(&(d.pool.clone(), d.volume.clone()))
+            .cloned()
+            .flatten()?;
+        let format = match &d.source {
+            Source::New { format, .. } | Source::Clone { format, .. } => match format {
+                VolumeFormat::Qcow2 => "qcow2",
+                VolumeFormat::Raw => "raw",
+            },
+            Source::Overlay { .. } => "qcow2",
+            // existing volumes: qcow2 by extension, raw otherwise (libvirt does not probe)
+            Source::Existing | Source::Cdrom => {
+                if d.volume.ends_with(".qcow2") {
+                    "qcow2"
+                } else {
+                    "raw"
+                }
+            }
+        };
+        disks.push(PlannedDisk {
+            name: d.name.clone(),
+            bus: d.bus,
+            cdrom: d.source == Source::Cdrom,
+            backing: backing(d, &info),
+            format: format.into(),
+            readonly: d.source == Source::Cdrom,
+        });
+    }
+    if let Some(s) = &r.seed {
+        let info = observed
+            .volumes
+            .get(&(s.pool.clone(), s.volume.clone()))
+            .cloned()
+            .flatten()?;
+        let d = DiskRef {
+            name: SEED_DEVICE.into(),
+            pool: s.pool.clone(),
+            pool_type: s.pool_type,
+            rbd: None,
+            volume: s.volume.clone(),
+            source: Source::Cdrom,
+            bus: crate::api::virtual_machine::DiskBus::Sata,
+        };
+        disks.push(PlannedDisk {
+            name: SEED_DEVICE.into(),
+            bus: d.bus,
+            cdrom: true,
+            backing: backing(&d, &info),
+            format: "raw".into(),
+            readonly: true,
+        });
+    }
+    // NICs without a MAC in the spec keep the one libvirt gave them
+    let have: BTreeMap<String, Option<String>> = observed
+        .domain
+        .as_ref()
+        .map(|o| {
+            ObservedVm::from_xml(&o.persistent)
+                .nics
+                .into_iter()
+                .map(|(k, v)| (k, v.mac))
+                .collect()
+        })
+        .unwrap_or_default();
+    let nics = vm
+        .spec
+        .nics
+        .iter()
+        .map(|n| PlannedNic {
+            name: n.name.clone(),
+            source: match (&n.bridge, &n.network) {
+                (Some(b), _) => NicSource::Bridge(b.clone()),
+                (None, Some(w)) => NicSource::Network(w.clone()),
+                (None, None) => NicSource::Network("default".into()),
+            },
+            model: n.model,
+            mac: n
+                .mac
+                .clone()
+                .map(|m| m.to_ascii_lowercase())
+                .or_else(|| have.get(&n.name).cloned().flatten()),
+        })
+        .collect();
+    let vcpus = vm.spec.vcpus.unwrap_or(1);
+    Some(DomainPlan {
+        name: r.domain.clone(),
+        owner: r.owner.clone(),
+        domain_type: r.domain_type.clone(),
+        vcpus,
+        memory_kib: vm.spec.memory.as_ref().map_or(0, |m| m.bytes() / 1024),
+        topology: vm
+            .spec
+            .topology
+            .as_ref()
+            .map(|t| (t.sockets, t.cores, t.threads)),
+        cpu_mode: vm.spec.cpu_mode,
+        disks,
+        nics,
+        boot_order: vm.spec.boot_order.clone(),
+        vnc: vm.spec.console.vnc,
+        serial: vm.spec.console.serial,
+    })
+}
+
+/// What the user set, for an adopted domain (unset fields follow the domain).
+fn adopted_desired(vm: &VirtualMachine, plan: Option<&DomainPlan>) -> DesiredVm {
+    let full = plan.map(DesiredVm::from).unwrap_or_default();
+    DesiredVm {
+        vcpus: vm.spec.vcpus,
+        memory_kib: vm.spec.memory.as_ref().map(|m| m.bytes() / 1024),
+        disks: if vm.spec.disks.is_empty() {
+            None
+        } else {
+            full.disks
+        },
+        nics: if vm.spec.nics.is_empty() {
+            None
+        } else {
+            full.nics
+        },
+    }
+}
+
+fn describe_drift(d: &Drift) -> String {
+    match d {
+        Drift::Vcpus { want, have } => format!("vCPUs {have} → {want}"),
+        Drift::Memory { want_kib, have_kib } => format!(
+            "memory {} → {} MiB",
+            have_kib.map_or("?".into(), |k| (k / 1024).to_string()),
+            want_kib / 1024
+        ),
+        Drift::MissingDisk(n) => format!("disk {n} missing"),
+        Drift::ExtraDisk(n) => format!("disk {n} not in the spec"),
+        Drift::DiskBacking { name } => format!("disk {name} has another volume"),
+        Drift::MissingNic(n) => format!("NIC {n} missing"),
+        Drift::ExtraNic(n) => format!("NIC {n} not in the spec"),
+        Drift::NicSource { name } => format!("NIC {name} is on another bridge or network"),
+        Drift::NicMac { name, want, have } => {
+            format!("NIC {name} MAC {} → {want}", have.as_deref().unwrap_or("?"))
+        }
+    }
+}
+
+/// Describes drift items for conditions and Events.
+pub fn drift_text(d: &[Drift]) -> String {
+    d.iter().map(describe_drift).collect::<Vec<_>>().join(", ")
+}
+
+/// Steps that bring the running guest to `desired` (hot-plug), and what must wait for a restart.
+fn live_steps(
+    desired: &DesiredVm,
+    plan: Option<&DomainPlan>,
+    live: &crate::hypervisor::domain_xml::DomainXml,
+    out: &mut Plan,
+) {
+    let observed = ObservedVm::from_xml(live);
+    let mut used: BTreeSet<String> = observed.disks.values().map(|d| d.target.clone()).collect();
+    for d in domain_spec::drift(desired, &observed) {
+        match &d {
+            Drift::MissingDisk(n) => {
+                if let Some(pd) = plan.and_then(|p| p.disks.iter().find(|x| &x.name == n)) {
+                    let dev = domain_spec::hotplug_disk(pd, &used);
+                    if let Device::Disk(x) = &dev {
+                        used.insert(x.target.dev.clone());
+                    }
+                    out.steps.push(Step::AttachLive(dev));
+                }
+            }
+            Drift::MissingNic(n) => {
+                if let Some(pn) = plan.and_then(|p| p.nics.iter().find(|x| &x.name == n)) {
+                    out.steps
+                        .push(Step::AttachLive(domain_spec::hotplug_nic(pn)));
+                }
+            }
+            Drift::ExtraDisk(n) | Drift::ExtraNic(n) => {
+                if let Some(dev) = domain_spec::device_named(live, n) {
+                    out.steps.push(Step::DetachLive(dev));
+                }
+            }
+            _ => out.restart_pending.push(describe_drift(&d)),
+        }
+    }
+}
+
+/// The steps for one round. `restarts` and `last_restart` come from status; `now` is the clock.
+pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) -> Plan {
+    let mut p = Plan::default();
+    // 1. volumes and seed
+    for d in &r.disks {
+        let present = observed
+            .volumes
+            .get(&(d.pool.clone(), d.volume.clone()))
+            .is_some_and(Option::is_some);
+        if present {
+            continue;
+        }
+        match &d.source {
+            Source::New { capacity, format } => p.steps.push(Step::CreateVolume {
+                pool: d.pool.clone(),
+                name: d.volume.clone(),
+                capacity: *capacity,
+                format: *format,
+            }),
+            Source::Clone {
+                template,
+                capacity,
+                format,
+            } => p.steps.push(Step::CloneVolume {
+                pool: d.pool.clone(),
+                template: template.clone(),
+                name: d.volume.clone(),
+                capacity: *capacity,
+                format: *format,
+            }),
+            Source::Overlay { base, capacity } => p.steps.push(Step::OverlayVolume {
+                pool: d.pool.clone(),
+                base: base.clone(),
+                name: d.volume.clone(),
+                capacity: *capacity,
+            }),
+            Source::Existing | Source::Cdrom => {
+                p.blocked = Some(blocked(
+                    "VolumeNotFound",
+                    format!(
+                        "disk {}: volume {:?} does not exist in pool {:?} on KvmNode {}; create it or fix the spec",
+                        d.name, d.volume, d.pool, r.node
+                    ),
+                    Some(Duration::from_secs(60)),
+                ));
+                return p;
+            }
+        }
+    }
+    if let Some(s) = &r.seed {
+        let present = observed
+            .volumes
+            .get(&(s.pool.clone(), s.volume.clone()))
+            .is_some_and(Option::is_some);
+        if !present {
+            p.steps.push(Step::WriteSeed {
+                pool: s.pool.clone(),
+                name: s.volume.clone(),
+                seed: s.seed.clone(),
+            });
+        }
+    }
+    if !p.steps.is_empty() {
+        // the domain needs the volumes' paths: define it in the next round
+        return p;
+    }
+    let plan = domain_plan(vm, r, observed);
+    // 2. the domain
+    let Some(dom) = &observed.domain else {
+        if r.adopted {
+            p.blocked = Some(blocked(
+                "DomainNotFound",
+                format!(
+                    "spec.adopt.domain: there is no domain {:?} on KvmNode {}; check the name in the node's status.unmanagedDomains",
+                    r.domain, r.node
+                ),
+                Some(Duration::from_secs(60)),
+            ));
+            return p;
+        }
+        let Some(plan) = plan else { return p };
+        p.steps.push(Step::Define(Box::new(plan)));
+        power(vm, None, &mut p, now);
+        return p;
+    };
+    match dom.persistent.owner() {
+        Some(o) if o.uid == r.owner.uid => {}
+        Some(o) => {
+            p.blocked = Some(blocked(
+                "DomainOwnedElsewhere",
+                format!(
+                    "domain {:?} on KvmNode {} belongs to VirtualMachine {}/{} (uid {}); it is left alone. Pick another name or delete the other object",
+                    r.domain, r.node, o.namespace, o.name, o.uid
+                ),
+                Some(Duration::from_secs(60)),
+            ));
+            return p;
+        }
+        None if r.adopted => p.steps.push(Step::Stamp(r.owner.clone())),
+        None => {
+            p.blocked = Some(blocked(
+                "DomainExists",
+                format!(
+                    "a domain named {:?} already exists on KvmNode {} and is not managed by the operator; it is left alone. To take it over, use spec.adopt",
+                    r.domain, r.node
+                ),
+                Some(Duration::from_secs(60)),
+            ));
+            return p;
+        }
+    }
+    // 3. drift of the persistent definition
+    let persistent = ObservedVm::from_xml(&dom.persistent);
+    let desired = if r.adopted {
+        adopted_desired(vm, plan.as_ref())
+    } else {
+        plan.as_ref().map(DesiredVm::from).unwrap_or_default()
+    };
+    let drift = domain_spec::drift(&desired, &persistent);
+    if !drift.is_empty() {
+        if r.adopted {
+            let vcpus = drift.iter().find_map(|d| match d {
+                Drift::Vcpus { want, .. } => Some(*want),
+                _ => None,
+            });
+            let memory_kib = drift.iter().find_map(|d| match d {
+                Drift::Memory { want_kib, .. } => Some(*want_kib),
+                _ => None,
+            });
+            if vcpus.is_some() || memory_kib.is_some() {
+                p.steps.push(Step::SetConfigResources { vcpus, memory_kib });
+            }
+            let mut used: BTreeSet<String> = persistent
+                .disks
+                .values()
+                .map(|d| d.target.clone())
+                .collect();
+            for d in &drift {
+                match d {
+                    Drift::MissingDisk(n) => {
+                        if let Some(pd) = plan
+                            .as_ref()
+                            .and_then(|x| x.disks.iter().find(|y| &y.name == n))
+                        {
+                            let dev = domain_spec::hotplug_disk(pd, &used);
+                            if let Device::Disk(x) = &dev {
+                                used.insert(x.target.dev.clone());
+                            }
+                            p.steps.push(Step::AttachConfig(dev));
+                        }
+                    }
+                    Drift::MissingNic(n) => {
+                        if let Some(pn) = plan
+                            .as_ref()
+                            .and_then(|x| x.nics.iter().find(|y| &y.name == n))
+                        {
+                            p.steps
+                                .push(Step::AttachConfig(domain_spec::hotplug_nic(pn)));
+                        }
+                    }
+                    Drift::ExtraDisk(n) | Drift::ExtraNic(n) => {
+                        if let Some(dev) = domain_spec::device_named(&dom.persistent, n) {
+                            p.steps.push(Step::DetachConfig(dev));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        } else if let Some(plan) = &plan {
+            let mut plan = plan.clone();
+            plan.name = r.domain.clone();
+            p.steps.push(Step::Define(Box::new(plan)));
+        }
+        p.drift = drift;
+    }
+    // 4. the running guest: hot-plug what can be, report what waits for a restart
+    if let Some(live) = &dom.live {
+        live_steps(&desired, plan.as_ref(), live, &mut p);
+    }
+    // 5. power
+    power(vm, Some(dom), &mut p, now);
+    p
+}
+
+/// Steps that drive the domain to the run strategy.
+fn power(vm: &VirtualMachine, dom: Option<&DomainObs>, p: &mut Plan, now: &Time) {
+    let strategy = vm.spec.run_strategy;
+    let Some(dom) = dom else {
+        // just defined: it is off
+        match strategy {
+            RunStrategy::Running | RunStrategy::RerunOnFailure => p.steps.push(Step::Start),
+            RunStrategy::Paused => {
+                p.steps.push(Step::Start);
+                p.steps.push(Step::Suspend);
+            }
+            RunStrategy::Stopped => {}
+        }
+        return;
+    };
+    let st = dom.state;
+    let restarts = vm
+        .status
+        .as_ref()
+        .and_then(|s| s.restart_count)
+        .unwrap_or(0);
+    let last = vm.status.as_ref().and_then(|s| s.last_restart_time.clone());
+    let restart = |p: &mut Plan| {
+        let wait = restart_backoff(restarts);
+        let since = last
+            .as_ref()
+            .map(|t| now.0.duration_since(t.0))
+            .and_then(|d| Duration::try_from(d).ok());
+        match since {
+            Some(s) if s < wait => p.wait = Some(wait - s),
+            _ => p.steps.push(Step::Restart),
+        }
+    };
+    match (strategy, st.state) {
+        (
+            RunStrategy::Stopped,
+            DomainState::Running | DomainState::Paused | DomainState::ShuttingDown,
+        ) => p.steps.push(Step::Shutdown),
+        (RunStrategy::Stopped, _) => {}
+        (_, DomainState::ShuttingDown) => p.wait = Some(Duration::from_secs(5)),
+        (RunStrategy::Paused, DomainState::Running) => p.steps.push(Step::Suspend),
+        (RunStrategy::Paused, DomainState::Paused) => {}
+        (RunStrategy::Running | RunStrategy::RerunOnFailure, DomainState::Paused) => {
+            p.steps.push(Step::Resume)
+        }
+        (_, DomainState::Running) => {}
+        (_, DomainState::Crashed) => restart(p),
+        (_, DomainState::Shutoff) if st.crashed => restart(p),
+        (RunStrategy::RerunOnFailure, DomainState::Shutoff) if !st.never_started => {
+            // the guest shut itself down (or someone stopped it): leave it off
+        }
+        (RunStrategy::Paused, _) => {
+            p.steps.push(Step::Start);
+            p.steps.push(Step::Suspend);
+        }
+        (_, _) => p.steps.push(Step::Start),
+    }
+}
