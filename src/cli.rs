@@ -95,12 +95,20 @@ pub fn run(http_addr: &str) -> Result<(), CliError> {
                 "cannot build a client (in-cluster config or KUBECONFIG): {e}"
             ))
         })?;
-        check_crds(client).await?;
-        health.set_ready(true);
-        tracing::info!(
-            "CRDs present; no controller is enabled in this version, waiting for a stop signal"
-        );
-        shutdown_signal().await;
+        check_crds(client.clone()).await?;
+        let mut config = crate::controller::Config::default();
+        if let Ok(ns) = std::env::var("POD_NAMESPACE") {
+            config.namespace = ns;
+        }
+        if let Ok(dir) = std::env::var("KVM_OPERATOR_STATE_DIR") {
+            config.state_dir = dir.into();
+        }
+        tracing::info!(namespace = %config.namespace, "CRDs present; starting the KvmNode, StoragePool and VirtualMachine controllers");
+        let h = health.clone();
+        crate::controller::run_all(client, config, std::time::Duration::from_secs(30), move || {
+            h.set_ready(true);
+        })
+        .await;
         server.abort();
         Ok(())
     })
@@ -129,21 +137,6 @@ pub async fn check_crds(client: kube::Client) -> Result<(), CliError> {
             "CRDs not installed: {}; install them with `kubectl apply --server-side -f crds/` (or `kvm-operator crd | kubectl apply --server-side -f -`)",
             missing.join(", ")
         )))
-    }
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
     }
 }
 

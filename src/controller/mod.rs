@@ -369,6 +369,94 @@ pub fn from_finalizer(object: String, e: kube::runtime::finalizer::Error<Error>)
     }
 }
 
+fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let object = describe(obj.as_ref());
+    tracing::warn!(object, reason = err.reason(), error = %err, "reconcile failed");
+    ctx.error_action(&object, err)
+}
+
+fn log_result<K: Resource<DynamicType = ()>, E: std::fmt::Display>(
+    r: Result<(kube::runtime::reflector::ObjectRef<K>, Action), E>,
+) -> std::future::Ready<()> {
+    match r {
+        Ok((o, _)) => tracing::debug!(object = %o, "reconciled"),
+        Err(e) => tracing::debug!(error = %e, "reconcile request failed"),
+    }
+    std::future::ready(())
+}
+
+/// Runs the three controllers until a stop signal. `ready` is called once every cache has
+/// been filled from the API (the readiness probe turns green then).
+pub async fn run_all(
+    client: Client,
+    config: Config,
+    call_timeout: Duration,
+    ready: impl FnOnce() + Send + 'static,
+) {
+    use futures::StreamExt;
+    use kube::runtime::reflector::ObjectRef;
+    use kube::runtime::{Controller, watcher};
+    let wc = watcher::Config::default().any_semantic();
+    let hv = Arc::new(NodePool::new(call_timeout));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let node_ctl = Controller::new(Api::<KvmNode>::all(client.clone()), wc.clone());
+    let pool_ctl = Controller::new(Api::<StoragePool>::all(client.clone()), wc.clone());
+    let vm_ctl = Controller::new(Api::<VirtualMachine>::all(client.clone()), wc.clone());
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        hv,
+        (node_ctl.store(), pool_ctl.store(), vm_ctl.store()),
+        config,
+        tx,
+    ));
+    // libvirt events, node resync markers and hints → the VMs they concern
+    let vm_store = ctx.vms.clone();
+    let triggers = futures::stream::unfold(rx, move |mut rx| {
+        let store = vm_store.clone();
+        async move {
+            let ev = rx.recv().await?;
+            Some((virtual_machine::refs_for_event(&ev, &store.state()), rx))
+        }
+    })
+    .flat_map(futures::stream::iter);
+    // a node that appears, changes labels or becomes ready may now match a pool's selector
+    let pool_store = ctx.pools.clone();
+    let pool_ctl = pool_ctl.watches(Api::<KvmNode>::all(client), wc, move |_node: KvmNode| {
+        pool_store
+            .state()
+            .iter()
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect::<Vec<_>>()
+    });
+    let stores = (ctx.nodes.clone(), ctx.pools.clone(), ctx.vms.clone());
+    tokio::spawn(async move {
+        let ok = stores.0.wait_until_ready().await.is_ok()
+            && stores.1.wait_until_ready().await.is_ok()
+            && stores.2.wait_until_ready().await.is_ok();
+        if ok {
+            ready();
+        }
+    });
+    let nodes = node_ctl
+        .shutdown_on_signal()
+        .run(kvm_node::reconcile, error_policy, ctx.clone())
+        .for_each(log_result);
+    let pools = pool_ctl
+        .shutdown_on_signal()
+        .run(storage_pool::reconcile, error_policy, ctx.clone())
+        .for_each(log_result);
+    let vms = vm_ctl
+        .reconcile_on(triggers)
+        .shutdown_on_signal()
+        .run(virtual_machine::reconcile, error_policy, ctx)
+        .for_each(log_result);
+    tokio::join!(nodes, pools, vms);
+}
+
 /// Now, as a condition timestamp.
 pub fn now() -> crate::api::condition::Time {
     crate::api::condition::Time(k8s_openapi::jiff::Timestamp::now())
