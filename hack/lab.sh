@@ -234,6 +234,9 @@ cmd_host_init() {
   for _ in $(seq 100); do ip link show veth0 >/dev/null 2>&1 && break; sleep 0.1; done
   ip addr add "$(host_ip "$i")/24" dev veth0
   ip link set veth0 up
+  # the guests' bridge, as on a real hypervisor (no uplink: guest traffic stays in this namespace)
+  ip link add vmbr0 type bridge
+  ip link set vmbr0 up
   export PATH="$LAB/ssh/bin:$PATH"
   exec libvirtd -l -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid
 }

@@ -27,7 +27,7 @@ fn label(s: &Step) -> &'static str {
         Step::CloneVolume { .. } => "clone volume",
         Step::OverlayVolume { .. } => "create overlay",
         Step::WriteSeed { .. } => "write cloud-init seed",
-        Step::Define(_) => "define domain",
+        Step::Define { .. } => "define domain",
         Step::Stamp(_) => "adopt domain",
         Step::SetConfigResources { .. } => "set vCPUs and memory",
         Step::AttachConfig(_) | Step::AttachLive(_) => "attach device",
@@ -133,8 +133,9 @@ async fn run_step(
                 format!("cloud-init seed {name} written {on}"),
             ))
         }
-        Step::Define(plan) => {
-            let xml = plan.to_xml();
+        Step::Define { plan, uuid } => {
+            let mut xml = plan.to_xml();
+            xml.uuid = uuid;
             let uuid = hv
                 .call(&node, "define domain", move |c| c.define(&xml))
                 .await?;

@@ -558,19 +558,25 @@ pub async fn cleanup_core<H: Hypervisor>(
             };
             let lv = super::storage_pool::plan::libvirt_name(pool);
             let v = volume.clone();
-            hv.call(&node, "delete volume", move |c| {
-                match c.delete_volume(&lv, &v) {
-                    Err(HvError::NotFound { .. }) => Ok(()),
-                    other => other,
-                }
-            })
-            .await
-            .map_err(hv_err)?;
-            notes.push(Note::normal(
-                "VolumeDeleted",
-                "Delete",
-                format!("volume {volume} deleted on KvmNode {node} (volumeDeletionPolicy: Delete)"),
-            ));
+            let deleted = hv
+                .call(&node, "delete volume", move |c| {
+                    match c.volume_info(&lv, &v) {
+                        Err(HvError::NotFound { .. }) => Ok(false),
+                        Err(e) => Err(e),
+                        Ok(_) => c.delete_volume(&lv, &v).map(|()| true),
+                    }
+                })
+                .await
+                .map_err(hv_err)?;
+            if deleted {
+                notes.push(Note::normal(
+                    "VolumeDeleted",
+                    "Delete",
+                    format!(
+                        "volume {volume} deleted on KvmNode {node} (volumeDeletionPolicy: Delete)"
+                    ),
+                ));
+            }
         }
     }
     Ok(notes)

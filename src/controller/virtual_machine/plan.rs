@@ -347,7 +347,11 @@ pub enum Step {
         seed: Seed,
     },
     /// Define or redefine the domain (persistent definition; a running guest keeps running).
-    Define(Box<DomainPlan>),
+    /// A redefinition keeps the domain's UUID.
+    Define {
+        plan: Box<DomainPlan>,
+        uuid: Option<String>,
+    },
     /// Stamp an existing domain as ours (adoption; no restart).
     Stamp(Owner),
     /// Persistent vCPUs / memory of an adopted domain.
@@ -682,7 +686,10 @@ pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) 
             return p;
         }
         let Some(plan) = plan else { return p };
-        p.steps.push(Step::Define(Box::new(plan)));
+        p.steps.push(Step::Define {
+            plan: Box::new(plan),
+            uuid: None,
+        });
         power(vm, None, &mut p, now);
         return p;
     };
@@ -772,12 +779,28 @@ pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) 
         } else if let Some(plan) = &plan {
             let mut plan = plan.clone();
             plan.name = r.domain.clone();
-            p.steps.push(Step::Define(Box::new(plan)));
+            p.steps.push(Step::Define {
+                plan: Box::new(plan),
+                uuid: dom.uuid.clone(),
+            });
         }
         p.drift = drift;
     }
-    // 4. the running guest: hot-plug what can be, report what waits for a restart
-    if let Some(live) = &dom.live {
+    // 4. the running guest: hot-plug what can be, report what waits for a restart. After a
+    // redefinition, the next round does this against the new definition (so a hot-plugged NIC
+    // gets the MAC address the definition gave it).
+    let redefining = p.steps.iter().any(|s| matches!(s, Step::Define { .. }));
+    if let Some(live) = &dom.live
+        && !redefining
+    {
+        let mut desired = desired.clone();
+        if let Some(nics) = desired.nics.as_mut() {
+            for (name, n) in nics.iter_mut() {
+                if n.mac.is_none() {
+                    n.mac = persistent.nics.get(name).and_then(|o| o.mac.clone());
+                }
+            }
+        }
         live_steps(&desired, plan.as_ref(), live, &mut p);
     }
     // 5. power

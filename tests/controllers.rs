@@ -1,0 +1,639 @@
+//! The controllers' cores against the lab: real libvirtd with QEMU/KVM in namespace hosts,
+//! reached over real sshd with pinned host keys. No kube-apiserver runs here: these tests drive
+//! each controller's core (observe → plan → execute → status) and feed the status it computes
+//! back into the object, as the API server would after the status patch. The API calls of the
+//! Kubernetes glue are pinned separately in tests/controller_api.rs.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use kvm_operator::api::condition::{self, is_true};
+use kvm_operator::api::storage_pool::PoolState;
+use kvm_operator::api::virtual_machine::PowerState;
+use kvm_operator::api::{KvmNode, StoragePool, VirtualMachine};
+use kvm_operator::controller::{self, Config, Note, World};
+use kvm_operator::hypervisor::cache::NodePool;
+use kvm_operator::hypervisor::domain_xml::DomainXml;
+use kvm_operator::hypervisor::{
+    Connection, DeviceScope, DomainState, HvError, Hypervisor, NodeAccess,
+};
+
+fn var(k: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| {
+        panic!("{k} is not set: run the tests through README's test command (hack/test.sh), which starts the lab")
+    })
+}
+
+fn uid() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "00000000-0000-4000-8000-{:06}{:06}",
+        std::process::id() % 1_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A lab with the two namespace hosts registered as KvmNodes `host1` and `host2`.
+struct Lab {
+    hv: Arc<NodePool>,
+    world: World,
+    config: Config,
+    _dir: tempfile::TempDir,
+}
+
+fn node_object(i: u32, labels: serde_json::Value) -> KvmNode {
+    from_json(serde_json::json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+        "metadata": {"name": format!("host{i}"), "uid": uid(), "generation": 1, "labels": labels},
+        "spec": {
+            "address": var(&format!("KVM_LAB_HOST{i}_ADDR")), "port": 22, "user": var("KVM_LAB_SSH_USER"),
+            "sshKeySecretRef": {"name": "lab-key"},
+            "hostKeyFingerprint": var(&format!("KVM_LAB_HOST{i}_FINGERPRINT")),
+        }
+    }))
+}
+
+impl Lab {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_dir: dir.path().to_path_buf(),
+            shutdown_grace: Duration::from_secs(1),
+            ..Config::default()
+        };
+        let hv = Arc::new(NodePool::new(Duration::from_secs(60)));
+        let key = std::fs::read(var("KVM_LAB_SSH_KEY")).unwrap();
+        let mut world = World::default();
+        for i in [1, 2] {
+            let node = node_object(i, serde_json::json!({"lab.kvm-operator.io/pool": "yes"}));
+            hv.upsert(NodeAccess {
+                name: format!("host{i}"),
+                spec: node.spec.clone(),
+                private_key: Some(key.clone()),
+                state_dir: config.state_dir.clone(),
+                tls: None,
+                timeout: Duration::from_secs(15),
+            });
+            world.nodes.push(Arc::new(node));
+        }
+        let mut lab = Lab {
+            hv,
+            world,
+            config,
+            _dir: dir,
+        };
+        lab.refresh_nodes().await;
+        lab
+    }
+
+    async fn refresh_nodes(&mut self) {
+        let mut nodes = Vec::new();
+        for n in &self.world.nodes {
+            let (out, _) = controller::kvm_node::reconcile_core(
+                n,
+                &self.world,
+                self.hv.as_ref(),
+                &self.config,
+            )
+            .await;
+            let mut n = (**n).clone();
+            n.status = Some(out.status);
+            nodes.push(Arc::new(n));
+        }
+        self.world.nodes = nodes;
+    }
+
+    fn node(&self, name: &str) -> &KvmNode {
+        self.world.node(name).unwrap()
+    }
+
+    /// A dir pool on every lab host (by selector), under the host's own /var/lib/libvirt.
+    async fn dir_pool(&mut self, ns: &str, name: &str) -> StoragePool {
+        let pool: StoragePool = from_json(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "StoragePool",
+            "metadata": {"name": name, "namespace": ns, "uid": uid(), "generation": 1},
+            "spec": {"nodeSelector": {"lab.kvm-operator.io/pool": "yes"}, "type": "dir",
+                     "targetPath": format!("/var/lib/libvirt/{name}"), "deletionPolicy": "Delete"}
+        }));
+        self.reconcile_pool(pool).await
+    }
+
+    /// Reconciles `pool` (with its current status) and records the new status.
+    async fn reconcile_pool(&mut self, mut pool: StoragePool) -> StoragePool {
+        let out = controller::storage_pool::reconcile_core(
+            &pool,
+            &self.world,
+            self.hv.as_ref(),
+            &self.config,
+        )
+        .await;
+        pool.status = Some(out.status);
+        self.world.pools.retain(|p| {
+            !(p.metadata.name == pool.metadata.name
+                && p.metadata.namespace == pool.metadata.namespace)
+        });
+        self.world.pools.push(Arc::new(pool.clone()));
+        pool
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        node: &str,
+        f: impl FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    ) -> T {
+        self.hv
+            .call(node, "test", f)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn put_vm(&mut self, vm: &VirtualMachine) {
+        self.world.vms.retain(|v| v.metadata.uid != vm.metadata.uid);
+        self.world.vms.push(Arc::new(vm.clone()));
+    }
+
+    /// Reconciles `vm` with `hv` until it settles (status unchanged and nothing left to do), as
+    /// the controller would on each status change. Returns every Event published.
+    async fn settle_with(
+        &mut self,
+        vm: &mut VirtualMachine,
+        hv: &impl Hypervisor,
+        rounds: usize,
+    ) -> Vec<Note> {
+        let mut notes = Vec::new();
+        for _ in 0..rounds {
+            self.put_vm(vm);
+            let out = controller::virtual_machine::reconcile_core(
+                vm,
+                &self.world,
+                hv,
+                &self.config,
+                None,
+            )
+            .await;
+            notes.extend(out.notes.clone());
+            let same = vm.status.as_ref() == Some(&out.status);
+            let done = out.requeue.is_none_or(|r| r >= Duration::from_secs(15));
+            vm.status = Some(out.status);
+            if same && done {
+                break;
+            }
+        }
+        self.put_vm(vm);
+        notes
+    }
+
+    async fn settle(&mut self, vm: &mut VirtualMachine) -> Vec<Note> {
+        let hv = self.hv.clone();
+        self.settle_with(vm, hv.as_ref(), 8).await
+    }
+
+    async fn delete(&mut self, vm: &VirtualMachine) -> Vec<Note> {
+        let notes = controller::virtual_machine::cleanup_core(vm, &self.world, self.hv.as_ref())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.world.vms.retain(|v| v.metadata.uid != vm.metadata.uid);
+        notes
+    }
+
+    async fn volumes(&self, node: &str, pool: &str) -> Vec<String> {
+        let p = pool.to_string();
+        let mut v = self.call(node, move |c| c.list_volumes(&p)).await;
+        v.sort();
+        v
+    }
+
+    async fn remove_pool(&mut self, pool: &StoragePool) {
+        let notes =
+            controller::storage_pool::cleanup_core(pool, &self.world, self.hv.as_ref()).await;
+        notes.unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+fn vm_object(ns: &str, name: &str, spec: serde_json::Value) -> VirtualMachine {
+    from_json(serde_json::json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": ns, "uid": uid(), "generation": 1},
+        "spec": spec,
+    }))
+}
+
+fn bump(vm: &mut VirtualMachine, edit: impl FnOnce(&mut kvm_operator::api::VirtualMachineSpec)) {
+    edit(&mut vm.spec);
+    vm.metadata.generation = Some(vm.metadata.generation.unwrap_or(1) + 1);
+}
+
+fn st(vm: &VirtualMachine) -> &kvm_operator::api::VirtualMachineStatus {
+    vm.status.as_ref().unwrap()
+}
+
+fn cond<'a>(vm: &'a VirtualMachine, t: &str) -> &'a condition::Condition {
+    condition::find(&st(vm).conditions, t)
+        .unwrap_or_else(|| panic!("no {t} condition: {:?}", st(vm)))
+}
+
+fn reasons(notes: &[Note]) -> Vec<&'static str> {
+    notes.iter().map(|n| n.reason).collect()
+}
+
+fn aliases(x: &DomainXml) -> Vec<String> {
+    let mut v: Vec<String> = x
+        .devices
+        .disk
+        .iter()
+        .filter_map(|d| d.alias.as_ref().map(|a| a.name.clone()))
+        .chain(
+            x.devices
+                .interface
+                .iter()
+                .filter_map(|i| i.alias.as_ref().map(|a| a.name.clone())),
+        )
+        .collect();
+    v.sort();
+    v
+}
+
+fn host_dir(node: &str, sub: &str) -> PathBuf {
+    PathBuf::from(var("KVM_LAB"))
+        .join("hosts")
+        .join(node)
+        .join("lib")
+        .join(sub)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_report_capacity_readiness_and_unmanaged_domains() {
+    let mut lab = Lab::new().await;
+    let stray = format!("stray-{}", std::process::id());
+    let s = stray.clone();
+    let kind = if std::path::Path::new("/dev/kvm").exists() {
+        "kvm"
+    } else {
+        "qemu"
+    };
+    lab.call("host2", move |c| {
+        c.define(&DomainXml::minimal(&s, kind, 32 * 1024, 1))
+    })
+    .await;
+    lab.refresh_nodes().await;
+    let s = stray.clone();
+    lab.call("host2", move |c| c.undefine(&s)).await;
+    for name in ["host1", "host2"] {
+        let n = lab.node(name).status.clone().unwrap();
+        let cap = n.capacity.clone().expect("capacity");
+        assert!(cap.cpus >= 1 && cap.memory.bytes() > 64 << 20, "{cap:?}");
+        let alloc = n.allocatable.clone().expect("allocatable");
+        // default overcommit: CPUs × 4, memory × 1
+        assert_eq!(alloc.cpus, cap.cpus * 4);
+        assert_eq!(alloc.memory.bytes(), cap.memory.bytes());
+        assert!(
+            is_true(&n.conditions, condition::READY),
+            "{:?}",
+            n.conditions
+        );
+        assert!(is_true(&n.conditions, condition::REACHABLE));
+        assert!(n.libvirt_version.is_some() && n.qemu_version.is_some());
+        assert!(n.load.is_some() && n.last_heartbeat.is_some());
+    }
+    let h2 = lab.node("host2").status.clone().unwrap();
+    assert!(
+        h2.unmanaged_domains
+            .iter()
+            .any(|d| d.name == stray && d.state == "shut off"),
+        "{:?}",
+        h2.unmanaged_domains
+    );
+    // a wrong pinned key: not ready, with the reason
+    let mut bad = node_object(1, serde_json::json!({}));
+    bad.metadata.name = Some("host1-badkey".into());
+    bad.spec.host_key_fingerprint = Some(var("KVM_LAB_HOST2_FINGERPRINT"));
+    lab.hv.upsert(NodeAccess {
+        name: "host1-badkey".into(),
+        spec: bad.spec.clone(),
+        private_key: Some(std::fs::read(var("KVM_LAB_SSH_KEY")).unwrap()),
+        state_dir: lab.config.state_dir.clone(),
+        tls: None,
+        timeout: Duration::from_secs(10),
+    });
+    let (out, _) =
+        controller::kvm_node::reconcile_core(&bad, &lab.world, lab.hv.as_ref(), &lab.config).await;
+    let ready = condition::find(&out.status.conditions, condition::READY).unwrap();
+    assert_eq!(ready.status, "False");
+    assert_eq!(ready.reason, "HostKeyMismatch", "{}", ready.message);
+    assert!(
+        out.notes
+            .iter()
+            .any(|n| n.warning && n.reason == "HostKeyMismatch")
+    );
+    let sched = condition::find(&out.status.conditions, "Schedulable").unwrap();
+    assert_eq!(sched.status, "False");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pools_run_on_selected_nodes_conflicts_are_left_alone_and_release_follows_policy() {
+    let mut lab = Lab::new().await;
+    let name = format!("kvmop-pool-{}", std::process::id());
+    let pool = lab.dir_pool("default", &name).await;
+    let s = pool.status.clone().unwrap();
+    assert_eq!(s.ready_nodes.as_deref(), Some("2/2"), "{s:?}");
+    for n in &s.nodes {
+        assert_eq!(n.state, PoolState::Running, "{n:?}");
+        assert!(n.capacity.as_ref().is_some_and(|c| c.bytes() > 0));
+    }
+    assert!(host_dir("host1", &name).is_dir() && host_dir("host2", &name).is_dir());
+    // another object claiming the same libvirt pool name with another path: reported, untouched
+    let mut other: StoragePool = from_json(serde_json::json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "StoragePool",
+        "metadata": {"name": "other", "namespace": "default", "uid": uid(), "generation": 1},
+        "spec": {"nodeName": "host1", "type": "dir", "poolName": name,
+                 "targetPath": format!("/var/lib/libvirt/{name}-other")}
+    }));
+    let out =
+        controller::storage_pool::reconcile_core(&other, &lab.world, lab.hv.as_ref(), &lab.config)
+            .await;
+    assert_eq!(
+        out.status.nodes[0].state,
+        PoolState::Conflict,
+        "{:?}",
+        out.status
+    );
+    assert!(out.notes.iter().any(|n| n.reason == "PoolConflict"));
+    let n = name.clone();
+    let path = lab
+        .call("host1", move |c| c.pool_definition(&n))
+        .await
+        .and_then(|d| d.target.map(|t| t.path));
+    assert_eq!(path, Some(format!("/var/lib/libvirt/{name}")), "left alone");
+    // an invalid spec waits for a change, naming the field
+    other.spec.target_path = Some("relative/path".into());
+    let out =
+        controller::storage_pool::reconcile_core(&other, &lab.world, lab.hv.as_ref(), &lab.config)
+            .await;
+    let r = condition::find(&out.status.conditions, condition::READY).unwrap();
+    assert_eq!(r.reason, "InvalidSpec");
+    assert!(r.message.contains("spec.targetPath"), "{}", r.message);
+    assert_eq!(out.requeue, None);
+    // host2 leaves the selector: with deletionPolicy Delete the pool is undefined there (data kept)
+    let mut nodes = lab.world.nodes.clone();
+    let mut h2 = (*nodes[1]).clone();
+    h2.metadata.labels = None;
+    nodes[1] = Arc::new(h2);
+    lab.world.nodes = nodes;
+    let pool = lab.reconcile_pool(pool).await;
+    assert_eq!(
+        pool.status.as_ref().unwrap().ready_nodes.as_deref(),
+        Some("1/1")
+    );
+    let n = name.clone();
+    assert_eq!(
+        lab.call("host2", move |c| c.pool_definition(&n)).await,
+        None
+    );
+    assert!(host_dir("host2", &name).is_dir(), "the data stays");
+    // deletion is refused while a VM uses the pool
+    let vm = vm_object(
+        "default",
+        "user",
+        serde_json::json!({"vcpus": 1, "memory": "64Mi",
+        "disks": [{"name": "root", "new": {"pool": name, "size": "16Mi"}}]}),
+    );
+    lab.put_vm(&vm);
+    let err = controller::storage_pool::cleanup_core(&pool, &lab.world, lab.hv.as_ref())
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "DeletionBlocked");
+    assert!(err.to_string().contains("default/user"), "{err}");
+    lab.world.vms.clear();
+    lab.remove_pool(&pool).await;
+    let n = name.clone();
+    assert_eq!(
+        lab.call("host1", move |c| c.pool_definition(&n)).await,
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vm_lifecycle_clone_stop_start_hotplug_drift_and_delete() {
+    let mut lab = Lab::new().await;
+    let pname = format!("kvmop-vm-{}", std::process::id());
+    let pool = lab.dir_pool("default", &pname).await;
+    // a template volume on both hosts (placement may pick either)
+    for h in ["host1", "host2"] {
+        let p = pname.clone();
+        lab.call(h, move |c| {
+            c.create_volume(
+                &p,
+                "template.qcow2",
+                32 << 20,
+                kvm_operator::api::virtual_machine::VolumeFormat::Qcow2,
+            )
+        })
+        .await;
+    }
+    let vm_name = format!("web-{}", std::process::id());
+    let mut vm = vm_object(
+        "default",
+        &vm_name,
+        serde_json::json!({
+            "vcpus": 1, "memory": "64Mi",
+            "disks": [
+                {"name": "root", "clone": {"pool": "pool", "template": "template.qcow2"}},
+                {"name": "data", "new": {"pool": "pool", "size": "16Mi"}},
+            ],
+            "nics": [{"name": "net0", "bridge": "vmbr0"}],
+            "cloudInit": {"userData": "#cloud-config\nhostname: web\n"},
+            "volumeDeletionPolicy": "Delete",
+        }),
+    );
+    // the spec names the StoragePool object: register ours under the name "pool"
+    let mut p2 = pool.clone();
+    p2.metadata.name = Some("pool".into());
+    p2.spec.pool_name = Some(pname.clone());
+    lab.world.pools.push(Arc::new(p2));
+
+    let notes = lab.settle(&mut vm).await;
+    let node = st(&vm).node.clone().expect("placed");
+    let domain = st(&vm).domain_name.clone().unwrap();
+    assert_eq!(domain, format!("default_{vm_name}"));
+    assert_eq!(
+        st(&vm).power_state,
+        Some(PowerState::Running),
+        "{:?}",
+        st(&vm)
+    );
+    assert!(
+        is_true(&st(&vm).conditions, condition::READY),
+        "{:?}",
+        st(&vm).conditions
+    );
+    assert!(is_true(&st(&vm).conditions, condition::SCHEDULED));
+    let placement = st(&vm).placement.clone().unwrap();
+    assert!(
+        placement.message.contains("scored"),
+        "{}",
+        placement.message
+    );
+    for r in [
+        "Scheduled",
+        "VolumeCloned",
+        "VolumeCreated",
+        "SeedWritten",
+        "Defined",
+        "Started",
+    ] {
+        assert!(
+            reasons(&notes).contains(&r),
+            "{r} missing from {:?}",
+            reasons(&notes)
+        );
+    }
+    assert!(st(&vm).macs.contains_key("net0"), "{:?}", st(&vm).macs);
+    assert_eq!(
+        lab.volumes(&node, &pname).await,
+        [
+            format!("default-{vm_name}-cidata.iso"),
+            format!("default-{vm_name}-data.qcow2"),
+            format!("default-{vm_name}-root.qcow2"),
+            "template.qcow2".to_string()
+        ]
+    );
+    let d = domain.clone();
+    let x = lab.call(&node, move |c| c.domain_xml(&d)).await;
+    assert_eq!(x.owner().map(|o| o.uid.clone()), vm.metadata.uid.clone());
+    assert_eq!(aliases(&x), ["ua-cidata", "ua-data", "ua-net0", "ua-root"]);
+
+    // stop, then start again
+    bump(&mut vm, |s| {
+        s.run_strategy = kvm_operator::api::virtual_machine::RunStrategy::Stopped
+    });
+    let notes = lab.settle(&mut vm).await;
+    assert!(reasons(&notes).contains(&"Stopped"));
+    let d = domain.clone();
+    assert_eq!(
+        lab.call(&node, move |c| c.state(&d)).await,
+        DomainState::Shutoff
+    );
+    assert_eq!(st(&vm).power_state, Some(PowerState::Stopped));
+    assert!(is_true(&st(&vm).conditions, condition::READY));
+    bump(&mut vm, |s| {
+        s.run_strategy = kvm_operator::api::virtual_machine::RunStrategy::Running
+    });
+    lab.settle(&mut vm).await;
+    let d = domain.clone();
+    assert_eq!(
+        lab.call(&node, move |c| c.state(&d)).await,
+        DomainState::Running
+    );
+
+    // hot-plug a disk and a NIC into the running guest
+    bump(&mut vm, |s| {
+        s.disks.push(from_json(
+            serde_json::json!({"name": "extra", "new": {"pool": "pool", "size": "8Mi"}}),
+        ));
+        s.nics.push(from_json(
+            serde_json::json!({"name": "net1", "bridge": "vmbr0"}),
+        ));
+    });
+    let notes = lab.settle(&mut vm).await;
+    assert!(reasons(&notes).contains(&"DeviceHotplugged"), "{notes:?}");
+    let d = domain.clone();
+    let (live, persistent) = lab
+        .call(&node, move |c| {
+            Ok((c.domain_xml(&d)?, c.persistent_xml(&d)?))
+        })
+        .await;
+    let want = [
+        "ua-cidata",
+        "ua-data",
+        "ua-extra",
+        "ua-net0",
+        "ua-net1",
+        "ua-root",
+    ];
+    assert_eq!(aliases(&live), want);
+    assert_eq!(aliases(&persistent), want);
+    assert_eq!(cond(&vm, "RestartRequired").status, "False");
+    assert!(is_true(&st(&vm).conditions, condition::READY));
+
+    // memory changes apply at the next restart, and say so
+    bump(&mut vm, |s| s.memory = Some("96Mi".parse().unwrap()));
+    lab.settle(&mut vm).await;
+    let d = domain.clone();
+    let (live, persistent) = lab
+        .call(&node, move |c| {
+            Ok((c.domain_xml(&d)?, c.persistent_xml(&d)?))
+        })
+        .await;
+    assert_eq!(persistent.memory.as_kib(), Some(96 * 1024));
+    assert_eq!(live.memory.as_kib(), Some(64 * 1024));
+    let rr = cond(&vm, "RestartRequired");
+    assert_eq!(rr.status, "True");
+    assert!(rr.message.contains("memory"), "{}", rr.message);
+
+    // a hand edit on the host (disk removed live and from the definition) is corrected
+    let d = domain.clone();
+    lab.call(&node, move |c| {
+        let x = c.domain_xml(&d)?;
+        let dev = kvm_operator::hypervisor::domain_spec::device_named(&x, "data").unwrap();
+        c.detach(&d, &dev, DeviceScope::LiveAndConfig)
+    })
+    .await;
+    let notes = lab.settle(&mut vm).await;
+    assert!(
+        reasons(&notes).contains(&"DriftCorrected"),
+        "{:?}",
+        reasons(&notes)
+    );
+    let d = domain.clone();
+    let (live, persistent) = lab
+        .call(&node, move |c| {
+            Ok((c.domain_xml(&d)?, c.persistent_xml(&d)?))
+        })
+        .await;
+    assert!(
+        aliases(&live).contains(&"ua-data".to_string()),
+        "{:?}",
+        aliases(&live)
+    );
+    assert!(aliases(&persistent).contains(&"ua-data".to_string()));
+
+    // stopped outside the operator: started again (runStrategy Running)
+    let d = domain.clone();
+    lab.call(&node, move |c| c.destroy(&d)).await;
+    let notes = lab.settle(&mut vm).await;
+    assert!(reasons(&notes).contains(&"Started"));
+    let d = domain.clone();
+    assert_eq!(
+        lab.call(&node, move |c| c.state(&d)).await,
+        DomainState::Running
+    );
+
+    // delete with volumeDeletionPolicy Delete: domain and our volumes go, the template stays
+    let notes = lab.delete(&vm).await;
+    assert!(reasons(&notes).contains(&"Deleted"));
+    let d = domain.clone();
+    assert!(matches!(
+        lab.hv.call(&node, "t", move |c| c.state(&d)).await,
+        Err(HvError::NotFound { .. })
+    ));
+    assert_eq!(lab.volumes(&node, &pname).await, ["template.qcow2"]);
+    // a second cleanup is a no-op
+    assert!(lab.delete(&vm).await.is_empty());
+    for h in ["host1", "host2"] {
+        let p = pname.clone();
+        lab.call(h, move |c| c.delete_volume(&p, "template.qcow2"))
+            .await;
+    }
+    lab.world
+        .pools
+        .retain(|p| p.metadata.name.as_deref() != Some("pool"));
+    lab.remove_pool(&pool).await;
+}
