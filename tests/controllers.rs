@@ -637,3 +637,363 @@ async fn vm_lifecycle_clone_stop_start_hotplug_drift_and_delete() {
         .retain(|p| p.metadata.name.as_deref() != Some("pool"));
     lab.remove_pool(&pool).await;
 }
+
+fn kind() -> &'static str {
+    if std::path::Path::new("/dev/kvm").exists() {
+        "kvm"
+    } else {
+        "qemu"
+    }
+}
+
+/// libvirt's domain id: it changes whenever the guest is restarted.
+async fn domain_id(lab: &Lab, node: &str, name: &str) -> u32 {
+    let n = name.to_string();
+    lab.call(node, move |c| {
+        c.raw()
+            .lookup_domain_by_name(&n)
+            .and_then(|d| d.id().ok_or_else(|| virt::error::Error::last_error()))
+            .map_err(|e| HvError::Local {
+                cause: e.to_string(),
+            })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adoption_takes_over_a_running_domain_without_a_restart() {
+    let mut lab = Lab::new().await;
+    let legacy = format!("legacy-{}", std::process::id());
+    let l = legacy.clone();
+    lab.call("host1", move |c| {
+        c.define(&DomainXml::minimal(&l, kind(), 32 * 1024, 1))?;
+        c.start(&l)
+    })
+    .await;
+    let id_before = domain_id(&lab, "host1", &legacy).await;
+    let mut vm = vm_object(
+        "default",
+        &format!("adopted-{}", std::process::id()),
+        serde_json::json!({
+            "adopt": {"nodeName": "host1", "domain": legacy},
+        }),
+    );
+    let notes = lab.settle(&mut vm).await;
+    assert!(reasons(&notes).contains(&"Adopted"), "{notes:?}");
+    assert!(!reasons(&notes).contains(&"Started"), "{notes:?}");
+    assert_eq!(
+        domain_id(&lab, "host1", &legacy).await,
+        id_before,
+        "the guest was not restarted"
+    );
+    assert_eq!(st(&vm).node.as_deref(), Some("host1"));
+    assert_eq!(st(&vm).domain_name.as_deref(), Some(legacy.as_str()));
+    assert_eq!(st(&vm).power_state, Some(PowerState::Running));
+    assert!(
+        is_true(&st(&vm).conditions, condition::READY),
+        "{:?}",
+        st(&vm).conditions
+    );
+    assert_eq!(cond(&vm, condition::SCHEDULED).reason, "Adopted");
+    let l = legacy.clone();
+    let (live, persistent) = lab
+        .call("host1", move |c| {
+            Ok((c.domain_xml(&l)?, c.persistent_xml(&l)?))
+        })
+        .await;
+    assert_eq!(live.owner().map(|o| o.uid.clone()), vm.metadata.uid.clone());
+    assert_eq!(
+        persistent.owner().map(|o| o.uid.clone()),
+        vm.metadata.uid.clone()
+    );
+    // the node now counts it as managed
+    lab.refresh_nodes().await;
+    let h1 = lab.node("host1").status.clone().unwrap();
+    assert!(!h1.unmanaged_domains.iter().any(|d| d.name == legacy));
+    assert!(
+        h1.allocated.unwrap().cpus >= 1,
+        "adopted VMs count with the domain's figures"
+    );
+    // a second object cannot take it
+    let mut rival = vm_object(
+        "other",
+        "rival",
+        serde_json::json!({
+            "adopt": {"nodeName": "host1", "domain": legacy},
+        }),
+    );
+    lab.settle(&mut rival).await;
+    assert_eq!(
+        cond(&rival, condition::READY).reason,
+        "DomainOwnedElsewhere"
+    );
+    lab.world
+        .vms
+        .retain(|v| v.metadata.uid != rival.metadata.uid);
+    // the rival's deletion leaves the domain alone (it is not its own)
+    let notes = lab.delete(&rival).await;
+    assert_eq!(reasons(&notes), ["DomainNotOurs"]);
+    assert_eq!(domain_id(&lab, "host1", &legacy).await, id_before);
+    // from now on it is managed like any other: stopped by the spec ...
+    bump(&mut vm, |s| {
+        s.run_strategy = kvm_operator::api::virtual_machine::RunStrategy::Stopped
+    });
+    lab.settle(&mut vm).await;
+    let l = legacy.clone();
+    assert_eq!(
+        lab.call("host1", move |c| c.state(&l)).await,
+        DomainState::Shutoff
+    );
+    // ... and removed on deletion
+    lab.delete(&vm).await;
+    let l = legacy.clone();
+    assert!(matches!(
+        lab.hv.call("host1", "t", move |c| c.state(&l)).await,
+        Err(HvError::NotFound { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_we_do_not_own_is_never_touched() {
+    let mut lab = Lab::new().await;
+    let name = format!("clash-{}", std::process::id());
+    let domain = format!("default_{name}");
+    let d = domain.clone();
+    lab.call("host1", move |c| {
+        c.define(&DomainXml::minimal(&d, kind(), 32 * 1024, 1))?;
+        c.start(&d)
+    })
+    .await;
+    let id = domain_id(&lab, "host1", &domain).await;
+    let mut vm = vm_object(
+        "default",
+        &name,
+        serde_json::json!({
+            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"}, "runStrategy": "Stopped",
+        }),
+    );
+    lab.settle(&mut vm).await;
+    let ready = cond(&vm, condition::READY);
+    assert_eq!(ready.reason, "DomainExists");
+    assert!(ready.message.contains("spec.adopt"), "{}", ready.message);
+    lab.delete(&vm).await;
+    assert_eq!(
+        domain_id(&lab, "host1", &domain).await,
+        id,
+        "still running, untouched"
+    );
+    let d = domain.clone();
+    let x = lab.call("host1", move |c| c.persistent_xml(&d)).await;
+    assert_eq!(x.owner(), None);
+    let d = domain.clone();
+    lab.call("host1", move |c| {
+        c.destroy(&d)?;
+        c.undefine(&d)
+    })
+    .await;
+}
+
+/// The real hypervisor layer, except that the operator "dies" after `budget` calls: every later
+/// call fails, as if the process had been killed at that point.
+struct CrashAfter {
+    inner: Arc<NodePool>,
+    budget: AtomicUsize,
+}
+
+impl CrashAfter {
+    fn go(&self) -> bool {
+        self.budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+            .is_ok()
+    }
+}
+
+fn killed() -> HvError {
+    HvError::Local {
+        cause: "the operator was killed".into(),
+    }
+}
+
+impl Hypervisor for CrashAfter {
+    fn call<T, F>(
+        &self,
+        node: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        let go = self.go();
+        let fut = self.inner.call(node, op, f);
+        async move { if go { fut.await } else { Err(killed()) } }
+    }
+
+    fn call_pair<T, F>(
+        &self,
+        a: &str,
+        b: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        let go = self.go();
+        let fut = self.inner.call_pair(a, b, op, f);
+        async move { if go { fut.await } else { Err(killed()) } }
+    }
+
+    fn host_facts(
+        &self,
+        node: &str,
+        interval: Duration,
+    ) -> impl std::future::Future<
+        Output = Result<(kvm_operator::hypervisor::host_facts::HostFacts, Option<u32>), HvError>,
+    > + Send {
+        let go = self.go();
+        let fut = self.inner.host_facts(node, interval);
+        async move { if go { fut.await } else { Err(killed()) } }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_mid_provisioning_then_restarted_no_duplicate_no_leak() {
+    let mut lab = Lab::new().await;
+    let pname = format!("kvmop-crash-{}", std::process::id());
+    let mut pool = lab.dir_pool("default", &pname).await;
+    pool.metadata.name = Some("crashpool".into());
+    pool.spec.pool_name = Some(pname.clone());
+    lab.world.pools.push(Arc::new(pool.clone()));
+    // one libvirt call more per budget: observe, create volume, write seed, observe, define, start
+    for budget in 0..7 {
+        let name = format!("crash{budget}-{}", std::process::id());
+        let mut vm = vm_object(
+            "default",
+            &name,
+            serde_json::json!({
+                "vcpus": 1, "memory": "32Mi",
+                "disks": [{"name": "root", "new": {"pool": "crashpool", "size": "8Mi"}}],
+                "cloudInit": {"userData": "#cloud-config\n"},
+                "volumeDeletionPolicy": "Delete",
+            }),
+        );
+        // placement is written first: the status the restarted operator reads has the node
+        let hv = lab.hv.clone();
+        lab.settle_with(&mut vm, hv.as_ref(), 1).await;
+        let node = st(&vm).node.clone().expect("placed");
+        let before = vm.clone();
+        let crashing = CrashAfter {
+            inner: lab.hv.clone(),
+            budget: AtomicUsize::new(budget),
+        };
+        lab.settle_with(&mut vm, &crashing, 1).await;
+        // the crashed run's status write never happened: restart from the status before it
+        let mut vm = before;
+        lab.settle(&mut vm).await;
+        assert!(
+            is_true(&st(&vm).conditions, condition::READY),
+            "budget {budget}: {:?}",
+            st(&vm).conditions
+        );
+        let uid = vm.metadata.uid.clone().unwrap();
+        let mut stamped = Vec::new();
+        for h in ["host1", "host2"] {
+            for d in lab.call(h, |c| c.list_domains()).await {
+                if d.owner.is_some_and(|o| o.uid == uid) {
+                    stamped.push((h, d.name));
+                }
+            }
+        }
+        assert_eq!(
+            stamped,
+            [(node.as_str(), format!("default_{name}"))],
+            "budget {budget}"
+        );
+        let prefix = format!("default-{name}-");
+        let mine: Vec<String> = lab
+            .volumes(&node, &pname)
+            .await
+            .into_iter()
+            .filter(|v| v.starts_with(&prefix))
+            .collect();
+        assert_eq!(
+            mine,
+            [format!("{prefix}cidata.iso"), format!("{prefix}root.qcow2")],
+            "budget {budget}"
+        );
+        // a status lost altogether (a stale cache): the VM is found where it is, not placed again
+        let mut lost = vm.clone();
+        lost.status = None;
+        lab.settle(&mut lost).await;
+        assert_eq!(cond(&lost, condition::SCHEDULED).reason, "Recovered");
+        assert_eq!(st(&lost).node.as_deref(), Some(node.as_str()));
+        lab.delete(&vm).await;
+        assert!(
+            lab.volumes(&node, &pname)
+                .await
+                .iter()
+                .all(|v| !v.starts_with(&prefix)),
+            "budget {budget}: volumes left"
+        );
+    }
+    lab.world
+        .pools
+        .retain(|p| p.metadata.name.as_deref() != Some("crashpool"));
+    let mut owner = pool;
+    owner.metadata.name = Some(pname.clone());
+    owner.spec.pool_name = None;
+    lab.remove_pool(&owner).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rerun_on_failure_restarts_a_crashed_guest_and_counts_it() {
+    let mut lab = Lab::new().await;
+    let name = format!("rerun-{}", std::process::id());
+    let mut vm = vm_object(
+        "default",
+        &name,
+        serde_json::json!({
+            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"}, "runStrategy": "RerunOnFailure",
+        }),
+    );
+    lab.settle(&mut vm).await;
+    assert_eq!(st(&vm).power_state, Some(PowerState::Running));
+    let domain = st(&vm).domain_name.clone().unwrap();
+    // kill QEMU: libvirt sees the guest crash
+    let pidfile = PathBuf::from(var("KVM_LAB")).join(format!("hosts/host1/run/qemu/{domain}.pid"));
+    let pid =
+        std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+    let pid: i32 = pid.trim().parse().unwrap();
+    assert_eq!(sigkill(pid), 0);
+    let d = domain.clone();
+    for _ in 0..50 {
+        let d = d.clone();
+        if lab.call("host1", move |c| c.state(&d)).await != DomainState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let notes = lab.settle(&mut vm).await;
+    assert!(reasons(&notes).contains(&"Restarted"), "{notes:?}");
+    assert_eq!(st(&vm).restart_count, Some(1));
+    assert!(st(&vm).last_restart_time.is_some());
+    let d = domain.clone();
+    assert_eq!(
+        lab.call("host1", move |c| c.state(&d)).await,
+        DomainState::Running
+    );
+    lab.delete(&vm).await;
+}
+
+/// SIGKILL through the `kill` program (the test crate has no unsafe code).
+fn sigkill(pid: i32) -> i32 {
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok { 0 } else { 1 }
+}
