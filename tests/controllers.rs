@@ -652,7 +652,7 @@ async fn domain_id(lab: &Lab, node: &str, name: &str) -> u32 {
     lab.call(node, move |c| {
         c.raw()
             .lookup_domain_by_name(&n)
-            .and_then(|d| d.id().ok_or_else(|| virt::error::Error::last_error()))
+            .and_then(|d| d.id().ok_or_else(virt::error::Error::last_error))
             .map_err(|e| HvError::Local {
                 cause: e.to_string(),
             })
