@@ -210,3 +210,176 @@ pub fn status(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{DomainSummary, HvError};
+
+    fn node(spec: serde_json::Value) -> KvmNode {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+            "metadata": {"name": "n1", "generation": 3}, "spec": spec,
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn facts(kvm: Option<bool>) -> HostFacts {
+        HostFacts {
+            cpus: Some(16),
+            memory_total: Some(64 << 30),
+            memory_available: Some(40 << 30),
+            load: Some([1.5, 1.0, 0.5]),
+            kvm,
+            libvirt_version: Some("9.0.0".into()),
+            qemu_version: Some("7.2.0".into()),
+            ..Default::default()
+        }
+    }
+
+    fn unreachable() -> HvError {
+        HvError::Unreachable {
+            target: "n1".into(),
+            cause: "connection refused".into(),
+        }
+    }
+
+    fn ready_reason(o: &Observed) -> (bool, &'static str) {
+        let n = node(serde_json::json!({"address": "h"}));
+        let (st, r) = status(&n, o, &[], crate::controller::now());
+        assert_eq!(
+            condition::is_true(&st.conditions, condition::READY),
+            r.ready
+        );
+        (r.ready, r.reason)
+    }
+
+    #[test]
+    fn allocatable_subtracts_reservations_then_applies_overcommit() {
+        let n = node(
+            serde_json::json!({"address": "h", "overcommit": {"cpu": 2.0, "memory": 1.5},
+            "reserved": {"cpus": 2, "memory": "4Gi"}}),
+        );
+        let a = allocatable(&n, 16, 64 << 30);
+        assert_eq!(a.cpus, 28);
+        assert_eq!(a.memory.bytes(), 90 << 30);
+        // more reserved than present: zero, never an underflow
+        let n = node(serde_json::json!({"address": "h", "reserved": {"cpus": 64}}));
+        assert_eq!(allocatable(&n, 16, 1 << 30).cpus, 0);
+    }
+
+    #[test]
+    fn readiness_names_the_cause() {
+        let ok = || Ok(vec![]);
+        let cases = [
+            (Ok((facts(Some(true)), Some(5))), ok(), (true, "Ready")),
+            (
+                Ok((facts(Some(false)), None)),
+                ok(),
+                (true, "SoftwareEmulation"),
+            ),
+            (
+                Ok((facts(Some(true)), None)),
+                Err(unreachable()),
+                (false, "LibvirtUnavailable"),
+            ),
+            (
+                Err(unreachable()),
+                Err(unreachable()),
+                (false, "HostUnreachable"),
+            ),
+            (
+                Err(HvError::HostKeyMismatch {
+                    target: "n1".into(),
+                    expected: "a".into(),
+                    actual: "b".into(),
+                }),
+                Err(HvError::HostKeyMismatch {
+                    target: "n1".into(),
+                    expected: "a".into(),
+                    actual: "b".into(),
+                }),
+                (false, "HostKeyMismatch"),
+            ),
+            (
+                Err(HvError::AuthFailed {
+                    target: "n1".into(),
+                    cause: "no".into(),
+                }),
+                Err(HvError::AuthFailed {
+                    target: "n1".into(),
+                    cause: "no".into(),
+                }),
+                (false, "AuthFailed"),
+            ),
+        ];
+        for (facts, domains, want) in cases {
+            let o = Observed {
+                facts,
+                domains,
+                stats: vec![],
+            };
+            assert_eq!(ready_reason(&o), want);
+        }
+    }
+
+    #[test]
+    fn figures_counts_unmanaged_domains_and_maintenance() {
+        let n = node(serde_json::json!({"address": "h", "maintenance": true}));
+        let owner = crate::hypervisor::domain_xml::Owner::new("u", "ns", "vm");
+        let o = Observed {
+            facts: Ok((facts(Some(true)), Some(12))),
+            domains: Ok(vec![
+                DomainSummary {
+                    name: "ns_vm".into(),
+                    uuid: "1".into(),
+                    state: DomainState::Running,
+                    owner: Some(owner),
+                },
+                DomainSummary {
+                    name: "zeta".into(),
+                    uuid: "2".into(),
+                    state: DomainState::Shutoff,
+                    owner: None,
+                },
+                DomainSummary {
+                    name: "alpha".into(),
+                    uuid: "3".into(),
+                    state: DomainState::Running,
+                    owner: None,
+                },
+            ]),
+            stats: vec![],
+        };
+        let vm: VirtualMachine = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": "vm", "namespace": "ns"},
+            "spec": {"vcpus": 4, "memory": "8Gi"}, "status": {"node": "n1"},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let (st, r) = status(&n, &o, &[&vm], crate::controller::now());
+        assert!(r.ready);
+        assert_eq!(st.observed_generation, Some(3));
+        assert_eq!(st.capacity.as_ref().map(|c| c.cpus), Some(16));
+        assert_eq!(
+            st.allocated.as_ref().map(|a| (a.cpus, a.memory.bytes())),
+            Some((4, 8 << 30))
+        );
+        let c = st.vms.clone().unwrap_or_default();
+        assert_eq!((c.total, c.running, c.managed, c.unmanaged), (3, 2, 1, 2));
+        let names: Vec<&str> = st
+            .unmanaged_domains
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        assert_eq!(names, ["alpha", "zeta"]);
+        let load = st.load.clone().unwrap_or_else(|| panic!("load"));
+        assert_eq!((load.load1.as_str(), load.cpu_usage_percent), ("1.50", 12));
+        let s = condition::find(&st.conditions, SCHEDULABLE).unwrap_or_else(|| panic!("cond"));
+        assert_eq!(
+            (s.status.as_str(), s.reason.as_str()),
+            ("False", "Maintenance")
+        );
+        assert_eq!(st.hypervisor.as_deref(), Some("kvm"));
+    }
+}

@@ -163,3 +163,115 @@ pub fn cleanup_plan(pool: &StoragePool, known: &[&KvmNode]) -> Vec<Step> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::HvError;
+    use crate::hypervisor::storage::PoolInfo;
+
+    use super::super::observe::OnNode;
+
+    fn pool(spec: serde_json::Value, status: serde_json::Value) -> StoragePool {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "StoragePool",
+            "metadata": {"name": "images", "namespace": "ns"}, "spec": spec, "status": status,
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn node(name: &str, labels: serde_json::Value) -> KvmNode {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+            "metadata": {"name": name, "labels": labels}, "spec": {"address": "h"},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn on(def: Option<PoolXml>) -> Result<OnNode, HvError> {
+        Ok(OnNode {
+            info: def.as_ref().map(|_| PoolInfo {
+                running: true,
+                autostart: true,
+                capacity: 1,
+                allocation: 0,
+                available: 1,
+            }),
+            definition: def,
+        })
+    }
+
+    #[test]
+    fn selectors_conflicts_overwrite_and_release() {
+        let nodes = [
+            node("a", serde_json::json!({"tier": "ssd"})),
+            node("b", serde_json::json!({"tier": "ssd"})),
+            node("c", serde_json::json!({"tier": "hdd"})),
+        ];
+        let known: Vec<&KvmNode> = nodes.iter().collect();
+        let spec = serde_json::json!({"nodeSelector": {"tier": "ssd"}, "type": "dir", "targetPath": "/srv/images", "deletionPolicy": "Delete"});
+        let p = pool(
+            spec.clone(),
+            serde_json::json!({"nodes": [{"node": "c", "state": "Running"}]}),
+        );
+        assert_eq!(target_nodes(&p.spec, &known), ["a", "b"]);
+        let mut theirs = PoolXml::from_spec("images", &p.spec);
+        if let Some(t) = theirs.target.as_mut() {
+            t.path = "/elsewhere".into();
+        }
+        let observed: Observed = [
+            ("a".to_string(), on(None)),
+            ("b".to_string(), on(Some(theirs.clone()))),
+        ]
+        .into();
+        let pl = plan(&p, &known, &observed);
+        assert!(matches!(&pl.steps[0], Step::Ensure { node, .. } if node == "a"));
+        assert_eq!(pl.holds.get("b"), Some(&Hold::Conflict));
+        // c no longer matches: removed by policy Delete
+        assert!(pl.steps.contains(&Step::Remove {
+            node: "c".into(),
+            pool: "images".into()
+        }));
+        // overwriteExisting replaces; Retain never removes
+        let mut spec2 = spec.clone();
+        spec2["overwriteExisting"] = true.into();
+        spec2["deletionPolicy"] = "Retain".into();
+        let p2 = pool(
+            spec2,
+            serde_json::json!({"nodes": [{"node": "c", "state": "Running"}]}),
+        );
+        let pl = plan(&p2, &known, &observed);
+        assert!(matches!(&pl.steps[1], Step::Replace { node, .. } if node == "b"));
+        assert!(!pl.steps.iter().any(|s| matches!(s, Step::Remove { .. })));
+        assert!(cleanup_plan(&p2, &known).is_empty());
+        // a named node that does not exist, and an unreadable one
+        let p3 = pool(
+            serde_json::json!({"nodeName": "zz", "type": "dir", "targetPath": "/x"}),
+            serde_json::json!({}),
+        );
+        assert_eq!(
+            plan(&p3, &known, &Observed::new()).holds.get("zz"),
+            Some(&Hold::NoSuchNode)
+        );
+        let p4 = pool(
+            serde_json::json!({"nodeName": "a", "type": "dir", "targetPath": "/x"}),
+            serde_json::json!({}),
+        );
+        let bad: Observed = [(
+            "a".to_string(),
+            Err(HvError::Timeout {
+                op: "x",
+                target: "a".into(),
+                secs: 1,
+            }),
+        )]
+        .into();
+        assert!(matches!(
+            plan(&p4, &known, &bad).holds.get("a"),
+            Some(Hold::Unreachable(_))
+        ));
+        // deletion with Delete: every node it was on or targets
+        let steps = cleanup_plan(&p, &known);
+        assert_eq!(steps.len(), 3);
+    }
+}

@@ -866,3 +866,369 @@ fn power(vm: &VirtualMachine, dom: Option<&DomainObs>, p: &mut Plan, now: &Time)
         (_, _) => p.steps.push(Step::Start),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::api::StoragePool;
+    use crate::hypervisor::StateDetail;
+    use crate::hypervisor::storage::VolumeInfo;
+
+    fn vm(spec: serde_json::Value) -> VirtualMachine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": "web", "namespace": "prod", "uid": "uid-1", "generation": 1},
+            "spec": spec,
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn world() -> World {
+        let pool: StoragePool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "StoragePool",
+            "metadata": {"name": "images", "namespace": "prod"},
+            "spec": {"nodeName": "n1", "type": "dir", "targetPath": "/var/lib/libvirt/images"},
+            "status": {"nodes": [{"node": "n1", "state": "Running"}]},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        World {
+            pools: vec![Arc::new(pool)],
+            ..World::default()
+        }
+    }
+
+    fn basic(extra: serde_json::Value) -> VirtualMachine {
+        let mut spec = serde_json::json!({
+            "vcpus": 2, "memory": "1Gi",
+            "disks": [{"name": "root", "new": {"pool": "images", "size": "10Gi"}}],
+            "nics": [{"name": "net0", "bridge": "br0"}],
+        });
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                s.insert(k.clone(), v.clone());
+            }
+        }
+        vm(spec)
+    }
+
+    fn resolved(v: &VirtualMachine) -> Resolved {
+        resolve(v, "n1", &world(), None).unwrap_or_else(|b| panic!("{b:?}"))
+    }
+
+    fn now() -> Time {
+        crate::controller::now()
+    }
+
+    fn vol(pool: &str, name: &str) -> ((String, String), Option<VolumeInfo>) {
+        (
+            (pool.into(), name.into()),
+            Some(VolumeInfo {
+                name: name.into(),
+                path: format!("/var/lib/libvirt/images/{name}"),
+                capacity: 1 << 30,
+                allocation: 0,
+            }),
+        )
+    }
+
+    /// What the node has once the VM is provisioned exactly as planned, in `state`.
+    fn provisioned(v: &VirtualMachine, r: &Resolved, state: DomainState) -> Observed {
+        let mut o = Observed::default();
+        for d in &r.disks {
+            o.volumes.extend([vol(&d.pool, &d.volume)]);
+        }
+        if let Some(s) = &r.seed {
+            o.volumes.extend([vol(&s.pool, &s.volume)]);
+        }
+        let mut x = domain_plan(v, r, &o)
+            .unwrap_or_else(|| panic!("volumes present"))
+            .to_xml();
+        x.uuid = Some("u-1".into());
+        for (i, n) in x.devices.interface.iter_mut().enumerate() {
+            n.mac.get_or_insert(crate::hypervisor::domain_xml::Mac {
+                address: format!("52:54:00:00:00:0{i}"),
+            });
+        }
+        o.domain = Some(DomainObs {
+            uuid: Some("u-1".into()),
+            state: StateDetail {
+                state,
+                crashed: false,
+                never_started: false,
+                guest_shutdown: false,
+            },
+            live: (state != DomainState::Shutoff).then(|| x.clone()),
+            persistent: x,
+        });
+        o
+    }
+
+    fn kinds(p: &Plan) -> Vec<&'static str> {
+        p.steps
+            .iter()
+            .map(|s| match s {
+                Step::CreateVolume { .. } => "CreateVolume",
+                Step::CloneVolume { .. } => "CloneVolume",
+                Step::OverlayVolume { .. } => "OverlayVolume",
+                Step::WriteSeed { .. } => "WriteSeed",
+                Step::Define { .. } => "Define",
+                Step::Stamp(_) => "Stamp",
+                Step::SetConfigResources { .. } => "SetConfigResources",
+                Step::AttachConfig(_) => "AttachConfig",
+                Step::DetachConfig(_) => "DetachConfig",
+                Step::AttachLive(_) => "AttachLive",
+                Step::DetachLive(_) => "DetachLive",
+                Step::Start => "Start",
+                Step::Restart => "Restart",
+                Step::Shutdown => "Shutdown",
+                Step::Suspend => "Suspend",
+                Step::Resume => "Resume",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn volumes_and_seed_come_first_and_the_domain_waits_for_their_paths() {
+        let v = vm(serde_json::json!({
+            "vcpus": 1, "memory": "512Mi",
+            "disks": [
+                {"name": "root", "clone": {"pool": "images", "template": "debian.qcow2"}},
+                {"name": "data", "new": {"pool": "images", "size": "1Gi", "format": "raw"}},
+                {"name": "scratch", "overlay": {"pool": "images", "base": "base.qcow2"}},
+            ],
+            "cloudInit": {"userData": "#cloud-config\n"},
+        }));
+        let r = resolved(&v);
+        assert_eq!(r.domain, "prod_web");
+        assert_eq!(r.disks[1].volume, "prod-web-data.img");
+        let p = plan(&v, &r, &Observed::default(), &now());
+        assert_eq!(
+            kinds(&p),
+            ["CloneVolume", "CreateVolume", "OverlayVolume", "WriteSeed"]
+        );
+        // once they exist: define, then start
+        let mut o = Observed::default();
+        for d in &r.disks {
+            o.volumes.extend([vol(&d.pool, &d.volume)]);
+        }
+        o.volumes.extend([vol("images", "prod-web-cidata.iso")]);
+        let p = plan(&v, &r, &o, &now());
+        assert_eq!(kinds(&p), ["Define", "Start"]);
+        let Step::Define { plan: dp, uuid } = &p.steps[0] else {
+            panic!()
+        };
+        assert_eq!(uuid, &None);
+        assert_eq!(dp.disks.len(), 4, "three disks and the seed");
+        assert_eq!(dp.disks[3].name, SEED_DEVICE);
+        assert_eq!(dp.owner.uid, "uid-1");
+    }
+
+    #[test]
+    fn missing_pools_and_volumes_block_with_the_field_and_the_fix() {
+        let v = basic(
+            serde_json::json!({"disks": [{"name": "root", "new": {"pool": "nope", "size": "1Gi"}}]}),
+        );
+        let b = resolve(&v, "n1", &world(), None).unwrap_err();
+        assert_eq!(b.reason, "PoolNotFound");
+        assert!(
+            b.message.starts_with("spec.disks[0].new.pool"),
+            "{}",
+            b.message
+        );
+        let b = resolve(&basic(serde_json::json!({})), "n2", &world(), None).unwrap_err();
+        assert_eq!(b.reason, "PoolNotReady");
+        let v = basic(
+            serde_json::json!({"disks": [{"name": "iso", "cdrom": {"pool": "images", "volume": "debian.iso"}}]}),
+        );
+        let p = plan(&v, &resolved(&v), &Observed::default(), &now());
+        let b = p.blocked.unwrap_or_else(|| panic!("blocked"));
+        assert_eq!(b.reason, "VolumeNotFound");
+        assert!(b.message.contains("debian.iso") && b.message.contains("n1"));
+        assert!(p.steps.is_empty());
+        let v = basic(
+            serde_json::json!({"cloudInit": {}, "disks": [{"name": "cidata", "new": {"pool": "images", "size": "1Gi"}}]}),
+        );
+        assert_eq!(
+            resolve(&v, "n1", &world(), None).unwrap_err().reason,
+            "InvalidSpec"
+        );
+    }
+
+    #[test]
+    fn run_strategies_drive_the_power_state() {
+        use DomainState::*;
+        let cases: &[(&str, DomainState, &[&str])] = &[
+            ("Running", Running, &[]),
+            ("Running", Shutoff, &["Start"]),
+            ("Running", Paused, &["Resume"]),
+            ("Stopped", Running, &["Shutdown"]),
+            ("Stopped", Paused, &["Shutdown"]),
+            ("Stopped", Shutoff, &[]),
+            ("Paused", Running, &["Suspend"]),
+            ("Paused", Shutoff, &["Start", "Suspend"]),
+            ("Paused", Paused, &[]),
+            ("RerunOnFailure", Running, &[]),
+            ("RerunOnFailure", Paused, &["Resume"]),
+        ];
+        for (strategy, state, want) in cases {
+            let v = basic(serde_json::json!({"runStrategy": strategy}));
+            let r = resolved(&v);
+            let p = plan(&v, &r, &provisioned(&v, &r, *state), &now());
+            assert_eq!(kinds(&p), *want, "{strategy} from {state:?}");
+            assert!(p.drift.is_empty(), "{:?}", p.drift);
+        }
+        // a guest shutting down is waited for
+        let v = basic(serde_json::json!({}));
+        let r = resolved(&v);
+        let p = plan(&v, &r, &provisioned(&v, &r, ShuttingDown), &now());
+        assert!(p.steps.is_empty() && p.wait.is_some());
+    }
+
+    #[test]
+    fn rerun_on_failure_restarts_after_crashes_with_backoff_not_after_a_guest_shutdown() {
+        let mut v = basic(serde_json::json!({"runStrategy": "RerunOnFailure"}));
+        let r = resolved(&v);
+        let mut o = provisioned(&v, &r, DomainState::Shutoff);
+        let set = |o: &mut Observed, crashed: bool, shutdown: bool| {
+            if let Some(d) = o.domain.as_mut() {
+                d.state.crashed = crashed;
+                d.state.guest_shutdown = shutdown;
+            }
+        };
+        set(&mut o, false, true);
+        assert!(plan(&v, &r, &o, &now()).steps.is_empty(), "left off");
+        set(&mut o, true, false);
+        assert_eq!(kinds(&plan(&v, &r, &o, &now())), ["Restart"]);
+        // two restarts already, the last 10 s ago: wait out the backoff (40 s)
+        let t = now();
+        let ten_ago = Time(t.0 - k8s_openapi::jiff::SignedDuration::from_secs(10));
+        v.status = Some(crate::api::VirtualMachineStatus {
+            restart_count: Some(2),
+            last_restart_time: Some(ten_ago),
+            ..Default::default()
+        });
+        let p = plan(&v, &r, &o, &t);
+        assert!(p.steps.is_empty());
+        assert_eq!(p.wait, Some(Duration::from_secs(30)));
+        assert_eq!(restart_backoff(0), Duration::from_secs(10));
+        assert_eq!(restart_backoff(9), Duration::from_secs(300));
+        // Running restarts after a crash too, and after any stop
+        let v = basic(serde_json::json!({}));
+        assert_eq!(kinds(&plan(&v, &r, &o, &now())), ["Restart"]);
+        set(&mut o, false, true);
+        assert_eq!(kinds(&plan(&v, &r, &o, &now())), ["Start"]);
+    }
+
+    #[test]
+    fn only_domains_with_our_stamp_are_touched_unless_adopting() {
+        let v = basic(serde_json::json!({}));
+        let r = resolved(&v);
+        let mut o = provisioned(&v, &r, DomainState::Running);
+        if let Some(d) = o.domain.as_mut() {
+            d.persistent.metadata = None;
+        }
+        let p = plan(&v, &r, &o, &now());
+        assert_eq!(p.blocked.map(|b| b.reason), Some("DomainExists"));
+        assert!(p.steps.is_empty());
+        if let Some(d) = o.domain.as_mut() {
+            d.persistent.metadata = Some(crate::hypervisor::domain_xml::Metadata {
+                owner: Some(Owner::new("uid-2", "other", "web")),
+            });
+        }
+        let p = plan(&v, &r, &o, &now());
+        assert_eq!(p.blocked.map(|b| b.reason), Some("DomainOwnedElsewhere"));
+        // adopting an unstamped domain: stamp it, nothing else (no restart)
+        let a = vm(serde_json::json!({"adopt": {"nodeName": "n1", "domain": "legacy"}}));
+        let ra = resolved(&a);
+        assert_eq!(ra.domain, "legacy");
+        if let Some(d) = o.domain.as_mut() {
+            d.persistent.metadata = None;
+        }
+        assert_eq!(kinds(&plan(&a, &ra, &o, &now())), ["Stamp"]);
+        // an adopted domain that is gone is reported, never created
+        let p = plan(&a, &ra, &Observed::default(), &now());
+        assert_eq!(p.blocked.map(|b| b.reason), Some("DomainNotFound"));
+    }
+
+    #[test]
+    fn drift_is_corrected_in_the_definition_and_hot_plugged_or_left_for_a_restart() {
+        let v = basic(serde_json::json!({}));
+        let r = resolved(&v);
+        // a hand edit removed net0 from the definition: redefine, keeping the UUID
+        let mut o = provisioned(&v, &r, DomainState::Running);
+        if let Some(d) = o.domain.as_mut() {
+            d.persistent.devices.interface.clear();
+            d.persistent.memory = crate::hypervisor::domain_xml::Memory::kib(512 * 1024);
+        }
+        let p = plan(&v, &r, &o, &now());
+        assert_eq!(
+            kinds(&p),
+            ["Define"],
+            "hot-plug waits for the new definition"
+        );
+        let Step::Define { uuid, .. } = &p.steps[0] else {
+            panic!()
+        };
+        assert_eq!(uuid.as_deref(), Some("u-1"));
+        assert!(p.drift.contains(&Drift::MissingNic("net0".into())));
+        // the spec gained a disk and the memory changed; the definition is up to date
+        let mut v2 = basic(serde_json::json!({"memory": "2Gi"}));
+        v2.spec.disks.push(
+            serde_json::from_value(
+                serde_json::json!({"name": "extra", "new": {"pool": "images", "size": "1Gi"}}),
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let r2 = resolved(&v2);
+        let mut o2 = provisioned(&v2, &r2, DomainState::Running);
+        // the running guest still has the old shape
+        let old = provisioned(&v, &r, DomainState::Running);
+        if let (Some(d), Some(old)) = (o2.domain.as_mut(), old.domain) {
+            d.live = old.live;
+        }
+        let p = plan(&v2, &r2, &o2, &now());
+        assert_eq!(kinds(&p), ["AttachLive"]);
+        assert_eq!(p.restart_pending.len(), 1, "{:?}", p.restart_pending);
+        assert!(p.restart_pending[0].starts_with("memory"));
+        // a disk that is not in the spec any more is unplugged from the running guest
+        if let Some(d) = o2.domain.as_mut() {
+            d.live = d.live.clone().map(|mut l| {
+                l.devices.disk.extend(d.persistent.devices.disk.clone());
+                l
+            });
+        }
+        let o3 = provisioned(&v, &r, DomainState::Running);
+        let mut o3 = o3;
+        if let (Some(d), Some(src)) = (o3.domain.as_mut(), o2.domain.as_ref()) {
+            d.live = src.live.clone();
+        }
+        let p = plan(&v, &r, &o3, &now());
+        assert!(kinds(&p).contains(&"DetachLive"), "{:?}", kinds(&p));
+    }
+
+    #[test]
+    fn adopted_domains_change_only_what_the_spec_sets_through_config_calls() {
+        let a =
+            vm(serde_json::json!({"adopt": {"nodeName": "n1", "domain": "legacy"}, "vcpus": 4}));
+        let ra = resolved(&a);
+        let plain = basic(serde_json::json!({}));
+        let mut o = provisioned(&plain, &resolved(&plain), DomainState::Running);
+        if let Some(d) = o.domain.as_mut() {
+            d.persistent.metadata = Some(crate::hypervisor::domain_xml::Metadata {
+                owner: Some(ra.owner.clone()),
+            });
+        }
+        let p = plan(&a, &ra, &o, &now());
+        assert_eq!(kinds(&p), ["SetConfigResources"]);
+        assert_eq!(
+            p.steps[0],
+            Step::SetConfigResources {
+                vcpus: Some(4),
+                memory_kib: None
+            }
+        );
+        assert_eq!(p.restart_pending, ["vCPUs 2 → 4"]);
+    }
+}
