@@ -10,7 +10,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::condition::{Condition, Time};
-use super::kvm_node::SecretKeyRef;
 use super::quantity::ByteQuantity;
 use super::validation::{FieldErrors, check_labels, check_libvirt_name, is_dns_label};
 
@@ -314,9 +313,10 @@ pub struct CloudInit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
     pub user_data: Option<String>,
-    /// A Secret key holding the user-data (namespace defaults to the VM's).
+    /// A Secret in the VM's namespace holding the user-data (for data that must not sit in
+    /// the VM object, like passwords). Secrets of other namespaces cannot be referenced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_data_secret_ref: Option<SecretKeyRef>,
+    pub user_data_secret_ref: Option<UserDataSecretRef>,
     /// network-config (version 2), if the guest should not use DHCP on its first NIC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 65536))]
@@ -328,6 +328,23 @@ pub struct CloudInit {
 }
 
 /// Console devices.
+/// A key of a Secret in the VM's own namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UserDataSecretRef {
+    /// Name of the Secret (in the VM's namespace).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret. Default `userdata` (the key KubeVirt's cloud-init Secrets use).
+    #[serde(default = "default_userdata_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_userdata_key() -> String {
+    "userdata".into()
+}
+
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Console {

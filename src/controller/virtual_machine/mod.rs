@@ -623,10 +623,7 @@ async fn user_data(
     else {
         return Ok(None);
     };
-    let ns = r
-        .namespace
-        .clone()
-        .unwrap_or_else(|| vm.namespace().unwrap_or_default());
+    let ns = vm.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let s = match api.get_opt(&r.name).await {
         Ok(Some(s)) => s,

@@ -1,0 +1,521 @@
+//! The controllers' Kubernetes API calls, pinned with kube's tower-test mock: no kube-apiserver
+//! can run here, so each test states the exact requests a reconcile makes (finalizer patches,
+//! Secret reads, server-side-apply status patches with the controller's field manager, Events)
+//! and answers them as an apiserver would. The hypervisor side is real: libvirt's `test:///`
+//! driver.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::reflector::store;
+use kube::runtime::watcher;
+use kvm_operator::api::{KvmNode, StoragePool, VirtualMachine};
+use kvm_operator::controller::{self, Config, Context};
+use kvm_operator::hypervisor::NodeAccess;
+use kvm_operator::hypervisor::cache::NodePool;
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// One expected request: method, path, a check of the query and JSON body, and the answer.
+struct Expect {
+    method: Method,
+    path: String,
+    check: Box<dyn FnOnce(&str, &Value) + Send>,
+    status: StatusCode,
+    reply: Option<Value>,
+    /// Answer with this object carrying the status the request applied.
+    object: Option<Value>,
+}
+
+fn expect(
+    method: Method,
+    path: impl Into<String>,
+    check: impl FnOnce(&str, &Value) + Send + 'static,
+) -> Expect {
+    Expect {
+        method,
+        path: path.into(),
+        check: Box::new(check),
+        status: StatusCode::OK,
+        reply: None,
+        object: None,
+    }
+}
+
+fn not_found(method: Method, path: impl Into<String>) -> Expect {
+    Expect {
+        status: StatusCode::NOT_FOUND,
+        reply: Some(
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "NotFound", "code": 404, "message": "not found"}),
+        ),
+        ..expect(method, path, |_, _| {})
+    }
+}
+
+/// Answers `expects` in order (echoing the request body unless a reply is set), then checks
+/// that nothing else is asked.
+async fn serve(mut handle: Handle, expects: Vec<Expect>) {
+    for e in expects {
+        let (req, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("no request came; expected {} {}", e.method, e.path))
+            .unwrap_or_else(|| panic!("client gone; expected {} {}", e.method, e.path));
+        assert_eq!(req.method(), e.method, "{}", req.uri());
+        assert_eq!(req.uri().path(), e.path);
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (e.check)(&query, &body);
+        let reply = match (e.reply, e.object) {
+            (Some(r), _) => r,
+            (None, Some(mut obj)) => {
+                obj["status"] = body["status"].clone();
+                obj
+            }
+            (None, None) => body,
+        };
+        send.send_response(
+            Response::builder()
+                .status(e.status)
+                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .unwrap(),
+        );
+    }
+    let more = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+    if let Ok(Some((req, _))) = more {
+        panic!("unexpected request {} {}", req.method(), req.uri());
+    }
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).unwrap()
+}
+
+fn test_node(extra: Value) -> KvmNode {
+    let mut spec = json!({"address": "localhost", "libvirtUri": "test:///default"});
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+        "metadata": {"name": "n1", "uid": "node-uid", "generation": 1,
+                     "finalizers": ["kvm-operator.io/cleanup"]},
+        "spec": spec,
+    }))
+}
+
+/// A context whose client is the mock, with these objects in its caches.
+fn context(
+    svc: tower_test::mock::Mock<Request<Body>, Response<Body>>,
+    nodes: Vec<KvmNode>,
+    pools: Vec<StoragePool>,
+    vms: Vec<VirtualMachine>,
+    dir: &std::path::Path,
+) -> Arc<Context> {
+    let client = kube::Client::new(svc, "default");
+    let hv = Arc::new(NodePool::new(Duration::from_secs(10)));
+    for n in &nodes {
+        hv.upsert(NodeAccess {
+            name: n.metadata.name.clone().unwrap(),
+            spec: n.spec.clone(),
+            private_key: None,
+            state_dir: dir.to_path_buf(),
+            tls: None,
+            timeout: Duration::from_secs(5),
+        });
+    }
+    fn fill<K: kube::Resource<DynamicType = ()> + Clone + 'static>(
+        objs: Vec<K>,
+    ) -> kube::runtime::reflector::Store<K> {
+        let (reader, mut writer) = store();
+        for o in objs {
+            writer.apply_watcher_event(&watcher::Event::Apply(o));
+        }
+        reader
+    }
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    Arc::new(Context::new(
+        client,
+        hv,
+        (fill(nodes), fill(pools), fill(vms)),
+        Config {
+            state_dir: dir.to_path_buf(),
+            ..Config::default()
+        },
+        tx,
+    ))
+}
+
+fn status_patch(
+    path: &str,
+    manager: &'static str,
+    object: &impl serde::Serialize,
+    check: impl FnOnce(&Value) + Send + 'static,
+) -> Expect {
+    Expect {
+        object: Some(serde_json::to_value(object).unwrap()),
+        ..expect(Method::PATCH, path, move |q, body| {
+            assert!(q.contains(&format!("fieldManager={manager}")), "{q}");
+            assert!(
+                q.contains("force=true"),
+                "server-side apply with force: {q}"
+            );
+            assert_eq!(body["apiVersion"], "kvm-operator.io/v1alpha1");
+            check(&body["status"]);
+        })
+    }
+}
+
+fn event(ns: &str, reason: &'static str, kind: &'static str) -> Expect {
+    expect(
+        Method::POST,
+        format!("/apis/events.k8s.io/v1/namespaces/{ns}/events"),
+        move |_, body| {
+            assert_eq!(body["reason"], reason, "{body}");
+            assert_eq!(body["type"], kind, "{body}");
+            assert_eq!(body["reportingController"], "kvm-operator");
+        },
+    )
+}
+
+fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == t)
+        .unwrap_or_else(|| panic!("no {t} in {status}"))
+}
+
+#[tokio::test]
+async fn a_new_node_first_gets_the_finalizer_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let mut node = test_node(json!({}));
+    node.metadata.finalizers = None;
+    let ctx = context(svc, vec![], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![Expect {
+            reply: Some(serde_json::to_value(test_node(json!({}))).unwrap()),
+            ..expect(
+                Method::PATCH,
+                "/apis/kvm-operator.io/v1alpha1/kvmnodes/n1",
+                |_, body| {
+                    // JSON patch: test that there are no finalizers, then add ours
+                    assert_eq!(body[0]["op"], "test");
+                    assert_eq!(body[1]["op"], "add");
+                    assert_eq!(body[1]["path"], "/metadata/finalizers");
+                    assert_eq!(body[1]["value"], json!(["kvm-operator.io/cleanup"]));
+                },
+            )
+        }],
+    ));
+    controller::kvm_node::reconcile(Arc::new(node), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_reports_status_by_server_side_apply_and_an_event_when_it_becomes_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let node = test_node(json!({}));
+    let ctx = context(svc, vec![node.clone()], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            status_patch(
+                "/apis/kvm-operator.io/v1alpha1/kvmnodes/n1/status",
+                "kvm-operator-kvmnode",
+                &node,
+                |s| {
+                    assert_eq!(s["observedGeneration"], 1);
+                    assert_eq!(condition(s, "Ready")["status"], "True");
+                    assert_eq!(condition(s, "Reachable")["status"], "True");
+                    assert!(s["capacity"]["cpus"].as_u64().unwrap() > 0);
+                    // the test driver's own domain is not ours
+                    assert_eq!(s["unmanagedDomains"][0]["name"], "test");
+                },
+            ),
+            event("default", "Ready", "Normal"),
+        ],
+    ));
+    let action = controller::kvm_node::reconcile(Arc::new(node), ctx)
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(30))
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_key_secret_is_reported_on_the_node_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let node = test_node(json!({"sshKeySecretRef": {"name": "n1-key"}}));
+    let ctx = context(svc, vec![], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            not_found(
+                Method::GET,
+                "/api/v1/namespaces/kvm-operator/secrets/n1-key",
+            ),
+            status_patch(
+                "/apis/kvm-operator.io/v1alpha1/kvmnodes/n1/status",
+                "kvm-operator-kvmnode",
+                &node,
+                |s| {
+                    let r = condition(s, "Ready");
+                    assert_eq!(r["status"], "False");
+                    assert_eq!(r["reason"], "SecretNotFound");
+                    assert!(
+                        r["message"]
+                            .as_str()
+                            .unwrap()
+                            .contains("kvm-operator/n1-key")
+                    );
+                },
+            ),
+            event("default", "SecretNotFound", "Warning"),
+        ],
+    ));
+    controller::kvm_node::reconcile(Arc::new(node), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn deleting_a_node_with_vms_is_refused_and_says_why_then_allowed_when_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = test_node(json!({}));
+    node.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    let vm: VirtualMachine = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "web", "namespace": "prod", "uid": "vm-uid"},
+        "spec": {"vcpus": 1, "memory": "64Mi"}, "status": {"node": "n1"},
+    }));
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![node.clone()], vec![], vec![vm], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            status_patch(
+                "/apis/kvm-operator.io/v1alpha1/kvmnodes/n1/status",
+                "kvm-operator-kvmnode",
+                &node,
+                |s| {
+                    let d = condition(s, "Deleting");
+                    assert_eq!(d["reason"], "DeletionBlocked");
+                    assert!(d["message"].as_str().unwrap().contains("prod/web"));
+                },
+            ),
+            event("default", "DeletionBlocked", "Warning"),
+        ],
+    ));
+    let err = controller::kvm_node::reconcile(Arc::new(node.clone()), ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "DeletionBlocked");
+    server.await.unwrap();
+
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![node.clone()], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![Expect {
+            reply: Some(serde_json::to_value(&node).unwrap()),
+            ..expect(
+                Method::PATCH,
+                "/apis/kvm-operator.io/v1alpha1/kvmnodes/n1",
+                |_, body| {
+                    assert_eq!(body[0]["op"], "test");
+                    assert_eq!(body[0]["value"], "kvm-operator.io/cleanup");
+                    assert_eq!(body[1]["op"], "remove");
+                    assert_eq!(body[1]["path"], "/metadata/finalizers/0");
+                },
+            )
+        }],
+    ));
+    controller::kvm_node::reconcile(Arc::new(node), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pool_is_ensured_on_its_node_and_reported_per_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = test_node(json!({}));
+    let pool: StoragePool = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "StoragePool",
+        "metadata": {"name": "images", "namespace": "prod", "uid": "pool-uid", "generation": 2,
+                     "finalizers": ["kvm-operator.io/cleanup"]},
+        "spec": {"nodeName": "n1", "type": "dir", "targetPath": "/kvm-operator-test-images"},
+    }));
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![node], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            status_patch(
+                "/apis/kvm-operator.io/v1alpha1/namespaces/prod/storagepools/images/status",
+                "kvm-operator-storagepool",
+                &pool,
+                |s| {
+                    assert_eq!(s["observedGeneration"], 2);
+                    assert_eq!(s["readyNodes"], "1/1");
+                    assert_eq!(s["nodes"][0]["node"], "n1");
+                    assert_eq!(s["nodes"][0]["state"], "Running");
+                    assert_eq!(condition(s, "Ready")["status"], "True");
+                },
+            ),
+            event("prod", "PoolRunning", "Normal"),
+        ],
+    ));
+    controller::storage_pool::reconcile(Arc::new(pool), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_vm_gets_ready_false_naming_the_field_and_waits_for_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm: VirtualMachine = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "web", "namespace": "prod", "uid": "vm-uid", "generation": 4,
+                     "finalizers": ["kvm-operator.io/cleanup"]},
+        "spec": {"vcpus": 0, "memory": "1Gi"},
+    }));
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            status_patch(
+                "/apis/kvm-operator.io/v1alpha1/namespaces/prod/virtualmachines/web/status",
+                "kvm-operator-virtualmachine",
+                &vm,
+                |s| {
+                    assert_eq!(s["observedGeneration"], 4);
+                    let r = condition(s, "Ready");
+                    assert_eq!(r["reason"], "InvalidSpec");
+                    assert!(r["message"].as_str().unwrap().contains("spec.vcpus"));
+                },
+            ),
+            event("prod", "InvalidSpec", "Warning"),
+        ],
+    ));
+    let action = controller::virtual_machine::reconcile(Arc::new(vm), ctx)
+        .await
+        .unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_vm_is_scheduled_on_the_test_driver_node_and_the_choice_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = test_node(json!({}));
+    node.status = Some(from_json(json!({
+        "allocatable": {"cpus": 16, "memory": "32Gi"},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    })));
+    let vm: VirtualMachine = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "web", "namespace": "prod", "uid": "vm-uid", "generation": 1,
+                     "finalizers": ["kvm-operator.io/cleanup"]},
+        "spec": {"vcpus": 2, "memory": "1Gi",
+                 "cloudInit": {"userDataSecretRef": {"name": "web-cloud-init"}, "pool": "images"}},
+    }));
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![node], vec![], vec![vm.clone()], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            Expect {
+                reply: Some(json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "web-cloud-init", "namespace": "prod"},
+                    "data": {"userdata": "I2Nsb3VkLWNvbmZpZwo="}})),
+                ..expect(
+                    Method::GET,
+                    "/api/v1/namespaces/prod/secrets/web-cloud-init",
+                    |_, _| {},
+                )
+            },
+            status_patch(
+                "/apis/kvm-operator.io/v1alpha1/namespaces/prod/virtualmachines/web/status",
+                "kvm-operator-virtualmachine",
+                &vm,
+                |s| {
+                    // no pool "images" runs anywhere: unschedulable, and why
+                    let r = condition(s, "Scheduled");
+                    assert_eq!(r["status"], "False");
+                    assert_eq!(r["reason"], "Unschedulable");
+                    assert!(
+                        r["message"]
+                            .as_str()
+                            .unwrap()
+                            .contains("StoragePool images"),
+                        "{r}"
+                    );
+                    assert_eq!(s["placement"]["filtered"][0]["node"], "n1");
+                },
+            ),
+            event("prod", "Unschedulable", "Warning"),
+        ],
+    ));
+    controller::virtual_machine::reconcile(Arc::new(vm), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn deleting_a_vm_that_was_never_placed_only_removes_the_finalizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm: VirtualMachine = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "web", "namespace": "prod", "uid": "vm-uid",
+                     "finalizers": ["kvm-operator.io/cleanup"],
+                     "deletionTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"vcpus": 1, "memory": "64Mi"},
+    }));
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![], vec![], vec![], dir.path());
+    let reply = serde_json::to_value(&vm).unwrap();
+    let server = tokio::spawn(serve(
+        handle,
+        vec![Expect {
+            reply: Some(reply),
+            ..expect(
+                Method::PATCH,
+                "/apis/kvm-operator.io/v1alpha1/namespaces/prod/virtualmachines/web",
+                |_, body| assert_eq!(body[1]["op"], "remove"),
+            )
+        }],
+    ));
+    controller::virtual_machine::reconcile(Arc::new(vm), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+}
