@@ -21,11 +21,14 @@ use serde_json::{Value, json};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
+/// Checks a request's query string and JSON body.
+type Check = Box<dyn FnOnce(&str, &Value) + Send>;
+
 /// One expected request: method, path, a check of the query and JSON body, and the answer.
 struct Expect {
     method: Method,
     path: String,
-    check: Box<dyn FnOnce(&str, &Value) + Send>,
+    check: Check,
     status: StatusCode,
     reply: Option<Value>,
     /// Answer with this object carrying the status the request applied.
