@@ -259,3 +259,29 @@ fn values_schema_refuses_bad_values_naming_the_key() {
         assert!(err.contains(key), "{values}: {err}");
     }
 }
+
+#[test]
+fn cloud_init_secrets_are_readable_only_in_the_namespaces_listed() {
+    let r = render(json!({}));
+    assert!(
+        !r.objects.keys().any(|k| k.ends_with("-cloud-init")),
+        "no access by default"
+    );
+    let r = render(json!({"cloudInitSecretNamespaces": ["team-a"]}));
+    let role = get(&r, "Role/kvm-kvm-operator-cloud-init");
+    assert_eq!(role["metadata"]["namespace"], "team-a");
+    assert_eq!(role["rules"][0]["resources"], json!(["secrets"]));
+    assert_eq!(role["rules"][0]["verbs"], json!(["get"]));
+    let rb = get(&r, "RoleBinding/kvm-kvm-operator-cloud-init");
+    assert_eq!(rb["metadata"]["namespace"], "team-a");
+    assert_eq!(rb["subjects"][0]["namespace"], "kvm-system");
+    // the state directory the chart mounts is the one the operator uses
+    let c = &get(&r, "Deployment/kvm-kvm-operator")["spec"]["template"]["spec"]["containers"][0];
+    let env: Vec<&Value> = c["env"].as_array().into_iter().flatten().collect();
+    let dir = env
+        .iter()
+        .find(|e| e["name"] == "KVM_OPERATOR_STATE_DIR")
+        .map(|e| e["value"].clone());
+    assert_eq!(dir, Some(c["volumeMounts"][0]["mountPath"].clone()));
+    assert!(env.iter().any(|e| e["name"] == "POD_NAME"));
+}

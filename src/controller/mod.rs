@@ -64,7 +64,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             namespace: "kvm-operator".into(),
-            state_dir: PathBuf::from("/var/lib/kvm-operator"),
+            state_dir: PathBuf::from("/run/kvm-operator"),
             node_resync: Duration::from_secs(30),
             vm_resync: Duration::from_secs(300),
             pool_resync: Duration::from_secs(120),
