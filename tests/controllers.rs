@@ -997,3 +997,62 @@ fn sigkill(pid: i32) -> i32 {
         .unwrap_or(false);
     if ok { 0 } else { 1 }
 }
+
+async fn next(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<kvm_operator::hypervisor::ffi::DomainEvent>,
+) -> kvm_operator::hypervisor::ffi::DomainEvent {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("an event within 20 s")
+        .expect("the follower runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn domain_events_keep_flowing_across_a_reconnect() {
+    use kvm_operator::hypervisor::events;
+    use kvm_operator::hypervisor::ffi::LifecycleKind;
+    let lab = Lab::new().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = tokio::spawn(events::follow(
+        lab.hv.clone(),
+        "host1".to_string(),
+        tx,
+        Duration::from_millis(200),
+    ));
+    let first = next(&mut rx).await;
+    assert!(events::is_resync(&first), "{first:?}");
+    let name = format!("events-{}", std::process::id());
+    let n = name.clone();
+    lab.call("host1", move |c| {
+        c.define(&DomainXml::minimal(&n, kind(), 32 * 1024, 1))
+    })
+    .await;
+    let e = next(&mut rx).await;
+    assert_eq!(
+        (e.domain.as_str(), e.kind),
+        (name.as_str(), LifecycleKind::Defined)
+    );
+    // a changed spec replaces the node's connection: the follower subscribes again on the new one
+    let mut spec = lab.node("host1").spec.clone();
+    spec.maintenance = true;
+    lab.hv.upsert(NodeAccess {
+        name: "host1".into(),
+        spec,
+        private_key: Some(std::fs::read(var("KVM_LAB_SSH_KEY")).unwrap()),
+        state_dir: lab.config.state_dir.clone(),
+        tls: None,
+        timeout: Duration::from_secs(15),
+    });
+    let n = name.clone();
+    // the next call opens the new connection; the follower notices and re-subscribes
+    lab.call("host1", |c| Ok(c.id())).await;
+    let marker = next(&mut rx).await;
+    assert!(events::is_resync(&marker), "{marker:?}");
+    lab.call("host1", move |c| c.undefine(&n)).await;
+    let e = next(&mut rx).await;
+    assert_eq!(
+        (e.domain.as_str(), e.kind),
+        (name.as_str(), LifecycleKind::Undefined)
+    );
+    follower.abort();
+}

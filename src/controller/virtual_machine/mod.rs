@@ -318,11 +318,13 @@ async fn converge<H: Hypervisor>(
     let mut notes = Vec::new();
     let mut restarted = false;
     let mut fail = None;
+    let mut transient = true;
     let mut last = (observe::Observed::default(), plan::Plan::default());
     for _ in 0..MAX_ROUNDS {
         let observed = match observe::observe(hv, &resolved).await {
             Ok(o) => o,
             Err(e) => {
+                transient = e.is_transient();
                 fail = Some(failure("reading the domain", node, &e));
                 break;
             }
@@ -349,6 +351,7 @@ async fn converge<H: Hypervisor>(
         restarted |= ex.restarted;
         last = (observed, p);
         if let Some((what, e)) = ex.failed {
+            transient = e.is_transient();
             fail = Some(failure(what, node, &e));
             if let Ok(o) = observe::observe(hv, &resolved).await {
                 last.0 = o;
@@ -405,7 +408,9 @@ async fn converge<H: Hypervisor>(
         });
     }
     let requeue = match (&fail, &p.blocked, p.wait) {
-        (Some((_, _, _)), _, _) => Duration::from_secs(15),
+        // a host that may come back is retried soon; an error that needs a person, slowly
+        (Some(_), _, _) if transient => Duration::from_secs(15),
+        (Some(_), _, _) => Duration::from_secs(300),
         (None, Some(b), _) => b.retry.unwrap_or(config.vm_resync),
         (None, None, Some(w)) => w,
         (None, None, None) if !p.steps.is_empty() => Duration::from_secs(2),
@@ -720,4 +725,67 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         ctx.succeeded(&object);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::ffi::LifecycleKind;
+
+    fn vm(ns: &str, name: &str, node: Option<&str>, domain: &str) -> Arc<VirtualMachine> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"vcpus": 1, "memory": "64Mi"},
+                "status": {"node": node, "domainName": domain, "domainUuid": format!("uuid-{name}")},
+            }))
+            .unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    fn ev(node: &str, domain: &str, uuid: &str) -> DomainEvent {
+        DomainEvent {
+            node: node.into(),
+            domain: domain.into(),
+            uuid: uuid.into(),
+            kind: LifecycleKind::Stopped,
+            detail: 0,
+        }
+    }
+
+    fn names(refs: Vec<ObjectRef<VirtualMachine>>) -> Vec<String> {
+        let mut v: Vec<String> = refs.iter().map(|r| r.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn events_markers_and_hints_map_to_the_vms_they_concern() {
+        let vms = [
+            vm("a", "web", Some("n1"), "a_web"),
+            vm("a", "db", Some("n1"), "a_db"),
+            vm("b", "web", Some("n2"), "b_web"),
+            vm("c", "new", None, "c_new"),
+        ];
+        // a libvirt event: by domain name on that node, or by UUID
+        assert_eq!(
+            names(refs_for_event(&ev("n1", "a_db", ""), &vms)),
+            ["VirtualMachine.v1alpha1.kvm-operator.io/db.a"]
+        );
+        assert_eq!(
+            names(refs_for_event(&ev("n2", "renamed", "uuid-web"), &vms)).len(),
+            1
+        );
+        // the same domain name on another node is someone else's
+        assert!(refs_for_event(&ev("n2", "a_db", ""), &vms).is_empty());
+        // a resync marker: every VM on the node
+        assert_eq!(
+            refs_for_event(&crate::hypervisor::events::resync("n1"), &vms).len(),
+            2
+        );
+        // a node's hint names the VM
+        let hint = super::super::kvm_node::execute::resync_hint("n1", "c", "new");
+        assert_eq!(names(refs_for_event(&hint, &vms)).len(), 1);
+    }
 }
