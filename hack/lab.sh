@@ -4,7 +4,8 @@
 #   hack/lab.sh deps         install only what building the operator needs (libvirt-dev, ...)
 #   hack/lab.sh install      install everything the lab and the tests need (idempotent)
 #   hack/lab.sh up           start virtlogd + libvirtd (qemu:///system) and a loopback sshd
-#   hack/lab.sh hosts [N]    start N simulated hypervisor hosts (default 2) in namespaces
+#   hack/lab.sh hosts [N]    start N simulated hypervisor hosts (default 2) in namespaces, each
+#                            with its own libvirtd, sshd and a guest bridge vmbr0 (no uplink)
 #   hack/lab.sh fault WHAT stop|start N   stop or start host N's libvirtd or sshd (fault tests)
 #   hack/lab.sh down         stop everything this script started (only our own PIDs)
 #   hack/lab.sh env          print the variables tests read (source it: eval "$(hack/lab.sh env)")
