@@ -54,7 +54,8 @@ pub struct Config {
     pub vm_resync: Duration,
     /// How often a pool is refreshed.
     pub pool_resync: Duration,
-    /// Graceful shutdown time before a guest is forced off.
+    /// Graceful shutdown time before a guest is forced off (the call timeout is raised to
+    /// outlast it).
     pub shutdown_grace: Duration,
     /// Timeout of the SSH handshake and libvirt connect.
     pub connect_timeout: Duration,
@@ -68,7 +69,7 @@ impl Default for Config {
             node_resync: Duration::from_secs(30),
             vm_resync: Duration::from_secs(300),
             pool_resync: Duration::from_secs(120),
-            shutdown_grace: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(15),
         }
     }
@@ -401,7 +402,10 @@ pub async fn run_all(
     use kube::runtime::reflector::ObjectRef;
     use kube::runtime::{Controller, watcher};
     let wc = watcher::Config::default().any_semantic();
-    let hv = Arc::new(NodePool::new(call_timeout));
+    // a graceful shutdown runs inside one call: the call timeout must outlast the grace period
+    let hv = Arc::new(NodePool::new(
+        call_timeout.max(config.shutdown_grace + Duration::from_secs(15)),
+    ));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let node_ctl = Controller::new(Api::<KvmNode>::all(client.clone()), wc.clone());
     let pool_ctl = Controller::new(Api::<StoragePool>::all(client.clone()), wc.clone());
