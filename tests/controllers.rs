@@ -695,6 +695,10 @@ async fn adoption_takes_over_a_running_domain_without_a_restart() {
         st(&vm).conditions
     );
     assert_eq!(cond(&vm, condition::SCHEDULED).reason, "Adopted");
+    // the spec it came with is reported
+    let seen = st(&vm).observed.clone().expect("observed definition");
+    assert_eq!(seen.vcpus, 1);
+    assert_eq!(seen.memory.map(|m| m.bytes()), Some(32 << 20));
     let l = legacy.clone();
     let (live, persistent) = lab
         .call("host1", move |c| {

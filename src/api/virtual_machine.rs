@@ -481,6 +481,10 @@ pub struct VirtualMachineStatus {
     /// Why the VM runs where it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementStatus>,
+    /// What the domain's definition on the host has: for an adopted domain, the spec it came
+    /// with (fields left unset in spec follow it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<ObservedDomain>,
     /// Restarts after crashes (RerunOnFailure and Running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_count: Option<u32>,
@@ -527,6 +531,62 @@ pub struct ConsoleStatus {
     /// The command that opens the console from a workstation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+}
+
+/// A domain's definition as read from its host.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedDomain {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory (the maximum the guest may have).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteQuantity>,
+    /// Disks and CD-ROMs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<ObservedDiskStatus>,
+    /// Network interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<ObservedNicStatus>,
+}
+
+/// A disk of the domain.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedDiskStatus {
+    /// The spec's disk name, or the target device for disks the operator did not create.
+    pub name: String,
+    /// Target device in the guest, e.g. `vda`.
+    pub target: String,
+    /// Bus: virtio, sata, scsi or ide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+    /// File, block device or `protocol:name` it reads from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// True for a CD-ROM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cdrom: bool,
+}
+
+/// A network interface of the domain.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedNicStatus {
+    /// The spec's NIC name, or the MAC address for NICs the operator did not create.
+    pub name: String,
+    /// MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Host bridge it is plugged into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// libvirt network it is plugged into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Device model, e.g. `virtio`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// The placement decision.

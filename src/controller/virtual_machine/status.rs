@@ -3,7 +3,8 @@
 use crate::api::condition::{self, Time, set_condition};
 use crate::api::kvm_node::KvmNode;
 use crate::api::virtual_machine::{
-    ConsoleStatus, PowerState, RunStrategy, VirtualMachine, VirtualMachineStatus,
+    ConsoleStatus, ObservedDiskStatus, ObservedDomain, ObservedNicStatus, PowerState, RunStrategy,
+    VirtualMachine, VirtualMachineStatus,
 };
 use crate::hypervisor::domain_spec::ObservedVm;
 
@@ -42,6 +43,50 @@ fn settled(strategy: RunStrategy, p: PowerState, guest_shutdown: bool) -> bool {
     }
 }
 
+/// The definition as status reports it.
+pub fn observed_domain(o: &ObservedVm) -> ObservedDomain {
+    use crate::hypervisor::domain_spec::{DiskBacking, NicSource};
+    let mut disks: Vec<ObservedDiskStatus> = o
+        .disks
+        .iter()
+        .map(|(name, d)| ObservedDiskStatus {
+            name: name.clone(),
+            target: d.target.clone(),
+            bus: d.bus.clone(),
+            source: d.backing.as_ref().map(|b| match b {
+                DiskBacking::File(p) | DiskBacking::Block(p) => p.clone(),
+                DiskBacking::Network { protocol, name, .. } => format!("{protocol}:{name}"),
+            }),
+            cdrom: d.cdrom,
+        })
+        .collect();
+    disks.sort_by(|a, b| a.target.cmp(&b.target));
+    ObservedDomain {
+        vcpus: o.vcpus,
+        memory: o
+            .memory_kib
+            .map(|k| crate::api::ByteQuantity::from_bytes(k.saturating_mul(1024))),
+        disks,
+        nics: o
+            .nics
+            .iter()
+            .map(|(name, n)| ObservedNicStatus {
+                name: name.clone(),
+                mac: n.mac.clone(),
+                bridge: match &n.source {
+                    Some(NicSource::Bridge(b)) => Some(b.clone()),
+                    _ => None,
+                },
+                network: match &n.source {
+                    Some(NicSource::Network(w)) => Some(w.clone()),
+                    _ => None,
+                },
+                model: n.model.clone(),
+            })
+            .collect(),
+    }
+}
+
 /// The status after a round on the VM's node.
 pub fn status(
     vm: &VirtualMachine,
@@ -59,6 +104,7 @@ pub fn status(
     if let Some(d) = &round.observed.domain {
         st.domain_uuid = d.uuid.clone();
         let obs = ObservedVm::from_xml(&d.persistent);
+        st.observed = Some(observed_domain(&obs));
         st.macs = obs
             .nics
             .iter()
