@@ -150,7 +150,7 @@ fn context(
     Arc::new(Context::new(
         client,
         hv,
-        (fill(nodes), fill(pools), fill(vms)),
+        (fill(nodes), fill(pools), fill(vms), fill(vec![])),
         Config {
             state_dir: dir.to_path_buf(),
             ..Config::default()

@@ -59,6 +59,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Timeout of the SSH handshake and libvirt connect.
     pub connect_timeout: Duration,
+    /// Placement score weights.
+    pub weights: crate::placement::Weights,
+    /// Migrations running at once touching one node (as source or target).
+    pub max_migrations_per_node: usize,
+    /// Migrations running at once in the cluster.
+    pub max_migrations: usize,
 }
 
 impl Default for Config {
@@ -71,6 +77,9 @@ impl Default for Config {
             pool_resync: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(15),
+            weights: crate::placement::Weights::default(),
+            max_migrations_per_node: 2,
+            max_migrations: 8,
         }
     }
 }
@@ -81,6 +90,13 @@ pub struct World {
     pub nodes: Vec<Arc<KvmNode>>,
     pub pools: Vec<Arc<StoragePool>>,
     pub vms: Vec<Arc<VirtualMachine>>,
+    pub migrations: Vec<Arc<crate::api::Migration>>,
+    /// Placements decided but not yet visible in the VMs' status (node, CPUs, bytes).
+    pub inflight: Vec<(String, u32, u64)>,
+    /// Provisioning failures per node in the recent past.
+    pub recent_failures: std::collections::BTreeMap<String, u32>,
+    /// Placement score weights.
+    pub weights: crate::placement::Weights,
 }
 
 impl World {
@@ -199,15 +215,27 @@ pub struct Context {
     pub config: Config,
     /// Domain events of every followed node (feeds VM reconciles).
     pub events: UnboundedSender<DomainEvent>,
+    pub migrations: Store<crate::api::Migration>,
     followers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Placements decided and not yet seen in the cache: VM uid → (node, CPUs, bytes, when).
+    inflight: Mutex<HashMap<String, (String, u32, u64, std::time::Instant)>>,
+    /// Provisioning failures per node, for the placement penalty.
+    node_failures: Mutex<HashMap<String, Vec<std::time::Instant>>>,
+    /// Held while a VM is placed, so concurrent reconciles see each other's choices.
+    pub placement_lock: tokio::sync::Mutex<()>,
 }
 
 impl Context {
     pub fn new(
         client: Client,
         hv: Arc<NodePool>,
-        stores: (Store<KvmNode>, Store<StoragePool>, Store<VirtualMachine>),
+        stores: (
+            Store<KvmNode>,
+            Store<StoragePool>,
+            Store<VirtualMachine>,
+            Store<crate::api::Migration>,
+        ),
         config: Config,
         events: UnboundedSender<DomainEvent>,
     ) -> Self {
@@ -224,19 +252,49 @@ impl Context {
             nodes: stores.0,
             pools: stores.1,
             vms: stores.2,
+            migrations: stores.3,
             recorder,
             config,
             events,
             followers: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            node_failures: Mutex::new(HashMap::new()),
+            placement_lock: tokio::sync::Mutex::new(()),
         }
     }
 
     pub fn world(&self) -> World {
+        let vms = self.vms.state();
+        let now = std::time::Instant::now();
+        let inflight = {
+            let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            // an in-flight placement ends when the cache shows the VM bound, or after 2 minutes
+            m.retain(|uid, (_, _, _, at)| {
+                now.duration_since(*at) < Duration::from_secs(120)
+                    && !vms.iter().any(|v| {
+                        v.uid().as_deref() == Some(uid.as_str())
+                            && v.status.as_ref().is_some_and(|s| s.node.is_some())
+                    })
+            });
+            m.values().map(|(n, c, b, _)| (n.clone(), *c, *b)).collect()
+        };
+        let recent_failures = {
+            let mut m = self.node_failures.lock().unwrap_or_else(|p| p.into_inner());
+            for v in m.values_mut() {
+                v.retain(|t| now.duration_since(*t) < Duration::from_secs(600));
+            }
+            m.retain(|_, v| !v.is_empty());
+            m.iter().map(|(k, v)| (k.clone(), v.len() as u32)).collect()
+        };
         World {
             nodes: self.nodes.state(),
             pools: self.pools.state(),
-            vms: self.vms.state(),
+            vms,
+            migrations: self.migrations.state(),
+            inflight,
+            recent_failures,
+            weights: self.config.weights,
         }
     }
 
@@ -293,6 +351,27 @@ impl Context {
         let n = f.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
         Action::requeue(backoff(*n))
+    }
+
+    /// Remembers that `uid` was just placed on `node`, until the cache shows it.
+    pub fn placed(&self, uid: &str, node: &str, cpus: u32, bytes: u64) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                uid.to_string(),
+                (node.to_string(), cpus, bytes, std::time::Instant::now()),
+            );
+    }
+
+    /// Records a provisioning failure on `node` (penalised by placement for 10 minutes).
+    pub fn provisioning_failed(&self, node: &str) {
+        self.node_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node.to_string())
+            .or_default()
+            .push(std::time::Instant::now());
     }
 
     /// Forgets an object's failures after a successful reconcile.
@@ -410,10 +489,19 @@ pub async fn run_all(
     let node_ctl = Controller::new(Api::<KvmNode>::all(client.clone()), wc.clone());
     let pool_ctl = Controller::new(Api::<StoragePool>::all(client.clone()), wc.clone());
     let vm_ctl = Controller::new(Api::<VirtualMachine>::all(client.clone()), wc.clone());
+    let mig_ctl = Controller::new(
+        Api::<crate::api::Migration>::all(client.clone()),
+        wc.clone(),
+    );
     let ctx = Arc::new(Context::new(
         client.clone(),
         hv,
-        (node_ctl.store(), pool_ctl.store(), vm_ctl.store()),
+        (
+            node_ctl.store(),
+            pool_ctl.store(),
+            vm_ctl.store(),
+            mig_ctl.store(),
+        ),
         config,
         tx,
     ));

@@ -32,6 +32,15 @@ use crate::placement::{self, Candidate, Decision, Request};
 /// Field manager of this controller's status writes.
 pub const MANAGER: &str = "kvm-operator-virtualmachine";
 
+/// Provisioned=False reasons that count as a failure of the node (placement penalises it).
+const FAILURE_REASONS: &[&str] = &[
+    "LibvirtError",
+    "Timeout",
+    "HostUnreachable",
+    "SshFailed",
+    "LocalError",
+];
+
 /// At most this many observe → plan → execute rounds per reconcile (volumes, then the domain,
 /// then power).
 const MAX_ROUNDS: usize = 4;
@@ -83,7 +92,7 @@ pub fn problem(
     }
 }
 
-/// Nodes as placement sees them, for a VM in `namespace` needing `pools`.
+/// Nodes as placement sees them, for `vm` (its own binding and in-flight placement excluded).
 pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
     let ns = vm.namespace().unwrap_or_default();
     let me = vm.uid();
@@ -94,10 +103,20 @@ pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
             let name = n.name_any();
             let st = n.status.clone().unwrap_or_default();
             let no_stats = Default::default();
-            let allocated = super::kvm_node::vms_on(world, &name)
+            let bound: Vec<&VirtualMachine> = super::kvm_node::vms_on(world, &name)
                 .into_iter()
                 .filter(|v| v.uid() != me)
+                .collect();
+            let allocated = bound
+                .iter()
                 .map(|v| vm_request(v, &no_stats))
+                .chain(
+                    world
+                        .inflight
+                        .iter()
+                        .filter(|(node, _, _)| *node == name)
+                        .map(|(_, c, m)| (*c, *m)),
+                )
                 .fold((0u32, 0u64), |(c, m), (vc, vm_)| {
                     (c.saturating_add(vc), m.saturating_add(vm_))
                 });
@@ -130,7 +149,10 @@ pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
                 allocatable: st.allocatable.as_ref().map(|a| (a.cpus, a.memory.bytes())),
                 allocated,
                 load_per_cpu,
+                cpu_usage_percent: st.load.as_ref().map(|l| l.cpu_usage_percent),
                 pools,
+                vm_labels: bound.iter().map(|v| v.labels().clone()).collect(),
+                recent_failures: world.recent_failures.get(&name).copied().unwrap_or(0),
             }
         })
         .collect()
@@ -148,7 +170,23 @@ pub fn request(vm: &VirtualMachine) -> Request {
     if let Some(p) = vm.spec.cloud_init.as_ref().and_then(|c| c.pool.clone()) {
         pools.insert(p);
     }
+    let terms = |ts: &[crate::api::virtual_machine::VmAffinityTerm]| -> Vec<placement::Term> {
+        ts.iter()
+            .map(|t| placement::Term {
+                match_labels: t.match_labels.clone(),
+                required: t.mode == crate::api::virtual_machine::AffinityMode::Required,
+                weight: t.weight,
+            })
+            .collect()
+    };
+    let p = vm.spec.placement.clone().unwrap_or_default();
     Request {
+        affinity: terms(&p.affinity),
+        anti_affinity: terms(&p.anti_affinity),
+        spread: p
+            .spread_by_label
+            .as_ref()
+            .and_then(|k| vm.labels().get(k).map(|v| (k.clone(), v.clone()))),
         cpus: vm.spec.vcpus.unwrap_or(0),
         memory: vm.spec.memory.as_ref().map_or(0, |m| m.bytes()),
         pools,
@@ -225,7 +263,7 @@ async fn schedule<H: Hypervisor>(
             requeue: Some(Duration::from_secs(1)),
         };
     }
-    match placement::place(&request(vm), &candidates(world, vm)) {
+    match placement::place(&request(vm), &candidates(world, vm), &world.weights) {
         Decision::Placed {
             node,
             score,
@@ -684,6 +722,14 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     let r = finalizer(&api, FINALIZER, vm, |event| async {
         match event {
             Finalizer::Apply(vm) => {
+                // placements are decided one at a time, each seeing the ones before it
+                let unplaced = vm.status.as_ref().and_then(|s| s.node.as_ref()).is_none()
+                    && vm.spec.adopt.is_none();
+                let guard = if unplaced {
+                    Some(ctx.placement_lock.lock().await)
+                } else {
+                    None
+                };
                 let outcome = match user_data(&vm, &ctx.client).await {
                     Ok(ud) => {
                         reconcile_core(
@@ -697,6 +743,19 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
                     }
                     Err((reason, msg)) => problem(&vm, reason, msg, Some(Duration::from_secs(60))),
                 };
+                if let (true, Some(node)) = (unplaced, outcome.status.node.as_deref()) {
+                    let (cpus, bytes) = vm_request(&vm, &Default::default());
+                    ctx.placed(&vm.uid().unwrap_or_default(), node, cpus, bytes);
+                }
+                drop(guard);
+                if let (Some(node), Some(p)) = (
+                    outcome.status.node.as_deref(),
+                    condition::find(&outcome.status.conditions, condition::PROVISIONED),
+                ) && p.status == condition::FALSE
+                    && FAILURE_REASONS.contains(&p.reason.as_str())
+                {
+                    ctx.provisioning_failed(node);
+                }
                 apply_status(&api, vm.as_ref(), MANAGER, &outcome.status).await?;
                 ctx.publish(&vm.object_ref(&()), &outcome.notes).await;
                 Ok(outcome.action())
