@@ -103,7 +103,7 @@ pub fn run(http_addr: &str) -> Result<(), CliError> {
         if let Ok(dir) = std::env::var("KVM_OPERATOR_STATE_DIR") {
             config.state_dir = dir.into();
         }
-        tracing::info!(namespace = %config.namespace, "CRDs present; starting the KvmNode, StoragePool and VirtualMachine controllers");
+        tracing::info!(namespace = %config.namespace, "CRDs present; starting the KvmNode, StoragePool, VirtualMachine and Migration controllers");
         let h = health.clone();
         crate::controller::run_all(client, config, std::time::Duration::from_secs(30), move || {
             h.set_ready(true);

@@ -11,6 +11,7 @@
 //!   tower-test scenarios pin its API calls.
 
 pub mod kvm_node;
+pub mod migration;
 pub mod storage_pool;
 pub mod virtual_machine;
 
@@ -224,6 +225,8 @@ pub struct Context {
     node_failures: Mutex<HashMap<String, Vec<std::time::Instant>>>,
     /// Held while a VM is placed, so concurrent reconciles see each other's choices.
     pub placement_lock: tokio::sync::Mutex<()>,
+    /// Migration jobs running in this process.
+    pub jobs: migration::execute::Jobs,
 }
 
 impl Context {
@@ -261,6 +264,7 @@ impl Context {
             inflight: Mutex::new(HashMap::new()),
             node_failures: Mutex::new(HashMap::new()),
             placement_lock: tokio::sync::Mutex::new(()),
+            jobs: migration::execute::Jobs::default(),
         }
     }
 
@@ -469,7 +473,7 @@ fn log_result<K: Resource<DynamicType = ()>, E: std::fmt::Display>(
     std::future::ready(())
 }
 
-/// Runs the three controllers until a stop signal. `ready` is called once every cache has
+/// Runs the four controllers until a stop signal. `ready` is called once every cache has
 /// been filled from the API (the readiness probe turns green then).
 pub async fn run_all(
     client: Client,
@@ -517,13 +521,26 @@ pub async fn run_all(
     .flat_map(futures::stream::iter);
     // a node that appears, changes labels or becomes ready may now match a pool's selector
     let pool_store = ctx.pools.clone();
-    let pool_ctl = pool_ctl.watches(Api::<KvmNode>::all(client), wc, move |_node: KvmNode| {
-        pool_store
-            .state()
-            .iter()
-            .map(|p| ObjectRef::from_obj(p.as_ref()))
-            .collect::<Vec<_>>()
-    });
+    let pool_ctl = pool_ctl.watches(
+        Api::<KvmNode>::all(client.clone()),
+        wc.clone(),
+        move |_node: KvmNode| {
+            pool_store
+                .state()
+                .iter()
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    );
+    // a Migration's progress concerns its VM (it stands aside, then is rebound)
+    let vm_ctl = vm_ctl.watches(
+        Api::<crate::api::Migration>::all(client.clone()),
+        wc.clone(),
+        |m: crate::api::Migration| {
+            m.namespace()
+                .map(|ns| ObjectRef::<VirtualMachine>::new(&m.spec.vm_name).within(&ns))
+        },
+    );
     let stores = (ctx.nodes.clone(), ctx.pools.clone(), ctx.vms.clone());
     tokio::spawn(async move {
         let ok = stores.0.wait_until_ready().await.is_ok()
@@ -544,9 +561,13 @@ pub async fn run_all(
     let vms = vm_ctl
         .reconcile_on(triggers)
         .shutdown_on_signal()
-        .run(virtual_machine::reconcile, error_policy, ctx)
+        .run(virtual_machine::reconcile, error_policy, ctx.clone())
         .for_each(log_result);
-    tokio::join!(nodes, pools, vms);
+    let migrations = mig_ctl
+        .shutdown_on_signal()
+        .run(migration::reconcile, error_policy, ctx.clone())
+        .for_each(log_result);
+    tokio::join!(nodes, pools, vms, migrations);
 }
 
 /// Now, as a condition timestamp.

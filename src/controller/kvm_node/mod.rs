@@ -71,14 +71,23 @@ fn not_ready(node: &KvmNode, reason: &'static str, message: String) -> Outcome<K
     }
 }
 
-/// The core: observe the (already registered) node, compute status and plan. Returns the
-/// outcome and the resync hints for the VM controller.
+/// What one node reconcile decided besides its status.
+#[derive(Debug, Default)]
+pub struct Side {
+    /// Resync hints for the VM controller.
+    pub hints: Vec<DomainEvent>,
+    /// VMs (namespace, name) to evacuate: a Migration named by
+    /// [`plan::evacuation_name`] is created for each.
+    pub evacuate: Vec<(String, String)>,
+}
+
+/// The core: observe the (already registered) node, compute status and plan.
 pub async fn reconcile_core<H: Hypervisor>(
     node: &KvmNode,
     world: &World,
     hv: &H,
     config: &Config,
-) -> (Outcome<KvmNodeStatus>, Vec<DomainEvent>) {
+) -> (Outcome<KvmNodeStatus>, Side) {
     let name = node.name_any();
     if let Err(e) = node.spec.validate() {
         return (
@@ -87,25 +96,82 @@ pub async fn reconcile_core<H: Hypervisor>(
                 "InvalidSpec",
                 format!("KvmNode {name}: {e}; fix the spec and apply it again"),
             ),
-            vec![],
+            Side::default(),
         );
     }
     let observed = observe::observe(hv, &name, CPU_SAMPLE).await;
     let vms = vms_on(world, &name);
-    let (status, readiness) = status::status(node, &observed, &vms, super::now());
-    let plan = plan::plan(node, &observed, &vms, &readiness);
+    let (mut status, readiness) = status::status(node, &observed, &vms, super::now());
+    let plan = plan::plan(node, &observed, &vms, &readiness, &world.migrations);
     let hints = plan
         .resync
         .iter()
         .map(|(ns, n)| execute::resync_hint(&name, ns, n))
         .collect();
+    let mut notes = plan.notes;
+    if node.spec.maintenance {
+        let (_, failed) = plan::evacuation(node, &vms, &world.migrations);
+        let (empty, reason, msg) = if vms.is_empty() {
+            (
+                true,
+                "Evacuated",
+                "no VM of ours is left on the node".to_string(),
+            )
+        } else if !failed.is_empty() {
+            (
+                false,
+                "EvacuationFailed",
+                format!(
+                    "{} VM(s) left; evacuation failed for {}; move or delete them by hand",
+                    vms.len(),
+                    failed.join(", ")
+                ),
+            )
+        } else {
+            (
+                false,
+                "Evacuating",
+                format!("{} VM(s) left, each moved by a Migration", vms.len()),
+            )
+        };
+        let was = crate::api::condition::find(&status.conditions, status::EVACUATED)
+            .map(|c| c.reason.clone());
+        if was.as_deref() != Some(reason) {
+            notes.push(if empty || reason == "Evacuating" {
+                Note::normal(reason, "Evacuate", format!("KvmNode {name}: {msg}"))
+            } else {
+                Note::warning(reason, "Evacuate", format!("KvmNode {name}: {msg}"))
+            });
+        }
+        set_condition(
+            &mut status.conditions,
+            condition::condition(
+                status::EVACUATED,
+                empty,
+                reason,
+                msg,
+                node.metadata.generation,
+                super::now(),
+            ),
+        );
+    } else {
+        status.conditions.retain(|c| c.type_ != status::EVACUATED);
+    }
+    let requeue = if plan.evacuate.is_empty() {
+        config.node_resync
+    } else {
+        Duration::from_secs(5).min(config.node_resync)
+    };
     (
         Outcome {
             status,
-            notes: plan.notes,
-            requeue: Some(config.node_resync),
+            notes,
+            requeue: Some(requeue),
         },
-        hints,
+        Side {
+            hints,
+            evacuate: plan.evacuate,
+        },
     )
 }
 
@@ -248,10 +314,10 @@ pub async fn reconcile(node: Arc<KvmNode>, ctx: Arc<Context>) -> Result<Action, 
 
 async fn apply(node: &KvmNode, ctx: &Context, api: &Api<KvmNode>) -> Result<Action, Error> {
     let name = node.name_any();
-    let (outcome, hints) = match node.spec.validate() {
+    let (outcome, side) = match node.spec.validate() {
         Err(_) => reconcile_core(node, &ctx.world(), ctx.hv.as_ref(), &ctx.config).await,
         Ok(()) => match load_access(node, &ctx.client, &ctx.config).await {
-            Err((reason, msg)) => (not_ready(node, reason, msg), vec![]),
+            Err((reason, msg)) => (not_ready(node, reason, msg), Side::default()),
             Ok(access) => {
                 ctx.hv.upsert(access);
                 ctx.follow(&name);
@@ -259,12 +325,42 @@ async fn apply(node: &KvmNode, ctx: &Context, api: &Api<KvmNode>) -> Result<Acti
             }
         },
     };
-    for h in hints {
+    for h in side.hints {
         let _ = ctx.events.send(h);
+    }
+    for (ns, vm) in side.evacuate {
+        create_evacuation(ctx, &name, &ns, &vm).await?;
     }
     apply_status(api, node, MANAGER, &outcome.status).await?;
     ctx.publish(&node.object_ref(&()), &outcome.notes).await;
     Ok(outcome.action())
+}
+
+/// Creates the Migration that moves `ns/vm` off `node` (an existing one is left as it is).
+async fn create_evacuation(ctx: &Context, node: &str, ns: &str, vm: &str) -> Result<(), Error> {
+    use crate::api::migration::{Migration, MigrationSpec};
+    let api: Api<Migration> = Api::namespaced(ctx.client.clone(), ns);
+    let spec: MigrationSpec =
+        serde_json::from_value(serde_json::json!({ "vmName": vm })).map_err(|e| {
+            Error::Finalizer {
+                object: format!("Migration for {ns}/{vm}"),
+                cause: e.to_string(),
+            }
+        })?;
+    let mut m = Migration::new(&plan::evacuation_name(node, vm), spec);
+    m.metadata.namespace = Some(ns.to_string());
+    m.metadata.labels = Some(
+        [(
+            super::migration::EVACUATION_LABEL.to_string(),
+            node.to_string(),
+        )]
+        .into(),
+    );
+    match api.create(&kube::api::PostParams::default(), &m).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(Error::kube(format!("Migration {ns}/{}", m.name_any()), e)),
+    }
 }
 
 async fn cleanup(node: &KvmNode, ctx: &Context, api: &Api<KvmNode>) -> Result<Action, Error> {

@@ -19,6 +19,8 @@ use super::status::Readiness;
 pub struct Plan {
     /// VMs (namespace, name) whose domain state differs from their status: reconcile them.
     pub resync: Vec<(String, String)>,
+    /// VMs (namespace, name) to move away (maintenance): a Migration is created for each.
+    pub evacuate: Vec<(String, String)>,
     pub notes: Vec<Note>,
 }
 
@@ -39,8 +41,12 @@ pub fn plan(
     observed: &Observed,
     vms: &[&VirtualMachine],
     readiness: &Readiness,
+    migrations: &[std::sync::Arc<crate::api::Migration>],
 ) -> Plan {
-    let mut p = Plan::default();
+    let mut p = Plan {
+        evacuate: evacuation(node, vms, migrations).0,
+        ..Plan::default()
+    };
     if let Ok(domains) = &observed.domains {
         let by_uid: BTreeMap<&str, DomainState> = domains
             .iter()
@@ -64,6 +70,64 @@ pub fn plan(
             }
         }
     }
+    transitions(node, readiness, p)
+}
+
+/// Name of the Migration that evacuates `vm` from `node`.
+pub fn evacuation_name(node: &str, vm: &str) -> String {
+    let mut n = format!("evacuate-{node}-{vm}");
+    n.truncate(253);
+    n.trim_end_matches(['-', '.']).to_string()
+}
+
+/// In maintenance: the VMs still on the node that no Migration moves yet, and a description of
+/// evacuations that failed (left for a person).
+pub fn evacuation(
+    node: &KvmNode,
+    vms: &[&VirtualMachine],
+    migrations: &[std::sync::Arc<crate::api::Migration>],
+) -> (Vec<(String, String)>, Vec<String>) {
+    use crate::api::migration::MigrationPhase;
+    let mut todo = Vec::new();
+    let mut failed = Vec::new();
+    if !node.spec.maintenance {
+        return (todo, failed);
+    }
+    let name = node.name_any();
+    for vm in vms {
+        let (ns, vname) = (vm.namespace().unwrap_or_default(), vm.name_any());
+        let mine: Vec<&crate::api::Migration> = migrations
+            .iter()
+            .filter(|m| m.namespace().as_deref() == Some(ns.as_str()) && m.spec.vm_name == vname)
+            .map(|m| m.as_ref())
+            .collect();
+        let active = mine.iter().any(|m| {
+            !m.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(MigrationPhase::is_terminal)
+        });
+        if active {
+            continue;
+        }
+        let ours = evacuation_name(&name, &vname);
+        match mine.iter().find(|m| m.name_any() == ours) {
+            // it moved and came back, or failed: a person decides
+            Some(m) => failed.push(format!(
+                "{ns}/{vname} ({}: {})",
+                ours,
+                m.status
+                    .as_ref()
+                    .and_then(|s| s.message.clone())
+                    .unwrap_or_default()
+            )),
+            None => todo.push((ns, vname)),
+        }
+    }
+    (todo, failed)
+}
+
+fn transitions(node: &KvmNode, readiness: &Readiness, mut p: Plan) -> Plan {
     let was = node
         .status
         .as_ref()

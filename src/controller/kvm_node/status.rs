@@ -15,6 +15,8 @@ use super::observe::Observed;
 
 /// Condition type: the node accepts new VMs (Ready and not in maintenance).
 pub const SCHEDULABLE: &str = "Schedulable";
+/// Condition type: in maintenance, whether the node is empty of our VMs.
+pub const EVACUATED: &str = "Evacuated";
 /// Condition type: deletion waits for the node's VMs.
 pub const DELETING: &str = "Deleting";
 

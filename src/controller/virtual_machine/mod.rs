@@ -199,6 +199,23 @@ pub fn request(vm: &VirtualMachine) -> Request {
     }
 }
 
+/// The request for moving a placed VM: its own pin (nodeName) does not apply, its size comes
+/// from the domain when the spec leaves it to an adopted domain.
+pub fn request_for_move(vm: &VirtualMachine) -> Request {
+    let mut r = request(vm);
+    r.node_name = None;
+    let seen = vm.status.as_ref().and_then(|s| s.observed.as_ref());
+    if vm.spec.vcpus.is_none() {
+        r.cpus = seen.map_or(0, |o| o.vcpus);
+    }
+    if vm.spec.memory.is_none() {
+        r.memory = seen
+            .and_then(|o| o.memory.as_ref())
+            .map_or(0, |m| m.bytes());
+    }
+    r
+}
+
 /// First phase of a new VM: find a domain already stamped with its UID (a placement whose
 /// status write was lost), else choose a node. Only status changes; nothing is created.
 async fn schedule<H: Hypervisor>(
@@ -461,6 +478,60 @@ async fn converge<H: Hypervisor>(
     }
 }
 
+/// After a Migration succeeded, the VM is bound to its target (once: the binding time moves
+/// past the migration's end).
+fn rebind_after_migration(
+    vm: &VirtualMachine,
+    world: &World,
+) -> Option<Outcome<VirtualMachineStatus>> {
+    use crate::api::migration::MigrationPhase;
+    let st = vm.status.as_ref()?;
+    let node = st.node.as_deref()?;
+    let bound_at = st.placement.as_ref().and_then(|p| p.time.clone());
+    let m = super::migration::of_vm(world, vm)
+        .filter(|m| {
+            let ms = m.status.as_ref();
+            ms.and_then(|s| s.phase) == Some(MigrationPhase::Succeeded)
+                && ms
+                    .and_then(|s| s.target_node.as_deref())
+                    .is_some_and(|t| t != node)
+                && ms.and_then(|s| s.end_time.clone()) > bound_at
+        })
+        .max_by_key(|m| m.status.as_ref().and_then(|s| s.end_time.clone()))?;
+    let ms = m.status.clone().unwrap_or_default();
+    let target = ms.target_node.clone()?;
+    let msg = format!(
+        "moved from {node} to {target} by Migration {}",
+        m.name_any()
+    );
+    let mut out = with_condition(vm, condition::MIGRATING, false, "Migrated", msg.clone());
+    set_condition(
+        &mut out.conditions,
+        condition::condition(
+            condition::SCHEDULED,
+            true,
+            "Migrated",
+            msg.clone(),
+            vm.metadata.generation,
+            super::now(),
+        ),
+    );
+    out.node = Some(target.clone());
+    out.placement = Some(PlacementStatus {
+        node: target,
+        score: None,
+        runner_up: None,
+        message: msg.clone(),
+        filtered: vec![],
+        time: ms.end_time,
+    });
+    Some(Outcome {
+        status: out,
+        notes: vec![Note::normal("Migrated", "Migrate", msg)],
+        requeue: Some(Duration::from_secs(1)),
+    })
+}
+
 /// The core reconcile of a VM. `user_data` is the cloud-init user data read from the Secret
 /// the spec references (the glue reads it).
 pub async fn reconcile_core<H: Hypervisor>(
@@ -478,6 +549,28 @@ pub async fn reconcile_core<H: Hypervisor>(
             None,
         );
         out.status.observed_generation = vm.metadata.generation;
+        return out;
+    }
+    // during a migration only the Migration controller acts on the VM
+    if let Some(m) = super::migration::of_vm(world, vm).find(|m| super::migration::holds_vm(m)) {
+        let mut st = with_condition(
+            vm,
+            condition::MIGRATING,
+            true,
+            "Migrating",
+            format!(
+                "Migration {} moves it; nothing else is done to it until it ends",
+                m.name_any()
+            ),
+        );
+        st.power_state = Some(crate::api::virtual_machine::PowerState::Migrating);
+        return Outcome {
+            status: st,
+            notes: vec![],
+            requeue: Some(Duration::from_secs(10)),
+        };
+    }
+    if let Some(out) = rebind_after_migration(vm, world) {
         return out;
     }
     let node = vm

@@ -127,6 +127,7 @@ pub fn status(
         st.restart_count = Some(st.restart_count.unwrap_or(0).saturating_add(1));
         st.last_restart_time = Some(now.clone());
     }
+    let was_migrating = condition::is_true(&st.conditions, condition::MIGRATING);
     let mut set = |t: &str, ok: bool, reason: &'static str, msg: String| {
         set_condition(
             &mut st.conditions,
@@ -178,6 +179,14 @@ pub fn status(
                 "{}: saved in the definition, applies at the next restart of the guest",
                 round.plan.restart_pending.join(", ")
             ),
+        );
+    }
+    if was_migrating {
+        set(
+            condition::MIGRATING,
+            false,
+            "NotMigrating",
+            "no migration holds the VM".into(),
         );
     }
     let guest_shutdown = round

@@ -1,0 +1,133 @@
+//! Running migration jobs. A libvirt migration blocks its caller until it ends, so each runs on
+//! its own task; reconciles only look at it (progress, outcome) and abort it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use tokio::task::JoinHandle;
+
+use crate::hypervisor::migration::MigrateOptions;
+use crate::hypervisor::{DomainState, HvError, Hypervisor};
+
+use super::plan::Task;
+
+/// The migration jobs this process runs, by Migration UID.
+#[derive(Default)]
+pub struct Jobs {
+    map: Mutex<HashMap<String, JoinHandle<Result<(), HvError>>>>,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.map.lock().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("Jobs").field("running", &n).finish()
+    }
+}
+
+impl Jobs {
+    /// The job's state; a finished job's result is taken (reported once).
+    pub fn state(&self, uid: &str) -> Task {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(uid) {
+            None => Task::Absent,
+            Some(h) if !h.is_finished() => Task::Running,
+            Some(_) => {
+                let r = m
+                    .remove(uid)
+                    .and_then(|h| h.now_or_never())
+                    .map(|r| match r {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(join) => Err(format!("the migration task failed: {join}")),
+                    })
+                    .unwrap_or_else(|| Err("the migration task vanished".into()));
+                Task::Done(r)
+            }
+        }
+    }
+
+    /// Starts migrating `domain` from `source` to `target`.
+    pub fn start<H: Hypervisor>(
+        &self,
+        uid: &str,
+        hv: &Arc<H>,
+        source: &str,
+        target: &str,
+        domain: &str,
+        opts: MigrateOptions,
+    ) {
+        let (hv, s, t, d) = (
+            hv.clone(),
+            source.to_string(),
+            target.to_string(),
+            domain.to_string(),
+        );
+        let task = tokio::spawn(async move {
+            hv.call_pair(&s, &t, "migrate", move |src, dst| {
+                src.migrate(&d, dst, &opts)
+            })
+            .await
+        });
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string(), task);
+    }
+}
+
+/// Aborts the job on `domain` at `source`.
+pub async fn abort(hv: &impl Hypervisor, source: &str, domain: &str) -> Result<(), HvError> {
+    let d = domain.to_string();
+    hv.call(source, "abort migration", move |c| match c.abort_job(&d) {
+        // no job any more: it ended on its own
+        Err(HvError::Libvirt { .. }) if !c.job_progress(&d).map(|j| j.active).unwrap_or(false) => {
+            Ok(())
+        }
+        other => other,
+    })
+    .await
+}
+
+/// Undefines an inactive leftover of `domain` on `node` when it carries `uid`'s stamp. A running
+/// domain is never touched.
+pub async fn remove_leftover(
+    hv: &impl Hypervisor,
+    node: &str,
+    domain: &str,
+    uid: &str,
+) -> Result<bool, HvError> {
+    let (d, u) = (domain.to_string(), uid.to_string());
+    hv.call(node, "remove migration leftover", move |c| {
+        let state = match c.state(&d) {
+            Ok(s) => s,
+            Err(HvError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let ours = c
+            .persistent_xml(&d)
+            .ok()
+            .and_then(|x| x.owner().map(|o| o.uid == u))
+            .unwrap_or(false);
+        if state != DomainState::Shutoff || !ours {
+            return Ok(false);
+        }
+        c.undefine(&d).map(|()| true)
+    })
+    .await
+}
+
+/// Downtime (ms) and duration (ms) of the finished migration, read on the target.
+pub async fn completed(
+    hv: &impl Hypervisor,
+    target: &str,
+    domain: &str,
+) -> Option<(Option<u64>, u64)> {
+    let d = domain.to_string();
+    hv.call(target, "completed migration stats", move |c| {
+        c.completed_job(&d)
+    })
+    .await
+    .ok()
+    .map(|j| (j.downtime_ms, j.elapsed_ms))
+}
