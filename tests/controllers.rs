@@ -1060,3 +1060,315 @@ async fn domain_events_keep_flowing_across_a_reconnect() {
     );
     follower.abort();
 }
+
+fn migration_object(ns: &str, name: &str, spec: serde_json::Value) -> kvm_operator::api::Migration {
+    from_json(serde_json::json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "Migration",
+        "metadata": {"name": name, "namespace": ns, "uid": uid(), "generation": 1,
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": spec,
+    }))
+}
+
+impl Lab {
+    fn put_migration(&mut self, m: &kvm_operator::api::Migration) {
+        self.world
+            .migrations
+            .retain(|x| x.metadata.uid != m.metadata.uid);
+        self.world.migrations.push(Arc::new(m.clone()));
+    }
+
+    /// One reconcile of `m`, with `jobs` standing for the operator process.
+    async fn step_migration(
+        &mut self,
+        m: &mut kvm_operator::api::Migration,
+        jobs: &controller::migration::execute::Jobs,
+    ) -> Vec<Note> {
+        self.put_migration(m);
+        let out =
+            controller::migration::reconcile_core(m, &self.world, &self.hv, jobs, &self.config)
+                .await;
+        m.status = Some(out.status);
+        self.put_migration(m);
+        out.notes
+    }
+
+    /// Reconciles `m` until it ends (or `max` rounds); returns every Event.
+    async fn finish_migration(
+        &mut self,
+        m: &mut kvm_operator::api::Migration,
+        jobs: &controller::migration::execute::Jobs,
+        max: usize,
+    ) -> Vec<Note> {
+        let mut notes = Vec::new();
+        for _ in 0..max {
+            notes.extend(self.step_migration(m, jobs).await);
+            if phase(m).is_some_and(|p| p.is_terminal()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        notes
+    }
+
+    async fn whereabouts(&self, domain: &str) -> Vec<(&'static str, DomainState)> {
+        let mut out = Vec::new();
+        for h in ["host1", "host2"] {
+            let d = domain.to_string();
+            if let Ok(s) = self.hv.call(h, "t", move |c| c.state(&d)).await {
+                out.push((h, s));
+            }
+        }
+        out
+    }
+}
+
+fn phase(m: &kvm_operator::api::Migration) -> Option<kvm_operator::api::MigrationPhase> {
+    m.status.as_ref().and_then(|s| s.phase)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_migration_moves_a_running_vm_live_and_the_vm_follows_it() {
+    use kvm_operator::api::MigrationPhase;
+    let mut lab = Lab::new().await;
+    let name = format!("mover-{}", std::process::id());
+    let mut vm = vm_object(
+        "default",
+        &name,
+        serde_json::json!({
+            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"},
+        }),
+    );
+    lab.settle(&mut vm).await;
+    let domain = st(&vm).domain_name.clone().unwrap();
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host1", DomainState::Running)]
+    );
+    let jobs = controller::migration::execute::Jobs::default();
+    let mut m = migration_object(
+        "default",
+        "move-it",
+        serde_json::json!({"vmName": name, "targetNode": "host2"}),
+    );
+    // Pending, Scheduling, then Running: from then on the VM controller stands aside
+    for _ in 0..3 {
+        lab.step_migration(&mut m, &jobs).await;
+    }
+    assert_eq!(phase(&m), Some(MigrationPhase::Running), "{:?}", m.status);
+    lab.settle_with(&mut vm, lab.hv.clone().as_ref(), 1).await;
+    assert_eq!(st(&vm).power_state, Some(PowerState::Migrating));
+    let notes = lab.finish_migration(&mut m, &jobs, 100).await;
+    let ms = m.status.clone().unwrap();
+    assert_eq!(
+        ms.phase,
+        Some(MigrationPhase::Succeeded),
+        "{ms:?} {notes:?}"
+    );
+    assert_eq!(
+        ms.effective_mode,
+        Some(kvm_operator::api::migration::MigrationMode::Live)
+    );
+    assert_eq!(
+        (ms.source_node.as_deref(), ms.target_node.as_deref()),
+        (Some("host1"), Some("host2"))
+    );
+    assert!(ms.end_time.is_some());
+    assert!(reasons(&notes).contains(&"Migrated"), "{notes:?}");
+    // exactly one host has it, running and persistent there
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host2", DomainState::Running)]
+    );
+    let d = domain.clone();
+    let persistent = lab.call("host2", move |c| c.persistent_xml(&d)).await;
+    assert_eq!(
+        persistent.owner().map(|o| o.uid.clone()),
+        vm.metadata.uid.clone()
+    );
+    // the VM follows: bound to host2, Ready, and nothing started on host1
+    let notes = lab.settle(&mut vm).await;
+    assert!(reasons(&notes).contains(&"Migrated"), "{notes:?}");
+    assert_eq!(st(&vm).node.as_deref(), Some("host2"));
+    assert!(
+        is_true(&st(&vm).conditions, condition::READY),
+        "{:?}",
+        st(&vm).conditions
+    );
+    assert_eq!(cond(&vm, condition::MIGRATING).status, "False");
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host2", DomainState::Running)]
+    );
+    // a terminal Migration stays as it is
+    let again = lab.step_migration(&mut m, &jobs).await;
+    assert!(again.is_empty());
+    assert_eq!(phase(&m), Some(MigrationPhase::Succeeded));
+    lab.delete(&vm).await;
+    assert!(lab.whereabouts(&domain).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn maintenance_evacuates_every_vm_and_the_node_reports_empty() {
+    use kvm_operator::api::MigrationPhase;
+    let mut lab = Lab::new().await;
+    let mut vms = Vec::new();
+    for i in 0..2 {
+        let mut vm = vm_object(
+            "evac",
+            &format!("evac{i}-{}", std::process::id()),
+            serde_json::json!({
+                "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"},
+            }),
+        );
+        lab.settle(&mut vm).await;
+        vms.push(vm);
+    }
+    let mut nodes = lab.world.nodes.clone();
+    let mut h1 = (*nodes[0]).clone();
+    h1.spec.maintenance = true;
+    nodes[0] = Arc::new(h1.clone());
+    lab.world.nodes = nodes;
+    let (out, side) =
+        controller::kvm_node::reconcile_core(&h1, &lab.world, lab.hv.as_ref(), &lab.config).await;
+    assert_eq!(side.evacuate.len(), 2, "{:?}", side.evacuate);
+    let ev = condition::find(&out.status.conditions, "Evacuated").unwrap();
+    assert_eq!(
+        (ev.status.as_str(), ev.reason.as_str()),
+        ("False", "Evacuating")
+    );
+    assert_eq!(
+        condition::find(&out.status.conditions, "Schedulable")
+            .unwrap()
+            .reason,
+        "Maintenance"
+    );
+    // the operator creates one Migration per VM (here: the test, as the API server would)
+    let jobs = controller::migration::execute::Jobs::default();
+    let mut migs: Vec<_> = side
+        .evacuate
+        .iter()
+        .map(|(ns, vm)| {
+            migration_object(
+                ns,
+                &controller::kvm_node::plan::evacuation_name("host1", vm),
+                serde_json::json!({"vmName": vm}),
+            )
+        })
+        .collect();
+    for m in &migs {
+        lab.put_migration(m);
+    }
+    // while they exist and run, no second Migration is asked for
+    let (_, side) =
+        controller::kvm_node::reconcile_core(&h1, &lab.world, lab.hv.as_ref(), &lab.config).await;
+    assert!(side.evacuate.is_empty());
+    for m in migs.iter_mut() {
+        lab.finish_migration(m, &jobs, 100).await;
+        assert_eq!(phase(m), Some(MigrationPhase::Succeeded), "{:?}", m.status);
+        assert_eq!(
+            m.status.as_ref().unwrap().target_node.as_deref(),
+            Some("host2"),
+            "the only other node"
+        );
+    }
+    for vm in vms.iter_mut() {
+        lab.settle(vm).await;
+        assert_eq!(st(vm).node.as_deref(), Some("host2"));
+    }
+    let (out, side) =
+        controller::kvm_node::reconcile_core(&h1, &lab.world, lab.hv.as_ref(), &lab.config).await;
+    assert!(side.evacuate.is_empty());
+    let ev = condition::find(&out.status.conditions, "Evacuated").unwrap();
+    assert_eq!(
+        (ev.status.as_str(), ev.reason.as_str()),
+        ("True", "Evacuated"),
+        "{}",
+        ev.message
+    );
+    for vm in &vms {
+        lab.delete(vm).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_running_migration_aborts_it_and_a_restarted_operator_finishes_one() {
+    use kvm_operator::api::MigrationPhase;
+    let mut lab = Lab::new().await;
+    let name = format!("slow-{}", std::process::id());
+    // 1 GiB at 1 MiB/s: long enough to abort
+    let mut vm = vm_object(
+        "default",
+        &name,
+        serde_json::json!({
+            "vcpus": 1, "memory": "1Gi", "placement": {"nodeName": "host1"},
+        }),
+    );
+    lab.settle(&mut vm).await;
+    let domain = st(&vm).domain_name.clone().unwrap();
+    let jobs = controller::migration::execute::Jobs::default();
+    let mut m = migration_object(
+        "default",
+        "slow",
+        serde_json::json!({
+            "vmName": name, "targetNode": "host2", "bandwidthMibPerSecond": 1,
+        }),
+    );
+    for _ in 0..4 {
+        lab.step_migration(&mut m, &jobs).await;
+    }
+    assert_eq!(phase(&m), Some(MigrationPhase::Running));
+    // wait until libvirt reports the job on the source
+    let d = domain.clone();
+    assert!(
+        lab.call("host1", move |c| c
+            .wait_for_job(&d, Duration::from_secs(10)))
+            .await
+    );
+    let mut blocked = 0;
+    loop {
+        match controller::migration::cleanup_core(&m, &lab.world, &lab.hv, &jobs).await {
+            Ok(notes) => {
+                assert_eq!(reasons(&notes), ["Cancelled"]);
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.reason(), "DeletionBlocked");
+                blocked += 1;
+                assert!(blocked < 100, "the abort never finished");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host1", DomainState::Running)]
+    );
+    lab.world.migrations.clear();
+
+    // the operator is restarted mid-migration: the new process has no job of its own; it finds
+    // the job libvirt still runs on the source, watches it, and completes the Migration when the
+    // domain is on the target only (a source without a job is started again: see the planner's
+    // table test)
+    let mut m = migration_object(
+        "default",
+        "retry",
+        serde_json::json!({"vmName": name, "targetNode": "host2"}),
+    );
+    let first = controller::migration::execute::Jobs::default();
+    for _ in 0..4 {
+        lab.step_migration(&mut m, &first).await;
+    }
+    assert_eq!(phase(&m), Some(MigrationPhase::Running));
+    drop(first); // the process's bookkeeping is gone; libvirt's job goes on
+    let restarted = controller::migration::execute::Jobs::default();
+    lab.finish_migration(&mut m, &restarted, 200).await;
+    assert_eq!(phase(&m), Some(MigrationPhase::Succeeded), "{:?}", m.status);
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host2", DomainState::Running)]
+    );
+    lab.settle(&mut vm).await;
+    assert_eq!(st(&vm).node.as_deref(), Some("host2"));
+    lab.delete(&vm).await;
+}
