@@ -93,66 +93,80 @@ pub fn problem(
 }
 
 /// Nodes as placement sees them, for `vm` (its own binding and in-flight placement excluded).
+/// One pass over the VMs, pools and in-flight placements, then one per node: O(nodes + VMs).
 pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
+    use std::collections::HashMap;
     let ns = vm.namespace().unwrap_or_default();
     let me = vm.uid();
+    let no_stats = Default::default();
+    let mut bound: HashMap<&str, Vec<&VirtualMachine>> = HashMap::new();
+    for v in &world.vms {
+        if v.uid() == me {
+            continue;
+        }
+        let node = v
+            .status
+            .as_ref()
+            .and_then(|s| s.node.as_deref())
+            .or_else(|| v.spec.adopt.as_ref().map(|a| a.node_name.as_str()));
+        if let Some(n) = node {
+            bound.entry(n).or_default().push(v.as_ref());
+        }
+    }
+    let mut pools: HashMap<&str, BTreeSet<String>> = HashMap::new();
+    for p in world
+        .pools
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+    {
+        for x in p.status.iter().flat_map(|s| s.nodes.iter()) {
+            if x.state == PoolState::Running {
+                pools.entry(x.node.as_str()).or_default().insert(p.name_any());
+            }
+        }
+    }
+    let mut inflight: HashMap<&str, (u32, u64)> = HashMap::new();
+    for (node, c, m) in &world.inflight {
+        let e = inflight.entry(node.as_str()).or_default();
+        *e = (e.0.saturating_add(*c), e.1.saturating_add(*m));
+    }
     world
         .nodes
         .iter()
         .map(|n| {
             let name = n.name_any();
-            let st = n.status.clone().unwrap_or_default();
-            let no_stats = Default::default();
-            let bound: Vec<&VirtualMachine> = super::kvm_node::vms_on(world, &name)
-                .into_iter()
-                .filter(|v| v.uid() != me)
-                .collect();
-            let allocated = bound
+            let st = n.status.as_ref();
+            let here = bound.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+            let allocated = here
                 .iter()
                 .map(|v| vm_request(v, &no_stats))
-                .chain(
-                    world
-                        .inflight
-                        .iter()
-                        .filter(|(node, _, _)| *node == name)
-                        .map(|(_, c, m)| (*c, *m)),
-                )
+                .chain(inflight.get(name.as_str()).copied())
                 .fold((0u32, 0u64), |(c, m), (vc, vm_)| {
                     (c.saturating_add(vc), m.saturating_add(vm_))
                 });
-            let pools = world
-                .pools
-                .iter()
-                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-                .filter(|p| {
-                    p.status.as_ref().is_some_and(|s| {
-                        s.nodes
-                            .iter()
-                            .any(|x| x.node == name && x.state == PoolState::Running)
-                    })
-                })
-                .map(|p| p.name_any())
-                .collect();
-            let load_per_cpu = match (&st.load, &st.capacity) {
+            let load_per_cpu = match (st.and_then(|s| s.load.as_ref()), st.and_then(|s| s.capacity.as_ref())) {
                 (Some(l), Some(c)) if c.cpus > 0 => {
                     l.load1.parse::<f64>().ok().map(|x| x / f64::from(c.cpus))
                 }
                 _ => None,
             };
+            let conditions = st.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
             Candidate {
-                name: name.clone(),
                 labels: n.labels().clone(),
-                ready: condition::is_true(&st.conditions, condition::READY),
+                ready: condition::is_true(conditions, condition::READY),
                 maintenance: n.spec.maintenance
-                    || condition::find(&st.conditions, SCHEDULABLE)
+                    || condition::find(conditions, SCHEDULABLE)
                         .is_some_and(|c| c.reason == "Maintenance"),
-                allocatable: st.allocatable.as_ref().map(|a| (a.cpus, a.memory.bytes())),
+                allocatable: st
+                    .and_then(|s| s.allocatable.as_ref())
+                    .map(|a| (a.cpus, a.memory.bytes())),
                 allocated,
                 load_per_cpu,
-                cpu_usage_percent: st.load.as_ref().map(|l| l.cpu_usage_percent),
-                pools,
-                vm_labels: bound.iter().map(|v| v.labels().clone()).collect(),
+                cpu_usage_percent: st.and_then(|s| s.load.as_ref()).map(|l| l.cpu_usage_percent),
+                pools: pools.get(name.as_str()).cloned().unwrap_or_default(),
+                vm_labels: here.iter().map(|v| v.labels().clone()).collect(),
                 recent_failures: world.recent_failures.get(&name).copied().unwrap_or(0),
+                name,
             }
         })
         .collect()
