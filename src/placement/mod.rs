@@ -72,10 +72,54 @@ pub struct Candidate {
     pub cpu_usage_percent: Option<u32>,
     /// StoragePool objects running on this node.
     pub pools: BTreeSet<String>,
-    /// Labels of the VMs bound to this node.
+    /// Labels of the VMs bound to this node (used when `peers` is not given).
     pub vm_labels: Vec<Labels>,
+    /// The same, already counted against the request (the controller's fast path).
+    pub peers: Option<Peers>,
     /// Provisioning failures on this node in the recent past.
     pub recent_failures: u32,
+}
+
+/// How many VMs on a node match the request's spread label and each affinity term: what the
+/// filter and the score need of the node's VMs, counted once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peers {
+    /// VMs sharing the request's spread value.
+    pub spread_same: u32,
+    /// Per affinity term (at most 16), VMs matching it.
+    pub affinity: [u32; 16],
+    /// Per anti-affinity term (at most 16), VMs matching it.
+    pub anti_affinity: [u32; 16],
+}
+
+impl Peers {
+    /// Counts `vms` (their labels) against `r`.
+    pub fn count<'a>(r: &Request, vms: impl IntoIterator<Item = &'a Labels>) -> Self {
+        let mut p = Peers::default();
+        for l in vms {
+            p.add(r, l);
+        }
+        p
+    }
+
+    /// Counts one more VM (its labels) against `r`.
+    pub fn add(&mut self, r: &Request, l: &Labels) {
+        if let Some((k, v)) = &r.spread
+            && l.get(k) == Some(v)
+        {
+            self.spread_same += 1;
+        }
+        for (i, t) in r.affinity.iter().take(16).enumerate() {
+            self.affinity[i] += u32::from(t.matches(l));
+        }
+        for (i, t) in r.anti_affinity.iter().take(16).enumerate() {
+            self.anti_affinity[i] += u32::from(t.matches(l));
+        }
+    }
+}
+
+fn peers(r: &Request, c: &Candidate) -> Peers {
+    c.peers.unwrap_or_else(|| Peers::count(r, &c.vm_labels))
 }
 
 /// The score's weights (see the module documentation).
@@ -187,16 +231,29 @@ pub fn filter(r: &Request, c: &Candidate) -> Option<String> {
             gib(mem)
         ));
     }
-    for t in r.affinity.iter().filter(|t| t.required) {
-        if !c.vm_labels.iter().any(|l| t.matches(l)) {
+    let p = peers(r, c);
+    for (i, t) in r
+        .affinity
+        .iter()
+        .take(16)
+        .enumerate()
+        .filter(|(_, t)| t.required)
+    {
+        if p.affinity[i] == 0 {
             return Some(format!(
                 "required affinity: no VM with {} here",
                 labels_text(&t.match_labels)
             ));
         }
     }
-    for t in r.anti_affinity.iter().filter(|t| t.required) {
-        if c.vm_labels.iter().any(|l| t.matches(l)) {
+    for (i, t) in r
+        .anti_affinity
+        .iter()
+        .take(16)
+        .enumerate()
+        .filter(|(_, t)| t.required)
+    {
+        if p.anti_affinity[i] > 0 {
             return Some(format!(
                 "required anti-affinity: a VM with {} runs here",
                 labels_text(&t.match_labels)

@@ -97,11 +97,14 @@ pub fn problem(
 pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
     use std::collections::HashMap;
     let ns = vm.namespace().unwrap_or_default();
-    let me = vm.uid();
+    let me = vm.metadata.uid.as_deref();
     let no_stats = Default::default();
-    let mut bound: HashMap<&str, Vec<&VirtualMachine>> = HashMap::new();
+    let req = request(vm);
+    // one pass over the VMs: what each node has allocated and how many peers it holds
+    let mut bound: HashMap<&str, ((u32, u64), placement::Peers)> =
+        HashMap::with_capacity(world.nodes.len());
     for v in &world.vms {
-        if v.uid() == me {
+        if v.metadata.uid.as_deref() == me {
             continue;
         }
         let node = v
@@ -110,7 +113,11 @@ pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
             .and_then(|s| s.node.as_deref())
             .or_else(|| v.spec.adopt.as_ref().map(|a| a.node_name.as_str()));
         if let Some(n) = node {
-            bound.entry(n).or_default().push(v.as_ref());
+            let ((c, m), peers) = bound.entry(n).or_default();
+            let (vc, vm_) = vm_request(v, &no_stats);
+            *c = c.saturating_add(vc);
+            *m = m.saturating_add(vm_);
+            peers.add(&req, v.labels());
         }
     }
     let mut pools: HashMap<&str, BTreeSet<String>> = HashMap::new();
@@ -121,7 +128,10 @@ pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
     {
         for x in p.status.iter().flat_map(|s| s.nodes.iter()) {
             if x.state == PoolState::Running {
-                pools.entry(x.node.as_str()).or_default().insert(p.name_any());
+                pools
+                    .entry(x.node.as_str())
+                    .or_default()
+                    .insert(p.name_any());
             }
         }
     }
@@ -136,15 +146,17 @@ pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
         .map(|n| {
             let name = n.name_any();
             let st = n.status.as_ref();
-            let here = bound.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-            let allocated = here
-                .iter()
-                .map(|v| vm_request(v, &no_stats))
-                .chain(inflight.get(name.as_str()).copied())
-                .fold((0u32, 0u64), |(c, m), (vc, vm_)| {
-                    (c.saturating_add(vc), m.saturating_add(vm_))
-                });
-            let load_per_cpu = match (st.and_then(|s| s.load.as_ref()), st.and_then(|s| s.capacity.as_ref())) {
+            let (mut allocated, peers) = bound.get(name.as_str()).copied().unwrap_or_default();
+            if let Some((c, m)) = inflight.get(name.as_str()) {
+                allocated = (
+                    allocated.0.saturating_add(*c),
+                    allocated.1.saturating_add(*m),
+                );
+            }
+            let load_per_cpu = match (
+                st.and_then(|s| s.load.as_ref()),
+                st.and_then(|s| s.capacity.as_ref()),
+            ) {
                 (Some(l), Some(c)) if c.cpus > 0 => {
                     l.load1.parse::<f64>().ok().map(|x| x / f64::from(c.cpus))
                 }
@@ -152,7 +164,12 @@ pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
             };
             let conditions = st.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
             Candidate {
-                labels: n.labels().clone(),
+                // node labels matter only to a nodeSelector
+                labels: if req.node_selector.is_some() {
+                    n.labels().clone()
+                } else {
+                    Default::default()
+                },
                 ready: condition::is_true(conditions, condition::READY),
                 maintenance: n.spec.maintenance
                     || condition::find(conditions, SCHEDULABLE)
@@ -162,9 +179,12 @@ pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
                     .map(|a| (a.cpus, a.memory.bytes())),
                 allocated,
                 load_per_cpu,
-                cpu_usage_percent: st.and_then(|s| s.load.as_ref()).map(|l| l.cpu_usage_percent),
+                cpu_usage_percent: st
+                    .and_then(|s| s.load.as_ref())
+                    .map(|l| l.cpu_usage_percent),
                 pools: pools.get(name.as_str()).cloned().unwrap_or_default(),
-                vm_labels: here.iter().map(|v| v.labels().clone()).collect(),
+                vm_labels: vec![],
+                peers: Some(peers),
                 recent_failures: world.recent_failures.get(&name).copied().unwrap_or(0),
                 name,
             }
