@@ -287,13 +287,16 @@ pub fn score(r: &Request, c: &Candidate, w: &Weights) -> f64 {
         .max(f64::from(c.cpu_usage_percent.unwrap_or(0)) / 100.0);
     let quiet = 1.0 - busy.clamp(0.0, 1.0);
     let mut s = w.cpu * cpu + w.memory * memory + w.load * quiet;
-    if let Some((k, v)) = &r.spread {
-        let same = c.vm_labels.iter().filter(|l| l.get(k) == Some(v)).count();
-        s += w.spread / (1.0 + same as f64);
+    let p = peers(r, c);
+    if r.spread.is_some() {
+        s += w.spread / (1.0 + f64::from(p.spread_same));
     }
-    for (terms, sign) in [(&r.affinity, 1.0), (&r.anti_affinity, -1.0)] {
-        for t in terms.iter().filter(|t| !t.required) {
-            if c.vm_labels.iter().any(|l| t.matches(l)) {
+    for (terms, counts, sign) in [
+        (&r.affinity, &p.affinity, 1.0),
+        (&r.anti_affinity, &p.anti_affinity, -1.0),
+    ] {
+        for (t, n) in terms.iter().zip(counts.iter()) {
+            if !t.required && *n > 0 {
                 s += sign * w.affinity * f64::from(t.weight.min(100)) / 100.0;
             }
         }
@@ -636,6 +639,37 @@ mod tests {
                 rev.reverse();
                 let (a, b) = (place_default(&r, &nodes), place_default(&r, &rev));
                 prop_assert_eq!(chosen(&a), chosen(&b));
+            }
+
+            #[test]
+            fn counted_peers_decide_exactly_as_the_labels_they_count(
+                nodes in arb_nodes(),
+                apps in proptest::collection::vec(proptest::collection::vec(0u8..4, 0..6), 24),
+                want in 0u8..4,
+                required in any::<bool>(),
+            ) {
+                let app = |a: u8| -> Labels { [("app".to_string(), format!("a{a}"))].into() };
+                let mut r = req(1, 1);
+                r.spread = Some(("app".into(), format!("a{want}")));
+                r.affinity = vec![term("app", &format!("a{}", (want + 1) % 4), false, 60)];
+                r.anti_affinity = vec![term("app", &format!("a{}", (want + 2) % 4), required, 40)];
+                let by_labels: Vec<Candidate> = nodes.iter().zip(&apps).map(|(c, a)| {
+                    let mut c = c.clone();
+                    c.vm_labels = a.iter().map(|x| app(*x)).collect();
+                    c
+                }).collect();
+                let counted: Vec<Candidate> = by_labels.iter().map(|c| {
+                    let mut d = c.clone();
+                    d.peers = Some(Peers::count(&r, &c.vm_labels));
+                    d.vm_labels.clear();
+                    d
+                }).collect();
+                let w = Weights::default();
+                for (a, b) in by_labels.iter().zip(&counted) {
+                    prop_assert_eq!(filter(&r, a), filter(&r, b));
+                    prop_assert_eq!(score(&r, a, &w).to_bits(), score(&r, b, &w).to_bits());
+                }
+                prop_assert_eq!(place_default(&r, &by_labels), place_default(&r, &counted));
             }
 
             #[test]
