@@ -26,6 +26,8 @@ pub enum CliError {
     Kube(String),
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Renders one CRD as YAML, with a header saying where it comes from.
@@ -80,7 +82,14 @@ fn write_stdout(text: &str) -> Result<(), CliError> {
 
 /// `kvm-operator run`: checks access to the cluster and that the CRDs are installed, then serves
 /// until SIGTERM or Ctrl-C. Controllers are started here as they are implemented.
-pub fn run(http_addr: &str) -> Result<(), CliError> {
+pub fn run(http_addr: &str, config_file: Option<&Path>) -> Result<(), CliError> {
+    // a bad configuration is refused before anything starts
+    let mut config = match config_file {
+        Some(p) => {
+            crate::controller::Config::from_file(p).map_err(|e| CliError::Config(e.to_string()))?
+        }
+        None => crate::controller::Config::default(),
+    };
     let rt = tokio::runtime::Runtime::new().map_err(|e| CliError::Io(e.to_string()))?;
     rt.block_on(async {
         let health = crate::http::Health::default();
@@ -96,7 +105,6 @@ pub fn run(http_addr: &str) -> Result<(), CliError> {
             ))
         })?;
         check_crds(client.clone()).await?;
-        let mut config = crate::controller::Config::default();
         if let Ok(ns) = std::env::var("POD_NAMESPACE") {
             config.namespace = ns;
         }

@@ -26,6 +26,10 @@ enum Command {
         /// Address of /healthz and /readyz.
         #[arg(long, env = "KVM_OPERATOR_HTTP_ADDR", default_value = "127.0.0.1:8080")]
         http_addr: String,
+        /// Operator configuration (YAML): resync periods, placement weights, migration limits,
+        /// rebalancing. Every field is optional; see `controller::config`.
+        #[arg(long, env = "KVM_OPERATOR_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into --dir.
     Crd {
@@ -54,7 +58,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     kvm_operator::telemetry::init(&cli.log, cli.log_json);
     let result = match cli.command {
-        Command::Run { http_addr } => kvm_operator::cli::run(&http_addr),
+        Command::Run { http_addr, config } => kvm_operator::cli::run(&http_addr, config.as_deref()),
         Command::Crd { dir } => kvm_operator::cli::crd(dir.as_deref()),
         Command::Standalone {
             files,

@@ -285,3 +285,97 @@ fn cloud_init_secrets_are_readable_only_in_the_namespaces_listed() {
     assert_eq!(dir, Some(c["volumeMounts"][0]["mountPath"].clone()));
     assert!(env.iter().any(|e| e["name"] == "POD_NAME"));
 }
+
+#[test]
+fn the_config_values_reach_the_operator_as_a_file_it_accepts() {
+    use kvm_operator::controller::Config;
+    use kvm_operator::controller::config::RebalanceMode;
+    let config = json!({
+        "placement": {"weights": {"cpu": 500, "failurePenalty": 0}},
+        "migrations": {"maxPerNode": 1, "maxTotal": 4},
+        "rebalance": {"enabled": true, "mode": "Migrate", "threshold": 90, "intervalSeconds": 300},
+        "resync": {"nodeSeconds": 60},
+    });
+    let r = render(json!({ "config": config }));
+    let cm = get(&r, "ConfigMap/kvm-kvm-operator-config");
+    let file = cm["data"]["config.yaml"].as_str().unwrap_or("");
+    // the operator parses what the chart renders, with the values given
+    let c = Config::default()
+        .with_yaml("config.yaml", file)
+        .unwrap_or_else(|e| panic!("{e}\n{file}"));
+    assert_eq!(c.weights.cpu, 500.0);
+    assert_eq!(c.weights.failure_penalty, 0.0);
+    assert_eq!((c.max_migrations_per_node, c.max_migrations), (1, 4));
+    assert!(c.rebalance.enabled);
+    assert_eq!(c.rebalance.mode, RebalanceMode::Migrate);
+    assert_eq!(c.node_resync, std::time::Duration::from_secs(60));
+    // mounted where the env var points, and a change rolls the pod
+    let d = get(&r, "Deployment/kvm-kvm-operator");
+    let pod = &d["spec"]["template"];
+    let c0 = &pod["spec"]["containers"][0];
+    let path = c0["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "KVM_OPERATOR_CONFIG")
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let mount = c0["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == "config")
+        .unwrap_or_else(|| panic!("no config mount"));
+    assert_eq!(
+        path,
+        format!("{}/config.yaml", mount["mountPath"].as_str().unwrap_or("?"))
+    );
+    assert_eq!(mount["readOnly"], true);
+    let vol = pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == "config")
+        .unwrap_or_else(|| panic!("no config volume"));
+    assert_eq!(vol["configMap"]["name"], "kvm-kvm-operator-config");
+    let sum = |r: &Rendered| {
+        get(r, "Deployment/kvm-kvm-operator")["spec"]["template"]["metadata"]["annotations"]
+            ["kvm-operator.io/config-sha256"]
+            .clone()
+    };
+    let defaults = render(json!({}));
+    assert_ne!(sum(&r), sum(&defaults));
+    assert!(sum(&defaults).as_str().is_some_and(|s| s.len() == 64));
+    // the default file is valid and keeps every default
+    let file = get(&defaults, "ConfigMap/kvm-kvm-operator-config")["data"]["config.yaml"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let c = Config::default()
+        .with_yaml("config.yaml", &file)
+        .unwrap_or_else(|e| panic!("{e}\n{file}"));
+    assert_eq!(c.weights, Config::default().weights);
+    // the schema refuses what the operator would refuse, naming the key
+    for (values, key) in [
+        (
+            json!({"config": {"placement": {"weights": {"cpu": -1}}}}),
+            "/config/placement/weights/cpu",
+        ),
+        (
+            json!({"config": {"migrations": {"maxTotal": 0}}}),
+            "/config/migrations/maxTotal",
+        ),
+        (
+            json!({"config": {"rebalance": {"mode": "Always"}}}),
+            "/config/rebalance/mode",
+        ),
+        (json!({"config": {"rebalanse": {}}}), "rebalanse"),
+    ] {
+        let r = render(values.clone());
+        let err = r.report["schema_error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{values} accepted"));
+        assert!(err.contains(key), "{values}: {err}");
+    }
+}

@@ -10,6 +10,7 @@
 //!   status subresource with one field manager per controller, Events through kube's Recorder.
 //!   tower-test scenarios pin its API calls.
 
+pub mod config;
 pub mod kvm_node;
 pub mod migration;
 pub mod storage_pool;
@@ -17,7 +18,6 @@ pub mod virtual_machine;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 
+pub use config::Config;
+
 use crate::api::{KvmNode, StoragePool, VirtualMachine};
 use crate::hypervisor::cache::NodePool;
 use crate::hypervisor::ffi::DomainEvent;
@@ -41,49 +43,6 @@ pub const FINALIZER: &str = "kvm-operator.io/cleanup";
 
 /// Name Events are reported under.
 pub const REPORTER: &str = "kvm-operator";
-
-/// Settings shared by the controllers.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// Namespace of Secrets a KvmNode references without a namespace (the operator's own).
-    pub namespace: String,
-    /// Private directory for node keys and tunnels.
-    pub state_dir: PathBuf,
-    /// How often a node is re-read (facts, domain list); also the batched VM resync.
-    pub node_resync: Duration,
-    /// How often a VM is reconciled without any event (a safety net).
-    pub vm_resync: Duration,
-    /// How often a pool is refreshed.
-    pub pool_resync: Duration,
-    /// Graceful shutdown time before a guest is forced off (the call timeout is raised to
-    /// outlast it).
-    pub shutdown_grace: Duration,
-    /// Timeout of the SSH handshake and libvirt connect.
-    pub connect_timeout: Duration,
-    /// Placement score weights.
-    pub weights: crate::placement::Weights,
-    /// Migrations running at once touching one node (as source or target).
-    pub max_migrations_per_node: usize,
-    /// Migrations running at once in the cluster.
-    pub max_migrations: usize,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            namespace: "kvm-operator".into(),
-            state_dir: PathBuf::from("/run/kvm-operator"),
-            node_resync: Duration::from_secs(30),
-            vm_resync: Duration::from_secs(300),
-            pool_resync: Duration::from_secs(120),
-            shutdown_grace: Duration::from_secs(20),
-            connect_timeout: Duration::from_secs(15),
-            weights: crate::placement::Weights::default(),
-            max_migrations_per_node: 2,
-            max_migrations: 8,
-        }
-    }
-}
 
 /// A snapshot of the objects a reconcile looks at besides its own.
 #[derive(Clone, Debug, Default)]
