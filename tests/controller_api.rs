@@ -125,6 +125,22 @@ fn context(
     vms: Vec<VirtualMachine>,
     dir: &std::path::Path,
 ) -> Arc<Context> {
+    let config = Config {
+        state_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    context_with(svc, nodes, pools, vms, config)
+}
+
+/// [`context`] with a given configuration.
+fn context_with(
+    svc: tower_test::mock::Mock<Request<Body>, Response<Body>>,
+    nodes: Vec<KvmNode>,
+    pools: Vec<StoragePool>,
+    vms: Vec<VirtualMachine>,
+    config: Config,
+) -> Arc<Context> {
+    let dir = config.state_dir.clone();
     let client = kube::Client::new(svc, "default");
     let hv = Arc::new(NodePool::new(Duration::from_secs(10)));
     for n in &nodes {
@@ -132,7 +148,7 @@ fn context(
             name: n.metadata.name.clone().unwrap(),
             spec: n.spec.clone(),
             private_key: None,
-            state_dir: dir.to_path_buf(),
+            state_dir: dir.clone(),
             tls: None,
             timeout: Duration::from_secs(5),
         });
@@ -151,10 +167,7 @@ fn context(
         client,
         hv,
         (fill(nodes), fill(pools), fill(vms), fill(vec![])),
-        Config {
-            state_dir: dir.to_path_buf(),
-            ..Config::default()
-        },
+        config,
         tx,
     ))
 }
@@ -520,5 +533,142 @@ async fn deleting_a_vm_that_was_never_placed_only_removes_the_finalizer() {
     controller::virtual_machine::reconcile(Arc::new(vm), ctx)
         .await
         .unwrap();
+    server.await.unwrap();
+}
+
+fn loaded_node(name: &str) -> KvmNode {
+    from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+        "metadata": {"name": name, "uid": format!("uid-{name}")},
+        "spec": {"address": "localhost", "libvirtUri": "test:///default"},
+        "status": {
+            "capacity": {"cpus": 16, "memory": "64Gi"},
+            "allocatable": {"cpus": 16, "memory": "64Gi"},
+            "load": {"load1": "0", "load5": "0", "load15": "0", "cpuUsagePercent": 0, "memoryFree": "60Gi"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": "",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        }
+    }))
+}
+
+fn running_vm(name: &str, node: &str, cpus: u32) -> VirtualMachine {
+    from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": "team", "uid": format!("uid-{name}")},
+        "spec": {"vcpus": cpus, "memory": format!("{}Gi", cpus * 4)},
+        "status": {"node": node, "powerState": "Running"},
+    }))
+}
+
+#[tokio::test]
+async fn rebalancing_creates_one_labelled_migration_and_says_why_on_the_busy_node() {
+    use kvm_operator::controller::config::{Rebalance, RebalanceMode};
+    use kvm_operator::controller::rebalance::{REBALANCE_LABEL, round};
+    let dir = tempfile::tempdir().unwrap();
+    let config = |mode| Config {
+        state_dir: dir.path().to_path_buf(),
+        rebalance: Rebalance {
+            enabled: true,
+            mode,
+            ..Rebalance::default()
+        },
+        ..Config::default()
+    };
+    let vms = vec![
+        running_vm("web-1", "a", 2),
+        running_vm("web-2", "a", 6),
+        running_vm("db", "a", 6),
+    ];
+    // Migrate: one POST of a Migration, then a Normal Event on the busy KvmNode
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context_with(
+        svc,
+        vec![loaded_node("a"), loaded_node("b")],
+        vec![],
+        vms.clone(),
+        config(RebalanceMode::Migrate),
+    );
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            Expect {
+                reply: Some(json!({
+                    "apiVersion": "kvm-operator.io/v1alpha1", "kind": "Migration",
+                    "metadata": {"name": "rebalance-db-x7k2p", "namespace": "team"},
+                    "spec": {"vmName": "db", "targetNode": "b"},
+                })),
+                ..expect(
+                    Method::POST,
+                    "/apis/kvm-operator.io/v1alpha1/namespaces/team/migrations",
+                    |_, body| {
+                        assert_eq!(body["metadata"]["generateName"], "rebalance-db-", "{body}");
+                        assert!(body["metadata"].get("name").is_none_or(Value::is_null));
+                        assert_eq!(body["metadata"]["labels"][REBALANCE_LABEL], "true");
+                        assert_eq!(body["metadata"]["labels"]["kvm-operator.io/from-node"], "a");
+                        assert_eq!(body["spec"]["vmName"], "db");
+                        assert_eq!(body["spec"]["targetNode"], "b");
+                        // no disks: nothing to copy
+                        assert_eq!(body["spec"]["copyStorage"], false);
+                    },
+                )
+            },
+            Expect {
+                ..expect(
+                    Method::POST,
+                    "/apis/events.k8s.io/v1/namespaces/default/events",
+                    |_, body| {
+                        assert_eq!(body["reason"], "RebalanceStarted");
+                        assert_eq!(body["type"], "Normal");
+                        assert_eq!(body["regarding"]["kind"], "KvmNode");
+                        assert_eq!(body["regarding"]["name"], "a");
+                        let note = body["note"].as_str().unwrap_or("");
+                        assert!(
+                            note.contains("team/db") && note.contains("rebalance-db-x7k2p"),
+                            "{note}"
+                        );
+                    },
+                )
+            },
+        ],
+    ));
+    let m = round(&ctx, None).await.unwrap().unwrap();
+    assert_eq!(
+        (m.vm.as_str(), m.from.as_str(), m.to.as_str()),
+        ("team/db", "a", "b")
+    );
+    server.await.unwrap();
+
+    // Propose: only the Event, nothing created; and not again within the interval
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context_with(
+        svc,
+        vec![loaded_node("a"), loaded_node("b")],
+        vec![],
+        vms,
+        config(RebalanceMode::Propose),
+    );
+    let server = tokio::spawn(serve(
+        handle,
+        vec![expect(
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/default/events",
+            |_, body| {
+                assert_eq!(body["reason"], "RebalanceProposed");
+                assert!(
+                    body["note"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("apply a Migration")
+                );
+            },
+        )],
+    ));
+    assert!(round(&ctx, None).await.unwrap().is_ok());
+    assert!(
+        round(&ctx, Some(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .is_err()
+    );
     server.await.unwrap();
 }

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod kvm_node;
 pub mod migration;
+pub mod rebalance;
 pub mod storage_pool;
 pub mod virtual_machine;
 
@@ -526,7 +527,9 @@ pub async fn run_all(
         .shutdown_on_signal()
         .run(migration::reconcile, error_policy, ctx.clone())
         .for_each(log_result);
+    let rebalance = tokio::spawn(rebalance::run(ctx.clone()));
     tokio::join!(nodes, pools, vms, migrations);
+    rebalance.abort();
 }
 
 /// Now, as a condition timestamp.

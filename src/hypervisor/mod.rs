@@ -168,6 +168,21 @@ impl HvError {
         }
     }
 
+    /// libvirt refused because another job holds the domain for now (a migration job still
+    /// winding down on either host, the domain's state change lock): nothing was done, and the
+    /// same call can be tried again shortly.
+    pub fn is_busy(&self) -> bool {
+        match self {
+            HvError::Libvirt { code, cause, .. } => {
+                (*code == virt::sys::VIR_ERR_OPERATION_INVALID as i32
+                    && cause.contains("job is already running"))
+                    || (*code == virt::sys::VIR_ERR_OPERATION_TIMEOUT as i32
+                        && cause.contains("cannot acquire state change lock"))
+            }
+            _ => false,
+        }
+    }
+
     /// Static CamelCase reason: the Event reason, condition reason and metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -374,4 +389,48 @@ fn node_dir(state_dir: &Path, node: &str) -> Result<PathBuf, HvError> {
             cause: format!("cannot create {}: {e}", dir.display()),
         })?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HvError;
+
+    fn libvirt(code: u32, cause: &str) -> HvError {
+        HvError::Libvirt {
+            op: "migrate",
+            target: "a -> b".into(),
+            cause: cause.into(),
+            code: code as i32,
+        }
+    }
+
+    #[test]
+    fn only_a_domain_held_by_another_job_is_busy() {
+        use virt::sys::{
+            VIR_ERR_OPERATION_FAILED, VIR_ERR_OPERATION_INVALID, VIR_ERR_OPERATION_TIMEOUT,
+        };
+        assert!(libvirt(VIR_ERR_OPERATION_INVALID, "Requested operation is not valid: another migration job is already running for domain 'x'").is_busy());
+        assert!(libvirt(VIR_ERR_OPERATION_TIMEOUT, "Timed out during operation: cannot acquire state change lock (held by monitor=remoteDispatchDomainMigratePerform3Params)").is_busy());
+        // the same codes for other causes are real failures
+        assert!(
+            !libvirt(
+                VIR_ERR_OPERATION_INVALID,
+                "Requested operation is not valid: domain is not running"
+            )
+            .is_busy()
+        );
+        assert!(
+            !libvirt(
+                VIR_ERR_OPERATION_FAILED,
+                "another migration job is already running"
+            )
+            .is_busy()
+        );
+        assert!(
+            !HvError::Local {
+                cause: "job is already running".into()
+            }
+            .is_busy()
+        );
+    }
 }

@@ -18,6 +18,8 @@
 //! Equal scores go to the node whose name sorts first, so the same input always gives the same
 //! node.
 
+pub mod rebalance;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Labels, as on Kubernetes objects.

@@ -12,6 +12,10 @@ use crate::hypervisor::{DomainState, HvError, Hypervisor};
 
 use super::plan::Task;
 
+/// How long a migration start refused as busy ([`HvError::is_busy`]) is retried.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The migration jobs this process runs, by Migration UID.
 #[derive(Default)]
 pub struct Jobs {
@@ -64,10 +68,23 @@ impl Jobs {
             domain.to_string(),
         );
         let task = tokio::spawn(async move {
-            hv.call_pair(&s, &t, "migrate", move |src, dst| {
-                src.migrate(&d, dst, &opts)
-            })
-            .await
+            // a job that just ended (an abort, a migration before this one) can hold the domain
+            // on either host for a moment; libvirt then refuses before anything moves: try again
+            let mut waited = std::time::Duration::ZERO;
+            loop {
+                let (dn, o) = (d.clone(), opts.clone());
+                match hv
+                    .call_pair(&s, &t, "migrate", move |src, dst| src.migrate(&dn, dst, &o))
+                    .await
+                {
+                    Err(e) if e.is_busy() && waited < BUSY_WAIT => {
+                        tracing::info!(domain = %d, error = %e, "migration start refused while another job winds down; retrying");
+                        tokio::time::sleep(BUSY_RETRY).await;
+                        waited += BUSY_RETRY;
+                    }
+                    r => return r,
+                }
+            }
         });
         self.map
             .lock()

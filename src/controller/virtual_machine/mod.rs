@@ -95,11 +95,19 @@ pub fn problem(
 /// Nodes as placement sees them, for `vm` (its own binding and in-flight placement excluded).
 /// One pass over the VMs, pools and in-flight placements, then one per node: O(nodes + VMs).
 pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
+    candidates_for(
+        world,
+        vm.metadata.uid.as_deref(),
+        &vm.namespace().unwrap_or_default(),
+        &request(vm),
+    )
+}
+
+/// The nodes as a VM with request `req` in namespace `ns` sees them; the VM whose UID is `me`
+/// (if any) is left out of the allocations.
+pub fn candidates_for(world: &World, me: Option<&str>, ns: &str, req: &Request) -> Vec<Candidate> {
     use std::collections::HashMap;
-    let ns = vm.namespace().unwrap_or_default();
-    let me = vm.metadata.uid.as_deref();
     let no_stats = Default::default();
-    let req = request(vm);
     // one pass over the VMs: what each node has allocated and how many peers it holds
     let mut bound: HashMap<&str, ((u32, u64), placement::Peers)> =
         HashMap::with_capacity(world.nodes.len());
@@ -117,14 +125,14 @@ pub fn candidates(world: &World, vm: &VirtualMachine) -> Vec<Candidate> {
             let (vc, vm_) = vm_request(v, &no_stats);
             *c = c.saturating_add(vc);
             *m = m.saturating_add(vm_);
-            peers.add(&req, v.labels());
+            peers.add(req, v.labels());
         }
     }
     let mut pools: HashMap<&str, BTreeSet<String>> = HashMap::new();
     for p in world
         .pools
         .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|p| p.namespace().as_deref() == Some(ns))
     {
         for x in p.status.iter().flat_map(|s| s.nodes.iter()) {
             if x.state == PoolState::Running {
