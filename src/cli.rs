@@ -149,14 +149,51 @@ pub async fn check_crds(client: kube::Client) -> Result<(), CliError> {
 }
 
 /// `kvm-operator standalone -f ... --dry-run`.
-pub fn standalone(files: &[PathBuf], dry_run: bool, default_uri: &str) -> Result<(), CliError> {
-    if !dry_run {
-        return Err(CliError::Usage(
-            "standalone reconciling is not available in this version; add --dry-run to see what would be done".into(),
-        ));
-    }
+pub fn standalone_dry_run(files: &[PathBuf], default_uri: &str) -> Result<(), CliError> {
     let loaded = manifest::load_paths(files)?;
     write_stdout(&dry_run_report(&loaded, default_uri)?)
+}
+
+/// `kvm-operator standalone`: reconciles the manifests against the hypervisors until Ctrl-C, or
+/// until everything has converged or failed with `once`.
+pub fn standalone(
+    files: Vec<PathBuf>,
+    once: bool,
+    timeout_secs: u64,
+    state_dir: Option<PathBuf>,
+    default_uri: String,
+    config_file: Option<&Path>,
+) -> Result<(), CliError> {
+    use crate::controller::standalone::{Options, Standalone};
+    let config = match config_file {
+        Some(p) => {
+            crate::controller::Config::from_file(p).map_err(|e| CliError::Config(e.to_string()))?
+        }
+        None => crate::controller::Config::default(),
+    };
+    let state_dir = state_dir.unwrap_or_else(|| {
+        let first = files.first().cloned().unwrap_or_default();
+        let base = if first.is_dir() {
+            first
+        } else {
+            first.parent().map(Path::to_path_buf).unwrap_or_default()
+        };
+        base.join(".kvm-operator")
+    });
+    let opts = Options {
+        files,
+        default_uri,
+        state_dir,
+        once,
+        timeout: Duration::from_secs(timeout_secs),
+        resync: config.node_resync,
+    };
+    let rt = tokio::runtime::Runtime::new().map_err(|e| CliError::Io(e.to_string()))?;
+    rt.block_on(async {
+        let mut s = Standalone::new(opts, config, Box::new(std::io::stdout()))
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        s.run().await.map_err(|e| CliError::Usage(e.to_string()))
+    })
 }
 
 /// What a node looks like from here.
@@ -272,6 +309,7 @@ pub fn dry_run_report(loaded: &[manifest::Loaded], default_uri: &str) -> Result<
             Object::StoragePool(o) => pools.push(o),
             Object::VirtualMachine(o) => vms.push(o),
             Object::Migration(o) => migrations.push(o),
+            Object::Secret(_) => {}
         }
     }
     let mut out = String::new();

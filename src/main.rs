@@ -37,18 +37,31 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Load manifests from files or directories and work against the hypervisors directly,
-    /// without a cluster.
+    /// Load manifests from files or directories and reconcile them against the hypervisors
+    /// directly, without a cluster: the same controllers, statuses in a table and a state file.
     Standalone {
         /// Manifest files or directories (`*.yaml`, `*.yml`), as you would `kubectl apply -f`.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         /// Print what would be done on each node and change nothing.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "once")]
         dry_run: bool,
+        /// Reconcile until everything has converged or failed, then exit (non-zero on failure).
+        #[arg(long)]
+        once: bool,
+        /// With --once: give up (non-zero) after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Where the objects' UIDs and statuses are kept (`status.yaml`) to resume after a
+        /// restart. Default: `.kvm-operator/` next to the first manifest path.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// libvirt URI of the embedded default node, used when the manifests declare no KvmNode.
         #[arg(long, default_value = "test:///default")]
         default_uri: String,
+        /// Operator configuration (YAML), as for `run`.
+        #[arg(long, env = "KVM_OPERATOR_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Print the version.
     Version,
@@ -63,8 +76,25 @@ fn main() -> ExitCode {
         Command::Standalone {
             files,
             dry_run,
+            once,
+            timeout,
+            state_dir,
             default_uri,
-        } => kvm_operator::cli::standalone(&files, dry_run, &default_uri),
+            config,
+        } => {
+            if dry_run {
+                kvm_operator::cli::standalone_dry_run(&files, &default_uri)
+            } else {
+                kvm_operator::cli::standalone(
+                    files,
+                    once,
+                    timeout,
+                    state_dir,
+                    default_uri,
+                    config.as_deref(),
+                )
+            }
+        }
         Command::Version => {
             println!("kvm-operator {}", env!("CARGO_PKG_VERSION"));
             Ok(())

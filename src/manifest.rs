@@ -2,7 +2,8 @@
 //! document, the object and the field.
 //!
 //! Used by `kvm-operator standalone` and by tests of `examples/`. Each document must be one of
-//! the four kinds; anything else (or a typo in a field name) is refused, never ignored.
+//! the four kinds, or a `v1` Secret (a node's SSH key, cloud-init user data); anything else (or a
+//! typo in a field name) is refused, never ignored.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ pub enum Object {
     StoragePool(StoragePool),
     VirtualMachine(VirtualMachine),
     Migration(Migration),
+    /// A core/v1 Secret (`data` base64, or `stringData`), as `kubectl apply` takes it.
+    Secret(k8s_openapi::api::core::v1::Secret),
 }
 
 /// An object and where it came from.
@@ -69,6 +72,7 @@ impl Object {
             Object::StoragePool(_) => "StoragePool",
             Object::VirtualMachine(_) => "VirtualMachine",
             Object::Migration(_) => "Migration",
+            Object::Secret(_) => "Secret",
         }
     }
 
@@ -79,6 +83,7 @@ impl Object {
             Object::StoragePool(o) => o.meta(),
             Object::VirtualMachine(o) => o.meta(),
             Object::Migration(o) => o.meta(),
+            Object::Secret(o) => &o.metadata,
         };
         meta.name.as_deref().unwrap_or("")
     }
@@ -103,6 +108,7 @@ impl Object {
             Object::StoragePool(o) => o.spec.validate(),
             Object::VirtualMachine(o) => o.spec.validate(),
             Object::Migration(o) => o.spec.validate(),
+            Object::Secret(_) => Ok(()),
         };
         if let Err(e) = spec {
             errs.0.extend(e.0);
@@ -157,10 +163,13 @@ fn parse_value(doc: serde_json::Value, origin: &str) -> Result<Object, ManifestE
         .and_then(|n| n.as_str())
         .unwrap_or("")
         .to_string();
+    if api_version == "v1" && kind == "Secret" {
+        return secret(doc, origin, &name);
+    }
     let want = format!("{}/{}", crate::api::GROUP, crate::api::VERSION);
     if api_version != want {
         return Err(shape(format!(
-            "apiVersion {api_version:?} (kind {kind:?}) is not ours: use apiVersion: {want}"
+            "apiVersion {api_version:?} (kind {kind:?}) is not ours: use apiVersion: {want} (or v1 for a Secret)"
         )));
     }
     if let Some(k) = map.keys().find(|k| !TOP_LEVEL.contains(&k.as_str())) {
@@ -192,6 +201,36 @@ fn parse_value(doc: serde_json::Value, origin: &str) -> Result<Object, ManifestE
             "kind {other:?} is not one of KvmNode, StoragePool, VirtualMachine, Migration"
         ))),
     }
+}
+
+/// A v1 Secret; `stringData` is folded into `data` as the API server does.
+fn secret(mut doc: serde_json::Value, origin: &str, name: &str) -> Result<Object, ManifestError> {
+    let string_data = doc
+        .as_object_mut()
+        .and_then(|m| m.remove("stringData"))
+        .unwrap_or_default();
+    let mut s: k8s_openapi::api::core::v1::Secret =
+        serde_path_to_error::deserialize(doc).map_err(|e| ManifestError::Field {
+            origin: origin.to_string(),
+            kind: "Secret",
+            name: name.to_string(),
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+    if let Some(m) = string_data.as_object() {
+        let data = s.data.get_or_insert_with(Default::default);
+        for (k, v) in m {
+            let text = v.as_str().ok_or_else(|| ManifestError::Field {
+                origin: origin.to_string(),
+                kind: "Secret",
+                name: name.to_string(),
+                path: format!("stringData.{k}"),
+                message: "must be a string".into(),
+            })?;
+            data.insert(k.clone(), k8s_openapi::ByteString(text.as_bytes().to_vec()));
+        }
+    }
+    Ok(Object::Secret(s))
 }
 
 /// Parses and validates; the first invalid object is an error naming its fields.

@@ -14,6 +14,7 @@ pub mod config;
 pub mod kvm_node;
 pub mod migration;
 pub mod rebalance;
+pub mod standalone;
 pub mod storage_pool;
 pub mod virtual_machine;
 
@@ -37,6 +38,48 @@ pub use config::Config;
 use crate::api::{KvmNode, StoragePool, VirtualMachine};
 use crate::hypervisor::cache::NodePool;
 use crate::hypervisor::ffi::DomainEvent;
+
+/// Where Secrets come from: the API server in a cluster, the loaded manifests in standalone
+/// mode. The cores never read Secrets; the glue of each mode resolves node credentials and
+/// cloud-init user data through this before calling them.
+pub trait SecretSource: Sync {
+    /// The Secret `ns/name`: `Ok(None)` when it does not exist, `Err(cause)` when it cannot be
+    /// read.
+    fn secret(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> impl std::future::Future<
+        Output = Result<Option<k8s_openapi::api::core::v1::Secret>, String>,
+    > + Send;
+}
+
+impl SecretSource for Client {
+    async fn secret(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<k8s_openapi::api::core::v1::Secret>, String> {
+        let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(self.clone(), ns);
+        api.get_opt(name).await.map_err(|e| e.to_string())
+    }
+}
+
+impl SecretSource for [k8s_openapi::api::core::v1::Secret] {
+    async fn secret(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<k8s_openapi::api::core::v1::Secret>, String> {
+        Ok(self
+            .iter()
+            .find(|s| {
+                s.metadata.namespace.as_deref().unwrap_or("default") == ns
+                    && s.metadata.name.as_deref() == Some(name)
+            })
+            .cloned())
+    }
+}
 
 /// The one finalizer of every kind: it guards state outside Kubernetes (domains, volumes,
 /// pools, the node's VMs).
@@ -530,6 +573,15 @@ pub async fn run_all(
     let rebalance = tokio::spawn(rebalance::run(ctx.clone()));
     tokio::join!(nodes, pools, vms, migrations);
     rebalance.abort();
+}
+
+/// A condition's status, reason and message, by type.
+pub fn condition_of<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(bool, &'a str, &'a str)> {
+    crate::api::condition::find(conditions, type_)
+        .map(|c| (c.status == "True", c.reason.as_str(), c.message.as_str()))
 }
 
 /// Now, as a condition timestamp.

@@ -376,9 +376,15 @@ impl Connection {
     pub fn pool_definition(&self, name: &str) -> Result<Option<PoolXml>, HvError> {
         match self.pool(name) {
             Ok(p) => {
-                let xml = p
-                    .xml_desc(sys::VIR_STORAGE_XML_INACTIVE)
-                    .map_err(|e| self.err("get pool XML", e))?;
+                // the persistent definition; drivers without that flag (libvirt's test driver)
+                // have only one definition, the current one
+                let xml = match p.xml_desc(sys::VIR_STORAGE_XML_INACTIVE) {
+                    Ok(x) => x,
+                    Err(e) if e.code().to_raw() == sys::VIR_ERR_INVALID_ARG => {
+                        p.xml_desc(0).map_err(|e| self.err("get pool XML", e))?
+                    }
+                    Err(e) => return Err(self.err("get pool XML", e)),
+                };
                 Ok(Some(PoolXml::parse(&xml)?))
             }
             Err(HvError::NotFound { .. }) => Ok(None),

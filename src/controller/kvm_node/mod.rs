@@ -41,7 +41,7 @@ pub fn vms_on<'a>(world: &'a World, node: &str) -> Vec<&'a VirtualMachine> {
 }
 
 /// The status of a node whose spec is invalid or whose credentials cannot be read.
-fn not_ready(node: &KvmNode, reason: &'static str, message: String) -> Outcome<KvmNodeStatus> {
+pub fn not_ready(node: &KvmNode, reason: &'static str, message: String) -> Outcome<KvmNodeStatus> {
     let mut st = node.status.clone().unwrap_or_default();
     st.observed_generation = node.metadata.generation;
     let now = super::now();
@@ -215,17 +215,16 @@ pub fn cleanup_core(node: &KvmNode, world: &World) -> Result<(), Box<(KvmNodeSta
 /// Reads the node's SSH key and TLS Secrets into its access record.
 pub async fn load_access(
     node: &KvmNode,
-    client: &kube::Client,
+    secrets: &(impl super::SecretSource + ?Sized),
     config: &Config,
 ) -> Result<NodeAccess, (&'static str, String)> {
     let name = node.name_any();
     let read = |ns: Option<&String>, secret: &str| {
         let ns = ns.cloned().unwrap_or_else(|| config.namespace.clone());
-        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
         let secret = secret.to_string();
         let name = name.clone();
         async move {
-            match api.get_opt(&secret).await {
+            match secrets.secret(&ns, &secret).await {
                 Ok(Some(s)) => Ok(s),
                 Ok(None) => Err((
                     "SecretNotFound",

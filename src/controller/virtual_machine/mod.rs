@@ -12,7 +12,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -789,9 +788,9 @@ pub fn refs_for_event(
 }
 
 /// Reads the cloud-init user data Secret the spec references.
-async fn user_data(
+pub async fn user_data(
     vm: &VirtualMachine,
-    client: &kube::Client,
+    secrets: &(impl super::SecretSource + ?Sized),
 ) -> Result<Option<String>, (&'static str, String)> {
     let Some(r) = vm
         .spec
@@ -802,8 +801,7 @@ async fn user_data(
         return Ok(None);
     };
     let ns = vm.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let s = match api.get_opt(&r.name).await {
+    let s = match secrets.secret(&ns, &r.name).await {
         Ok(Some(s)) => s,
         Ok(None) => {
             return Err((

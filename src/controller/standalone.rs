@@ -1,0 +1,863 @@
+//! Standalone mode: the same controllers with no cluster. Objects come from the YAML files users
+//! would `kubectl apply` (plus v1 Secrets for node keys and cloud-init user data); statuses go
+//! to a state file and a table on the terminal.
+//!
+//! Only the source of objects and the sink of status differ from the Kubernetes glue: each
+//! round calls the very cores the controllers call (`kvm_node::reconcile_core`,
+//! `storage_pool::reconcile_core`, `virtual_machine::reconcile_core`,
+//! `migration::reconcile_core`) on a [`World`] built from the files, resolves Secrets through
+//! the same [`SecretSource`](super::SecretSource) interface, and stores what they return.
+//!
+//! Restart safety: `state_dir/status.yaml` keeps each object's UID (the ownership stamp on its
+//! domain), generation and status; a restarted run reads it back, so a VM binds to the domain it
+//! created instead of creating a second one (and a lost state file is survivable too: the VM
+//! controller looks for a domain stamped with the VM's UID before placing it, and refuses a
+//! foreign domain of the same name). An object removed from the files is forgotten, never
+//! deleted: its domain keeps running, as it would if the operator were uninstalled.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
+
+use super::{Config, World, condition_of, kvm_node, migration, storage_pool, virtual_machine};
+use crate::api::condition::{self, READY};
+use crate::api::migration::Migration;
+use crate::api::storage_pool::PoolState;
+use crate::api::{KvmNode, MigrationPhase};
+use crate::hypervisor::cache::NodePool;
+use crate::manifest::{self, ManifestError, Object};
+
+/// How a standalone run is set up.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Manifest files and directories.
+    pub files: Vec<PathBuf>,
+    /// libvirt URI of the embedded default node (used when the files declare no KvmNode).
+    pub default_uri: String,
+    /// Where `status.yaml` (and the hypervisor layer's private files) live.
+    pub state_dir: PathBuf,
+    /// Reconcile until everything has converged or failed, then return.
+    pub once: bool,
+    /// `once` gives up after this long.
+    pub timeout: Duration,
+    /// How often everything is reconciled when nothing is pending (files are checked every
+    /// second).
+    pub resync: Duration,
+}
+
+/// Why a standalone run stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StandaloneError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(
+        "state file {path}: {cause}; fix or move it aside (a fresh run finds its domains again by their ownership stamp)"
+    )]
+    State { path: String, cause: String },
+    #[error("converged with failures:\n{0}")]
+    Failed(String),
+    #[error("not converged after {secs}s; still pending:\n{pending}")]
+    Timeout { secs: u64, pending: String },
+}
+
+/// What the state file remembers of one object.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct Saved {
+    uid: String,
+    generation: i64,
+    spec: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status: Option<serde_json::Value>,
+    /// The whole object, for objects the operator created (evacuation Migrations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    /// By `Kind/namespace/name` (`KvmNode/name` for nodes).
+    objects: BTreeMap<String, Saved>,
+}
+
+/// How one object stands after a round.
+#[derive(Clone, Debug, PartialEq)]
+enum Standing {
+    Done,
+    Pending(String),
+    Failed(String),
+}
+
+/// The standalone runner.
+pub struct Standalone {
+    opts: Options,
+    config: Config,
+    hv: Arc<NodePool>,
+    jobs: migration::execute::Jobs,
+    world: World,
+    secrets: Vec<Secret>,
+    state: StateFile,
+    /// Files and their modification times when last loaded.
+    seen: BTreeMap<PathBuf, SystemTime>,
+    standing: BTreeMap<String, Standing>,
+    out: Box<dyn Write + Send>,
+    last_table: String,
+}
+
+fn key_of(kind: &str, ns: Option<&str>, name: &str) -> String {
+    match ns {
+        Some(ns) => format!("{kind}/{ns}/{name}"),
+        None => format!("{kind}/{name}"),
+    }
+}
+
+/// A random RFC 4122 version 4 UUID (the ownership stamp of a new object).
+fn new_uid() -> String {
+    let mut b = [0u8; 16];
+    let filled = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if !filled {
+        // no /dev/urandom: time and process id are unique enough for one host's objects
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        b[..16].copy_from_slice(&(t ^ (u128::from(std::process::id()) << 64)).to_le_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+impl Standalone {
+    /// Reads the state file and the manifests; `out` receives the status table.
+    pub fn new(
+        opts: Options,
+        mut config: Config,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, StandaloneError> {
+        let run_dir = opts.state_dir.join("run");
+        std::fs::create_dir_all(&run_dir).map_err(|e| StandaloneError::State {
+            path: run_dir.display().to_string(),
+            cause: e.to_string(),
+        })?;
+        config.state_dir = run_dir;
+        let state = read_state(&opts.state_dir.join("status.yaml"))?;
+        let mut me = Self {
+            hv: Arc::new(NodePool::new(
+                Duration::from_secs(60).max(config.shutdown_grace + Duration::from_secs(15)),
+            )),
+            opts,
+            config,
+            jobs: migration::execute::Jobs::default(),
+            world: World::default(),
+            secrets: vec![],
+            state,
+            seen: BTreeMap::new(),
+            standing: BTreeMap::new(),
+            out,
+            last_table: String::new(),
+        };
+        me.load()?;
+        Ok(me)
+    }
+
+    /// The objects as they stand (for tests and the caller's summary).
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// Runs until converged (`once`) or until Ctrl-C.
+    pub async fn run(&mut self) -> Result<(), StandaloneError> {
+        let started = Instant::now();
+        let mut last_full = None::<Instant>;
+        loop {
+            if self.files_changed() {
+                match self.load() {
+                    Ok(()) => last_full = None,
+                    // a half-saved edit: keep going on what was loaded, say why
+                    Err(e) => {
+                        let _ = writeln!(self.out, "manifests not reloaded: {e}");
+                    }
+                }
+            }
+            let due = last_full.is_none_or(|t: Instant| t.elapsed() >= self.opts.resync);
+            let pending = self
+                .standing
+                .values()
+                .any(|s| matches!(s, Standing::Pending(_)));
+            if due || pending {
+                let before = self.standing.clone();
+                self.round().await;
+                // statuses carry timestamps; what matters is whether any object moved
+                let changed = self.standing != before;
+                self.save()?;
+                self.print_table();
+                last_full = Some(Instant::now());
+                let pending: Vec<String> = self.list(|s| matches!(s, Standing::Pending(_)));
+                if self.opts.once && pending.is_empty() && !changed {
+                    let failed = self.list(|s| matches!(s, Standing::Failed(_)));
+                    return if failed.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(StandaloneError::Failed(failed.join("\n")))
+                    };
+                }
+                if self.opts.once && started.elapsed() > self.opts.timeout {
+                    return Err(StandaloneError::Timeout {
+                        secs: self.opts.timeout.as_secs(),
+                        pending: pending.join("\n"),
+                    });
+                }
+                if changed {
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::signal::ctrl_c() => {
+                    self.save()?;
+                    let _ = writeln!(self.out, "stopped; the VMs keep running; state in {}", self.opts.state_dir.display());
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn list(&self, f: impl Fn(&Standing) -> bool) -> Vec<String> {
+        self.standing
+            .iter()
+            .filter(|(_, s)| f(s))
+            .map(|(k, s)| match s {
+                Standing::Done => k.clone(),
+                Standing::Pending(m) | Standing::Failed(m) => format!("  {k}: {m}"),
+            })
+            .collect()
+    }
+
+    fn files_changed(&self) -> bool {
+        let mut now = BTreeMap::new();
+        for f in &self.opts.files {
+            stamp(f, &mut now);
+        }
+        now != self.seen
+    }
+
+    /// (Re)loads the manifests, keeping UIDs and statuses of objects already known.
+    fn load(&mut self) -> Result<(), StandaloneError> {
+        let mut seen = BTreeMap::new();
+        for f in &self.opts.files {
+            stamp(f, &mut seen);
+        }
+        let loaded = manifest::load_paths(&self.opts.files)?;
+        self.seen = seen;
+        let mut world = World {
+            weights: self.config.weights,
+            ..World::default()
+        };
+        let mut secrets = vec![];
+        for l in loaded {
+            match l.object {
+                Object::KvmNode(mut o) => {
+                    self.restore(&mut o.metadata, None, &o.spec, &mut o.status)?;
+                    world.nodes.push(Arc::new(o));
+                }
+                Object::StoragePool(mut o) => {
+                    self.restore(&mut o.metadata, Some(()), &o.spec, &mut o.status)?;
+                    world.pools.push(Arc::new(o));
+                }
+                Object::VirtualMachine(mut o) => {
+                    self.restore(&mut o.metadata, Some(()), &o.spec, &mut o.status)?;
+                    world.vms.push(Arc::new(o));
+                }
+                Object::Migration(mut o) => {
+                    self.restore(&mut o.metadata, Some(()), &o.spec, &mut o.status)?;
+                    world.migrations.push(Arc::new(o));
+                }
+                Object::Secret(mut s) => {
+                    s.metadata.namespace.get_or_insert_with(|| "default".into());
+                    secrets.push(s);
+                }
+            }
+        }
+        if world.nodes.is_empty() {
+            let mut node: KvmNode = serde_json::from_value(serde_json::json!({
+                "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+                "metadata": {"name": "default"},
+                "spec": {"address": "localhost", "libvirtUri": self.opts.default_uri},
+            }))
+            .map_err(|e| StandaloneError::State {
+                path: "--default-uri".into(),
+                cause: e.to_string(),
+            })?;
+            self.restore(&mut node.metadata, None, &node.spec, &mut node.status)?;
+            world.nodes.push(Arc::new(node));
+        }
+        // Migrations the operator created (evacuations) live only in the state file
+        for (k, saved) in &self.state.objects {
+            let Some(obj) = &saved.created else { continue };
+            if world
+                .migrations
+                .iter()
+                .any(|m| key_of("Migration", m.namespace().as_deref(), &m.name_any()) == *k)
+            {
+                continue;
+            }
+            if let Ok(mut m) = serde_json::from_value::<Migration>(obj.clone()) {
+                m.status = saved
+                    .status
+                    .clone()
+                    .and_then(|s| serde_json::from_value(s).ok());
+                world.migrations.push(Arc::new(m));
+            }
+        }
+        // objects gone from the files are forgotten: their domains stay as they are
+        let keep: std::collections::BTreeSet<String> = keys(&world).into_iter().collect();
+        let gone: Vec<String> = self
+            .state
+            .objects
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            let _ = writeln!(
+                self.out,
+                "{k} is no longer in the manifests: forgotten, not deleted (its domain and volumes stay on the host)"
+            );
+            self.state.objects.remove(&k);
+            self.standing.remove(&k);
+        }
+        self.world = world;
+        self.secrets = secrets;
+        Ok(())
+    }
+
+    /// Gives a loaded object its UID, generation and status from the state file (or new ones).
+    fn restore<S: Serialize, St: serde::de::DeserializeOwned>(
+        &mut self,
+        meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        namespaced: Option<()>,
+        spec: &S,
+        status: &mut Option<St>,
+    ) -> Result<(), StandaloneError> {
+        if namespaced.is_some() {
+            meta.namespace.get_or_insert_with(|| "default".into());
+        } else {
+            meta.namespace = None;
+        }
+        let kind = kind_of::<St>();
+        let key = key_of(
+            kind,
+            meta.namespace.as_deref(),
+            meta.name.as_deref().unwrap_or(""),
+        );
+        let spec = serde_json::to_value(spec).map_err(|e| StandaloneError::State {
+            path: key.clone(),
+            cause: e.to_string(),
+        })?;
+        let saved = self.state.objects.entry(key).or_insert_with(|| Saved {
+            uid: new_uid(),
+            generation: 1,
+            spec: spec.clone(),
+            status: None,
+            created: None,
+        });
+        if saved.spec != spec {
+            saved.generation += 1;
+            saved.spec = spec;
+        }
+        meta.uid = Some(saved.uid.clone());
+        meta.generation = Some(saved.generation);
+        *status = saved
+            .status
+            .clone()
+            .and_then(|s| serde_json::from_value(s).ok());
+        Ok(())
+    }
+
+    /// One pass over every object, in the order the cluster would converge them: nodes, pools,
+    /// VMs, migrations. Returns whether any status changed.
+    async fn round(&mut self) -> bool {
+        let mut changed = false;
+        // nodes
+        for i in 0..self.world.nodes.len() {
+            let node = self.world.nodes[i].clone();
+            let (out, side) = match node.spec.validate() {
+                Err(_) => {
+                    kvm_node::reconcile_core(&node, &self.world, self.hv.as_ref(), &self.config)
+                        .await
+                }
+                Ok(()) => match kvm_node::load_access(&node, self.secrets.as_slice(), &self.config)
+                    .await
+                {
+                    Err((reason, msg)) => (
+                        kvm_node::not_ready(&node, reason, msg),
+                        kvm_node::Side::default(),
+                    ),
+                    Ok(access) => {
+                        self.hv.upsert(access);
+                        kvm_node::reconcile_core(&node, &self.world, self.hv.as_ref(), &self.config)
+                            .await
+                    }
+                },
+            };
+            for (ns, vm) in side.evacuate {
+                self.evacuate(&node.name_any(), &ns, &vm);
+            }
+            let standing = match condition_of(&out.status.conditions, READY) {
+                Some((true, _, _)) => Standing::Done,
+                Some((false, reason, msg)) => Standing::Failed(format!("{reason}: {msg}")),
+                None => Standing::Pending("not observed yet".into()),
+            };
+            let mut n = (*node).clone();
+            changed |= n.status.as_ref() != Some(&out.status);
+            n.status = Some(out.status);
+            self.note(&n.name_any(), "KvmNode", None, standing, &out.notes);
+            self.world.nodes[i] = Arc::new(n);
+        }
+        // pools
+        for i in 0..self.world.pools.len() {
+            let pool = self.world.pools[i].clone();
+            let out =
+                storage_pool::reconcile_core(&pool, &self.world, self.hv.as_ref(), &self.config)
+                    .await;
+            let states: Vec<(String, PoolState)> = out
+                .status
+                .nodes
+                .iter()
+                .map(|n| (n.node.clone(), n.state))
+                .collect();
+            let standing = if states.is_empty() {
+                match condition_of(&out.status.conditions, READY) {
+                    Some((false, reason, msg)) => Standing::Failed(format!("{reason}: {msg}")),
+                    _ => Standing::Pending("no node has the pool yet".into()),
+                }
+            } else if let Some((n, s)) = states
+                .iter()
+                .find(|(_, s)| matches!(s, PoolState::Conflict | PoolState::Failed))
+            {
+                Standing::Failed(format!("{s:?} on {n}"))
+            } else if states.iter().all(|(_, s)| *s == PoolState::Running) {
+                Standing::Done
+            } else {
+                Standing::Pending(format!("{states:?}"))
+            };
+            let mut p = (*pool).clone();
+            changed |= p.status.as_ref() != Some(&out.status);
+            p.status = Some(out.status);
+            let ns = p.namespace();
+            self.note(
+                &p.name_any(),
+                "StoragePool",
+                ns.as_deref(),
+                standing,
+                &out.notes,
+            );
+            self.world.pools[i] = Arc::new(p);
+        }
+        // VMs
+        for i in 0..self.world.vms.len() {
+            let vm = self.world.vms[i].clone();
+            let out = match virtual_machine::user_data(&vm, self.secrets.as_slice()).await {
+                Ok(ud) => {
+                    virtual_machine::reconcile_core(
+                        &vm,
+                        &self.world,
+                        self.hv.as_ref(),
+                        &self.config,
+                        ud.as_deref(),
+                    )
+                    .await
+                }
+                Err((reason, msg)) => {
+                    virtual_machine::problem(&vm, reason, msg, Some(Duration::from_secs(60)))
+                }
+            };
+            let ready = condition_of(&out.status.conditions, READY);
+            let standing = match (ready, out.requeue) {
+                (Some((true, _, _)), _) => Standing::Done,
+                (_, Some(r)) if r < Duration::from_secs(15) => {
+                    Standing::Pending(ready.map(|(_, _, m)| m.to_string()).unwrap_or_default())
+                }
+                (Some((false, reason, msg)), _) => Standing::Failed(format!("{reason}: {msg}")),
+                (None, _) => Standing::Pending("not observed yet".into()),
+            };
+            let mut v = (*vm).clone();
+            changed |= v.status.as_ref() != Some(&out.status);
+            v.status = Some(out.status);
+            let ns = v.namespace();
+            self.note(
+                &v.name_any(),
+                "VirtualMachine",
+                ns.as_deref(),
+                standing,
+                &out.notes,
+            );
+            self.world.vms[i] = Arc::new(v);
+        }
+        // migrations
+        for i in 0..self.world.migrations.len() {
+            let m = self.world.migrations[i].clone();
+            let out =
+                migration::reconcile_core(&m, &self.world, &self.hv, &self.jobs, &self.config)
+                    .await;
+            let standing = match out.status.phase {
+                Some(MigrationPhase::Succeeded) => Standing::Done,
+                Some(p @ (MigrationPhase::Failed | MigrationPhase::Cancelled)) => Standing::Failed(
+                    format!("{p:?}: {}", out.status.message.clone().unwrap_or_default()),
+                ),
+                p => Standing::Pending(format!(
+                    "{:?} {}",
+                    p.unwrap_or(MigrationPhase::Pending),
+                    out.status
+                        .progress
+                        .as_ref()
+                        .map(|x| x.percent.clone())
+                        .unwrap_or_default()
+                )),
+            };
+            let mut x = (*m).clone();
+            changed |= x.status.as_ref() != Some(&out.status);
+            x.status = Some(out.status);
+            let ns = x.namespace();
+            self.note(
+                &x.name_any(),
+                "Migration",
+                ns.as_deref(),
+                standing,
+                &out.notes,
+            );
+            self.world.migrations[i] = Arc::new(x);
+        }
+        changed
+    }
+
+    /// Records an object's standing and prints its Events.
+    fn note(
+        &mut self,
+        name: &str,
+        kind: &str,
+        ns: Option<&str>,
+        standing: Standing,
+        notes: &[super::Note],
+    ) {
+        let key = key_of(kind, ns, name);
+        for n in notes {
+            let _ = writeln!(
+                self.out,
+                "{} {key} {}: {}",
+                if n.warning { "Warning" } else { "Normal " },
+                n.reason,
+                n.message
+            );
+        }
+        self.standing.insert(key, standing);
+    }
+
+    /// Creates the evacuation Migration of `ns/vm` off `node` unless it exists.
+    fn evacuate(&mut self, node: &str, ns: &str, vm: &str) {
+        let name = kvm_node::plan::evacuation_name(node, vm);
+        if self
+            .world
+            .migrations
+            .iter()
+            .any(|m| m.name_any() == name && m.namespace().as_deref() == Some(ns))
+        {
+            return;
+        }
+        let Ok(mut m) = serde_json::from_value::<Migration>(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "Migration",
+            "metadata": {"name": name, "namespace": ns, "uid": new_uid(), "generation": 1,
+                         "labels": {migration::EVACUATION_LABEL: node}},
+            "spec": {"vmName": vm},
+        })) else {
+            return;
+        };
+        let key = key_of("Migration", Some(ns), &name);
+        let saved = Saved {
+            uid: m.uid().unwrap_or_default(),
+            generation: 1,
+            spec: serde_json::to_value(&m.spec).unwrap_or_default(),
+            status: None,
+            created: serde_json::to_value(&m).ok(),
+        };
+        self.state.objects.insert(key, saved);
+        m.status = None;
+        self.world.migrations.push(Arc::new(m));
+    }
+
+    /// Writes every object's UID, generation and status (atomically: a temporary file renamed).
+    fn save(&mut self) -> Result<(), StandaloneError> {
+        fn status_of<T: Serialize>(s: &Option<T>) -> Option<serde_json::Value> {
+            s.as_ref().and_then(|s| serde_json::to_value(s).ok())
+        }
+        let mut put = |key: String, status: Option<serde_json::Value>| {
+            if let Some(saved) = self.state.objects.get_mut(&key) {
+                saved.status = status;
+            }
+        };
+        for n in &self.world.nodes {
+            put(key_of("KvmNode", None, &n.name_any()), status_of(&n.status));
+        }
+        for p in &self.world.pools {
+            put(
+                key_of("StoragePool", p.namespace().as_deref(), &p.name_any()),
+                status_of(&p.status),
+            );
+        }
+        for v in &self.world.vms {
+            put(
+                key_of("VirtualMachine", v.namespace().as_deref(), &v.name_any()),
+                status_of(&v.status),
+            );
+        }
+        for m in &self.world.migrations {
+            put(
+                key_of("Migration", m.namespace().as_deref(), &m.name_any()),
+                status_of(&m.status),
+            );
+        }
+        let path = self.opts.state_dir.join("status.yaml");
+        let err = |e: String| StandaloneError::State {
+            path: path.display().to_string(),
+            cause: e,
+        };
+        let body = serde_saphyr::to_string(&self.state).map_err(|e| err(e.to_string()))?;
+        let text = format!(
+            "# Written by `kvm-operator standalone`: each object's UID (the ownership stamp on its\n# domain), generation and status. Keep it to resume without duplicating anything.\n{body}"
+        );
+        let tmp = path.with_extension("yaml.tmp");
+        std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
+        std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))
+    }
+
+    /// The status table: nodes, pools, VMs and migrations.
+    pub fn table(&self) -> String {
+        let mut rows: Vec<[String; 5]> = vec![[
+            "KIND/NAME".into(),
+            "NODE".into(),
+            "STATE".into(),
+            "READY".into(),
+            "MESSAGE".into(),
+        ]];
+        let msg = |k: &str| match self.standing.get(k) {
+            Some(Standing::Done) | None => String::new(),
+            Some(Standing::Pending(m)) => format!("… {m}"),
+            Some(Standing::Failed(m)) => m.clone(),
+        };
+        let ready = |c: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+            condition::find(c, READY)
+                .map(|c| c.status.clone())
+                .unwrap_or_else(|| "-".into())
+        };
+        for n in &self.world.nodes {
+            let st = n.status.clone().unwrap_or_default();
+            let key = key_of("KvmNode", None, &n.name_any());
+            rows.push([
+                format!("node/{}", n.name_any()),
+                "-".into(),
+                st.load
+                    .as_ref()
+                    .map(|l| format!("load {}", l.load1))
+                    .unwrap_or_else(|| "-".into()),
+                ready(&st.conditions),
+                msg(&key),
+            ]);
+        }
+        for p in &self.world.pools {
+            let st = p.status.clone().unwrap_or_default();
+            let key = key_of("StoragePool", p.namespace().as_deref(), &p.name_any());
+            rows.push([
+                format!("pool/{}", p.name_any()),
+                st.nodes
+                    .iter()
+                    .map(|n| n.node.clone())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                st.nodes
+                    .first()
+                    .map(|n| format!("{:?}", n.state))
+                    .unwrap_or_else(|| "-".into()),
+                ready(&st.conditions),
+                msg(&key),
+            ]);
+        }
+        for v in &self.world.vms {
+            let st = v.status.clone().unwrap_or_default();
+            let key = key_of("VirtualMachine", v.namespace().as_deref(), &v.name_any());
+            rows.push([
+                format!("vm/{}", v.name_any()),
+                st.node.clone().unwrap_or_else(|| "-".into()),
+                st.power_state
+                    .map(|p| format!("{p:?}"))
+                    .unwrap_or_else(|| "-".into()),
+                ready(&st.conditions),
+                msg(&key),
+            ]);
+        }
+        for m in &self.world.migrations {
+            let st = m.status.clone().unwrap_or_default();
+            let key = key_of("Migration", m.namespace().as_deref(), &m.name_any());
+            rows.push([
+                format!("migration/{}", m.name_any()),
+                format!(
+                    "{}→{}",
+                    st.source_node.clone().unwrap_or_default(),
+                    st.target_node.clone().unwrap_or_default()
+                ),
+                st.phase
+                    .map(|p| format!("{p:?}"))
+                    .unwrap_or_else(|| "Pending".into()),
+                ready(&st.conditions),
+                msg(&key),
+            ]);
+        }
+        let width = |i: usize| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0);
+        let w: Vec<usize> = (0..4).map(width).collect();
+        let mut s = String::new();
+        for r in &rows {
+            let mut line = String::new();
+            for (i, cell) in r.iter().enumerate().take(4) {
+                line.push_str(&format!("{cell:<width$}  ", width = w[i]));
+            }
+            let m: String = r[4].chars().take(100).collect();
+            line.push_str(&m);
+            s.push_str(line.trim_end());
+            s.push('\n');
+        }
+        s
+    }
+
+    fn print_table(&mut self) {
+        let t = self.table();
+        if t != self.last_table {
+            let _ = write!(self.out, "\n{t}");
+            let _ = self.out.flush();
+            self.last_table = t;
+        }
+    }
+}
+
+fn kind_of<St>() -> &'static str {
+    let t = std::any::type_name::<St>();
+    if t.ends_with("KvmNodeStatus") {
+        "KvmNode"
+    } else if t.ends_with("StoragePoolStatus") {
+        "StoragePool"
+    } else if t.ends_with("VirtualMachineStatus") {
+        "VirtualMachine"
+    } else {
+        "Migration"
+    }
+}
+
+fn keys(world: &World) -> Vec<String> {
+    let mut k = Vec::new();
+    k.extend(
+        world
+            .nodes
+            .iter()
+            .map(|n| key_of("KvmNode", None, &n.name_any())),
+    );
+    k.extend(
+        world
+            .pools
+            .iter()
+            .map(|p| key_of("StoragePool", p.namespace().as_deref(), &p.name_any())),
+    );
+    k.extend(
+        world
+            .vms
+            .iter()
+            .map(|v| key_of("VirtualMachine", v.namespace().as_deref(), &v.name_any())),
+    );
+    k.extend(
+        world
+            .migrations
+            .iter()
+            .map(|m| key_of("Migration", m.namespace().as_deref(), &m.name_any())),
+    );
+    k
+}
+
+/// Modification times of `p` (a file, or the manifests in a directory).
+fn stamp(p: &Path, into: &mut BTreeMap<PathBuf, SystemTime>) {
+    if p.is_dir() {
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                let path = e.path();
+                let yaml = path.extension().is_some_and(|x| x == "yaml" || x == "yml");
+                if path.is_dir() || yaml {
+                    stamp(&path, into);
+                }
+            }
+        }
+    } else if let Ok(m) = std::fs::metadata(p).and_then(|m| m.modified()) {
+        into.insert(p.to_path_buf(), m);
+    }
+}
+
+fn read_state(path: &Path) -> Result<StateFile, StandaloneError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_saphyr::from_str(&text).map_err(|e| StandaloneError::State {
+            path: path.display().to_string(),
+            cause: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
+        Err(e) => Err(StandaloneError::State {
+            path: path.display().to_string(),
+            cause: e.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_are_version_4_and_distinct() {
+        let a = new_uid();
+        let b = new_uid();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
+    }
+
+    #[test]
+    fn a_state_file_that_is_not_ours_is_refused_with_its_path() {
+        let dir = std::env::temp_dir().join(format!("kvm-op-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("status.yaml");
+        std::fs::write(&p, "objects: [1, 2]").unwrap();
+        let e = read_state(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("status.yaml") && e.contains("move it aside"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            read_state(&dir.join("none.yaml"))
+                .unwrap()
+                .objects
+                .is_empty()
+        );
+    }
+}
