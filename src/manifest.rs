@@ -249,7 +249,8 @@ pub fn parse_and_validate(text: &str, origin: &str) -> Result<Vec<Loaded>, Manif
     Ok(loaded)
 }
 
-/// Reads files and directories (recursively, `*.yaml` and `*.yml`, in name order) and parses and
+/// Reads files and directories (recursively, `*.yaml` and `*.yml`, in name order, skipping
+/// names that start with a dot) and parses and
 /// validates every document.
 pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Loaded>, ManifestError> {
     let mut files = Vec::new();
@@ -268,6 +269,13 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Loaded>, ManifestError> {
     Ok(out)
 }
 
+/// A name starting with a dot.
+pub fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
 fn collect(p: &Path, files: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
     let io = |source| ManifestError::Io {
         origin: p.display().to_string(),
@@ -279,6 +287,8 @@ fn collect(p: &Path, files: &mut Vec<PathBuf>) -> Result<(), ManifestError> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
+        // hidden entries are not manifests (standalone mode keeps its state in .kvm-operator/)
+        entries.retain(|e| !is_hidden(e));
         for e in entries {
             if e.is_dir() {
                 collect(&e, files)?;

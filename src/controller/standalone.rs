@@ -157,6 +157,9 @@ impl Standalone {
             cause: e.to_string(),
         })?;
         config.state_dir = run_dir;
+        // no operator namespace here: a Secret reference without a namespace means the
+        // manifests' default namespace, as a Secret without one does
+        config.namespace = "default".into();
         let state = read_state(&opts.state_dir.join("status.yaml"))?;
         let mut me = Self {
             hv: Arc::new(NodePool::new(
@@ -186,6 +189,8 @@ impl Standalone {
     pub async fn run(&mut self) -> Result<(), StandaloneError> {
         let started = Instant::now();
         let mut last_full = None::<Instant>;
+        // a round that moved something is followed by another at once
+        let mut again = false;
         loop {
             if self.files_changed() {
                 match self.load() {
@@ -201,7 +206,7 @@ impl Standalone {
                 .standing
                 .values()
                 .any(|s| matches!(s, Standing::Pending(_)));
-            if due || pending {
+            if due || pending || again {
                 let before = self.standing.clone();
                 self.round().await;
                 // statuses carry timestamps; what matters is whether any object moved
@@ -224,6 +229,7 @@ impl Standalone {
                         pending: pending.join("\n"),
                     });
                 }
+                again = changed;
                 if changed {
                     continue;
                 }
@@ -802,6 +808,9 @@ fn stamp(p: &Path, into: &mut BTreeMap<PathBuf, SystemTime>) {
         if let Ok(rd) = std::fs::read_dir(p) {
             for e in rd.flatten() {
                 let path = e.path();
+                if manifest::is_hidden(&path) {
+                    continue;
+                }
                 let yaml = path.extension().is_some_and(|x| x == "yaml" || x == "yml");
                 if path.is_dir() || yaml {
                     stamp(&path, into);

@@ -1,0 +1,219 @@
+//! Standalone mode (`kvm-operator standalone`): the real binary and the library's runner against
+//! libvirt's `test:///default` driver (the embedded default node) and against the lab (a real
+//! KVM guest on a namespace host over sshd). No cluster is involved in standalone mode.
+
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_operator::api::virtual_machine::PowerState;
+use kvm_operator::controller::Config;
+use kvm_operator::controller::standalone::{Options, Standalone};
+use kvm_operator::hypervisor::Connection;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kvm-operator"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn state(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("status.yaml")).unwrap();
+    serde_saphyr::from_str(&text).unwrap()
+}
+
+#[test]
+fn the_quickstart_reaches_running_on_the_embedded_default_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["standalone", "-f"])
+        .arg(root().join("examples/quickstart"))
+        .args(["--once", "--timeout", "120", "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // the last table shows every VM running and ready on the default node
+    let table = stdout.rsplit("KIND/NAME").next().unwrap();
+    for vm in ["vm/hello ", "vm/hello-2 ", "vm/adopted "] {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(vm))
+            .unwrap_or_else(|| panic!("no {vm} in {table}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[1..4], ["default", "Running", "True"], "{line}");
+    }
+    assert!(stdout.contains("Adopted"), "{stdout}");
+    // the state file has each object's UID and status
+    let s = state(dir.path());
+    let hello = &s["objects"]["VirtualMachine/default/hello"];
+    assert_eq!(hello["uid"].as_str().unwrap().len(), 36);
+    assert_eq!(hello["status"]["powerState"], "Running");
+    assert_eq!(hello["status"]["node"], "default");
+    assert_eq!(
+        s["objects"]["KvmNode/default"]["spec"]["libvirtUri"],
+        "test:///default"
+    );
+}
+
+#[test]
+fn a_failure_exits_non_zero_naming_the_object_and_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("big.yaml");
+    std::fs::write(
+        &m,
+        "apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: huge}\n\
+         spec: {vcpus: 1, memory: 900Gi}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["standalone", "--once", "--timeout", "60", "-f"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("VirtualMachine/default/huge") && stderr.contains("Unschedulable"),
+        "{stderr}"
+    );
+    // the state went next to the manifest by default
+    assert!(dir.path().join(".kvm-operator/status.yaml").exists());
+    // a bad manifest is refused before anything runs, naming the file and the field
+    std::fs::write(
+        &m,
+        "apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: x}\n\
+         spec: {vcpus: 1, memory: 1Gi, runStrategy: Sometimes}\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["standalone", "--once", "-f"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("big.yaml") && stderr.contains("runStrategy"),
+        "{stderr}"
+    );
+}
+
+const VM: &str = "apiVersion: kvm-operator.io/v1alpha1
+kind: StoragePool
+metadata: {name: scratch}
+spec: {nodeName: default, type: dir, targetPath: /sa-scratch}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: one}
+spec:
+  vcpus: 1
+  memory: 128Mi
+  disks: [{name: root, new: {pool: scratch, size: 1Gi}}]
+";
+
+fn runner(files: &Path, state: &Path) -> Standalone {
+    Standalone::new(
+        Options {
+            files: vec![files.to_path_buf()],
+            default_uri: "test:///default".into(),
+            state_dir: state.to_path_buf(),
+            once: true,
+            timeout: Duration::from_secs(60),
+            resync: Duration::from_secs(30),
+        },
+        Config {
+            shutdown_grace: Duration::from_secs(1),
+            ..Config::default()
+        },
+        Box::new(std::io::sink()),
+    )
+    .unwrap()
+}
+
+fn vm<'a>(s: &'a Standalone, name: &str) -> &'a kvm_operator::api::VirtualMachine {
+    s.world()
+        .vms
+        .iter()
+        .find(|v| v.metadata.name.as_deref() == Some(name))
+        .map(Arc::as_ref)
+        .unwrap_or_else(|| panic!("no VM {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_are_picked_up_and_a_restarted_run_binds_to_the_same_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("m");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("vm.yaml"), VM).unwrap();
+    let state_dir = dir.path().join("state");
+    let mut first = runner(&files, &state_dir);
+    first.run().await.unwrap();
+    let one = vm(&first, "one").clone();
+    let st = one.status.clone().unwrap();
+    assert_eq!(st.power_state, Some(PowerState::Running));
+    let uuid = st.domain_uuid.clone().unwrap();
+    // an edit: a second VM, and the first one's spec changed
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(
+        files.join("vm.yaml"),
+        format!(
+            "{}  runStrategy: Stopped\n---\napiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: two}}\nspec: {{vcpus: 1, memory: 128Mi}}\n",
+            VM
+        ),
+    )
+    .unwrap();
+    first.run().await.unwrap();
+    let one2 = vm(&first, "one");
+    assert_eq!(one2.metadata.uid, one.metadata.uid, "same object, same UID");
+    assert_eq!(one2.metadata.generation, Some(2));
+    let st2 = one2.status.clone().unwrap();
+    assert_eq!(st2.power_state, Some(PowerState::Stopped));
+    assert_eq!(st2.domain_uuid.as_deref(), Some(uuid.as_str()));
+    assert_eq!(
+        vm(&first, "two").status.as_ref().unwrap().power_state,
+        Some(PowerState::Running)
+    );
+    // a second runner on the same state (the test driver's state lives while a connection to
+    // it is open, as a host's would): it resumes, creates nothing
+    let mut again = runner(&files, &state_dir);
+    again.run().await.unwrap();
+    assert_eq!(vm(&again, "one").metadata.uid, one.metadata.uid);
+    let c = Connection::open("test:///default", "check").unwrap();
+    let doms = c.list_domains().unwrap();
+    for name in ["default_one", "default_two"] {
+        assert_eq!(
+            doms.iter().filter(|d| d.name == name).count(),
+            1,
+            "{doms:?}"
+        );
+    }
+    // an object removed from the files is forgotten, not deleted
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(files.join("vm.yaml"), VM).unwrap();
+    again.run().await.unwrap();
+    assert!(
+        again
+            .world()
+            .vms
+            .iter()
+            .all(|v| v.metadata.name.as_deref() != Some("two"))
+    );
+    assert!(
+        c.list_domains()
+            .unwrap()
+            .iter()
+            .any(|d| d.name == "default_two")
+    );
+    let s = state(&state_dir);
+    assert!(s["objects"].get("VirtualMachine/default/two").is_none());
+    drop(first);
+}
