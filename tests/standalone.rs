@@ -217,3 +217,181 @@ async fn edits_are_picked_up_and_a_restarted_run_binds_to_the_same_domains() {
     assert!(s["objects"].get("VirtualMachine/default/two").is_none());
     drop(first);
 }
+
+fn var(k: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| {
+        panic!("{k} is not set: run the tests through README's test command (hack/test.sh), which starts the lab")
+    })
+}
+
+/// The lab's host1 as a user would declare it, with its key in a v1 Secret.
+fn lab_manifests(dir: &Path, vm: &str, pool: &str) {
+    let key = std::fs::read_to_string(var("KVM_LAB_SSH_KEY")).unwrap();
+    let indented: String = key.lines().map(|l| format!("    {l}\n")).collect();
+    let text = format!(
+        "apiVersion: v1
+kind: Secret
+metadata: {{name: lab-key}}
+type: kubernetes.io/ssh-auth
+stringData:
+  ssh-privatekey: |
+{indented}---
+apiVersion: kvm-operator.io/v1alpha1
+kind: KvmNode
+metadata: {{name: host1}}
+spec:
+  address: {addr}
+  port: 22
+  user: {user}
+  sshKeySecretRef: {{name: lab-key}}
+  hostKeyFingerprint: {fp}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: StoragePool
+metadata: {{name: {pool}}}
+spec: {{nodeName: host1, type: dir, targetPath: /var/lib/libvirt/{pool}, deletionPolicy: Delete}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: {vm}}}
+spec:
+  vcpus: 1
+  memory: 128Mi
+  disks: [{{name: root, new: {{pool: {pool}, size: 64Mi}}}}]
+",
+        addr = var("KVM_LAB_HOST1_ADDR"),
+        user = var("KVM_LAB_SSH_USER"),
+        fp = var("KVM_LAB_HOST1_FINGERPRINT"),
+    );
+    std::fs::write(dir.join("lab.yaml"), text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_guest_runs_on_a_lab_host_and_a_second_run_duplicates_nothing() {
+    use kvm_operator::controller::World;
+    use kvm_operator::hypervisor::cache::NodePool;
+    use kvm_operator::hypervisor::{DomainState, NodeAccess};
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let (vm_name, pool) = (format!("sa-{id}"), format!("sa-pool-{id}"));
+    lab_manifests(dir.path(), &vm_name, &pool);
+    let run = || {
+        bin()
+            .args(["standalone", "--once", "--timeout", "240", "-f"])
+            .arg(dir.path())
+            .env("KVM_OPERATOR_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = state(&dir.path().join(".kvm-operator"));
+    let vm_key = format!("VirtualMachine/default/{vm_name}");
+    let st = &s["objects"][&vm_key]["status"];
+    assert_eq!(st["node"], "host1", "{st}");
+    assert_eq!(st["powerState"], "Running");
+    let uuid = st["domainUuid"].as_str().unwrap().to_string();
+    let uid = s["objects"][&vm_key]["uid"].as_str().unwrap().to_string();
+    // no secret in the state file or on the terminal
+    let key = std::fs::read_to_string(var("KVM_LAB_SSH_KEY")).unwrap();
+    let secret_line = key.lines().nth(1).unwrap();
+    let state_text = std::fs::read_to_string(dir.path().join(".kvm-operator/status.yaml")).unwrap();
+    assert!(!state_text.contains(secret_line) && !stdout.contains(secret_line));
+
+    // what the host has: one running KVM domain with our stamp
+    let hv = Arc::new(NodePool::new(Duration::from_secs(60)));
+    let node: kvm_operator::api::KvmNode = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+        "metadata": {"name": "host1"},
+        "spec": {"address": var("KVM_LAB_HOST1_ADDR"), "port": 22, "user": var("KVM_LAB_SSH_USER"),
+                 "sshKeySecretRef": {"name": "lab-key"},
+                 "hostKeyFingerprint": var("KVM_LAB_HOST1_FINGERPRINT")},
+    }))
+    .unwrap();
+    hv.upsert(NodeAccess {
+        name: "host1".into(),
+        spec: node.spec.clone(),
+        private_key: Some(key.into_bytes()),
+        state_dir: dir.path().join("check"),
+        tls: None,
+        timeout: Duration::from_secs(15),
+    });
+    let domain = format!("default_{vm_name}");
+    let ours = |hv: Arc<NodePool>, domain: String| async move {
+        hv.call("host1", "t", move |c| {
+            Ok(c.list_domains()?
+                .into_iter()
+                .filter(|d| d.name == domain)
+                .map(|d| (d.uuid, d.state))
+                .collect::<Vec<_>>())
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        ours(hv.clone(), domain.clone()).await,
+        [(uuid.clone(), DomainState::Running)]
+    );
+    let d = domain.clone();
+    let owner = hv
+        .call("host1", "t", move |c| {
+            Ok(c.persistent_xml(&d)?.owner().map(|o| o.uid.clone()))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(owner, uid);
+
+    // a second run (the operator restarted) binds to the same domain and creates nothing
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout2 = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout2.contains("Defined") && !stdout2.contains("VolumeCreated"),
+        "{stdout2}"
+    );
+    assert_eq!(
+        ours(hv.clone(), domain.clone()).await,
+        [(uuid.clone(), DomainState::Running)]
+    );
+
+    // clean up through the controllers' own deletion path
+    let s = state(&dir.path().join(".kvm-operator"));
+    let mut vm: kvm_operator::api::VirtualMachine = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": vm_name, "namespace": "default", "uid": uid},
+        "spec": s["objects"][&vm_key]["spec"].clone(),
+    }))
+    .unwrap();
+    vm.spec.volume_deletion_policy = serde_json::from_value(serde_json::json!("Delete")).unwrap();
+    vm.status = serde_json::from_value(s["objects"][&vm_key]["status"].clone()).unwrap();
+    let pool_key = format!("StoragePool/default/{pool}");
+    let mut p: kvm_operator::api::StoragePool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "StoragePool",
+        "metadata": {"name": pool, "namespace": "default", "uid": s["objects"][&pool_key]["uid"]},
+        "spec": s["objects"][&pool_key]["spec"].clone(),
+    }))
+    .unwrap();
+    p.status = serde_json::from_value(s["objects"][&pool_key]["status"].clone()).unwrap();
+    let world = World {
+        nodes: vec![Arc::new(node)],
+        pools: vec![Arc::new(p.clone())],
+        ..World::default()
+    };
+    kvm_operator::controller::virtual_machine::cleanup_core(&vm, &world, hv.as_ref())
+        .await
+        .unwrap();
+    kvm_operator::controller::storage_pool::cleanup_core(&p, &world, hv.as_ref())
+        .await
+        .unwrap();
+    assert!(ours(hv.clone(), domain).await.is_empty());
+}

@@ -440,9 +440,10 @@ impl Standalone {
         // pools
         for i in 0..self.world.pools.len() {
             let pool = self.world.pools[i].clone();
-            let out =
-                storage_pool::reconcile_core(&pool, &self.world, self.hv.as_ref(), &self.config)
-                    .await;
+            let key = key_of("StoragePool", pool.namespace().as_deref(), &pool.name_any());
+            let work =
+                storage_pool::reconcile_core(&pool, &self.world, self.hv.as_ref(), &self.config);
+            let out = with_progress(&mut *self.out, &key, work).await;
             let states: Vec<(String, PoolState)> = out
                 .status
                 .nodes
@@ -482,14 +483,16 @@ impl Standalone {
             let vm = self.world.vms[i].clone();
             let out = match virtual_machine::user_data(&vm, self.secrets.as_slice()).await {
                 Ok(ud) => {
-                    virtual_machine::reconcile_core(
+                    let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
+                    let work = virtual_machine::reconcile_core(
                         &vm,
                         &self.world,
                         self.hv.as_ref(),
                         &self.config,
                         ud.as_deref(),
-                    )
-                    .await
+                    );
+                    // volume clones and guest shutdowns take long: say so while they run
+                    with_progress(&mut *self.out, &key, work).await
                 }
                 Err((reason, msg)) => {
                     virtual_machine::problem(&vm, reason, msg, Some(Duration::from_secs(60)))
@@ -520,9 +523,10 @@ impl Standalone {
         // migrations
         for i in 0..self.world.migrations.len() {
             let m = self.world.migrations[i].clone();
-            let out =
-                migration::reconcile_core(&m, &self.world, &self.hv, &self.jobs, &self.config)
-                    .await;
+            let key = key_of("Migration", m.namespace().as_deref(), &m.name_any());
+            let work =
+                migration::reconcile_core(&m, &self.world, &self.hv, &self.jobs, &self.config);
+            let out = with_progress(&mut *self.out, &key, work).await;
             let standing = match out.status.phase {
                 Some(MigrationPhase::Succeeded) => Standing::Done,
                 Some(p @ (MigrationPhase::Failed | MigrationPhase::Cancelled)) => Standing::Failed(
@@ -760,6 +764,28 @@ impl Standalone {
     }
 }
 
+/// Awaits `work`, printing a line every few seconds while it runs (a long volume clone, a
+/// graceful shutdown) so a long step is never silent.
+async fn with_progress<F: std::future::Future>(
+    out: &mut (dyn Write + Send),
+    key: &str,
+    work: F,
+) -> F::Output {
+    const EVERY: Duration = Duration::from_secs(5);
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval_at(started + EVERY, EVERY);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tick.tick() => {
+                let _ = writeln!(out, "… {key}: still working ({}s)", started.elapsed().as_secs());
+                let _ = out.flush();
+            }
+        }
+    }
+}
+
 fn kind_of<St>() -> &'static str {
     let t = std::any::type_name::<St>();
     if t.ends_with("KvmNodeStatus") {
@@ -839,6 +865,29 @@ fn read_state(path: &Path) -> Result<StateFile, StandaloneError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn long_work_is_never_silent() {
+        let mut out: Vec<u8> = vec![];
+        let r = with_progress(&mut out, "VirtualMachine/ns/vm", async {
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            7
+        })
+        .await;
+        assert_eq!(r, 7);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "… VirtualMachine/ns/vm: still working (5s)",
+                "… VirtualMachine/ns/vm: still working (10s)"
+            ]
+        );
+        // quick work prints nothing
+        let mut out: Vec<u8> = vec![];
+        with_progress(&mut out, "k", async {}).await;
+        assert!(out.is_empty());
+    }
 
     #[test]
     fn uids_are_version_4_and_distinct() {
