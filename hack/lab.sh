@@ -10,6 +10,9 @@
 #   hack/lab.sh down         stop everything this script started (only our own PIDs)
 #   hack/lab.sh env          print the variables tests read (source it: eval "$(hack/lab.sh env)")
 #   hack/lab.sh status       show what is running
+#   hack/lab.sh manifests D  write D/lab-nodes.yaml: the hosts as KvmNodes (pinned host keys), the
+#                            lab key as a v1 Secret and a dir pool on every host, for
+#                            `kvm-operator standalone -f D` (add examples/lab/ for guests)
 #
 # Everything lives under $KVM_LAB (default /tmp/kvm-lab). Traffic stays on loopback (sshd on
 # 127.0.0.1:$KVM_LAB_SSH_PORT) or inside namespaces this script creates (10.77.0.0/24).
@@ -376,6 +379,47 @@ EOE
   return 0
 }
 
+cmd_manifests() {
+  local dir="$1" n=0
+  [ -n "$dir" ] || { echo "usage: hack/lab.sh manifests DIR" >&2; exit 2; }
+  [ -f "$LAB/hosts/count" ] && n=$(cat "$LAB/hosts/count")
+  [ "$n" -gt 0 ] || { echo "no lab hosts: run hack/lab.sh up && hack/lab.sh hosts 2 first" >&2; exit 1; }
+  mkdir -p "$dir"
+  local out="$dir/lab-nodes.yaml"
+  {
+    echo "# Written by hack/lab.sh manifests: the lab's hosts for kvm-operator standalone."
+    echo "apiVersion: v1"
+    echo "kind: Secret"
+    echo "metadata: {name: lab-key}"
+    echo "type: kubernetes.io/ssh-auth"
+    echo "stringData:"
+    echo "  ssh-privatekey: |"
+    sed 's/^/    /' "$LAB/ssh/client_ed25519"
+    for i in $(seq "$n"); do
+      local pub="$LAB/hosts/$(host_name "$i")/ssh_host_ed25519.pub"
+      echo "---"
+      echo "apiVersion: kvm-operator.io/v1alpha1"
+      echo "kind: KvmNode"
+      echo "metadata: {name: $(host_name "$i"), labels: {lab.kvm-operator.io/pool: \"yes\"}}"
+      echo "spec:"
+      echo "  address: $(host_ip "$i")"
+      echo "  user: root"
+      echo "  sshKeySecretRef: {name: lab-key}"
+      echo "  hostKeyFingerprint: $(ssh-keygen -lf "$pub" | cut -d' ' -f2)"
+    done
+    echo "---"
+    echo "apiVersion: kvm-operator.io/v1alpha1"
+    echo "kind: StoragePool"
+    echo "metadata: {name: lab-images}"
+    echo "spec:"
+    echo "  nodeSelector: {lab.kvm-operator.io/pool: \"yes\"}"
+    echo "  type: dir"
+    echo "  targetPath: /var/lib/libvirt/lab-images"
+  } > "$out"
+  chmod 600 "$out"
+  echo "$out"
+}
+
 cmd_status() {
   pgrep -a libvirtd || true
   pid_alive "$LAB/ssh/sshd.pid" && echo "sshd 127.0.0.1:$SSH_PORT pid $(cat "$LAB/ssh/sshd.pid")"
@@ -393,5 +437,6 @@ case "${1:-}" in
   down) cmd_down ;;
   env) cmd_env ;;
   status) cmd_status ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  manifests) shift; cmd_manifests "${1:-}" ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
