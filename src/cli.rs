@@ -81,7 +81,7 @@ fn write_stdout(text: &str) -> Result<(), CliError> {
 }
 
 /// `kvm-operator run`: checks access to the cluster and that the CRDs are installed, then serves
-/// until SIGTERM or Ctrl-C. Controllers are started here as they are implemented.
+/// until SIGTERM or Ctrl-C with the four controllers (and rebalancing when configured).
 pub fn run(http_addr: &str, config_file: Option<&Path>) -> Result<(), CliError> {
     // a bad configuration is refused before anything starts
     let mut config = match config_file {
