@@ -1011,6 +1011,20 @@ async fn next(
         .expect("the follower runs")
 }
 
+/// The next event about `domain` or a resync marker; other tests' guests on the same host send
+/// events too, and are skipped.
+async fn next_of(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<kvm_operator::hypervisor::ffi::DomainEvent>,
+    domain: &str,
+) -> kvm_operator::hypervisor::ffi::DomainEvent {
+    loop {
+        let e = next(rx).await;
+        if e.domain == domain || kvm_operator::hypervisor::events::is_resync(&e) {
+            return e;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn domain_events_keep_flowing_across_a_reconnect() {
     use kvm_operator::hypervisor::events;
@@ -1023,15 +1037,15 @@ async fn domain_events_keep_flowing_across_a_reconnect() {
         tx,
         Duration::from_millis(200),
     ));
-    let first = next(&mut rx).await;
-    assert!(events::is_resync(&first), "{first:?}");
     let name = format!("events-{}", std::process::id());
+    let first = next_of(&mut rx, &name).await;
+    assert!(events::is_resync(&first), "{first:?}");
     let n = name.clone();
     lab.call("host1", move |c| {
         c.define(&DomainXml::minimal(&n, kind(), 32 * 1024, 1))
     })
     .await;
-    let e = next(&mut rx).await;
+    let e = next_of(&mut rx, &name).await;
     assert_eq!(
         (e.domain.as_str(), e.kind),
         (name.as_str(), LifecycleKind::Defined)
@@ -1050,10 +1064,10 @@ async fn domain_events_keep_flowing_across_a_reconnect() {
     let n = name.clone();
     // the next call opens the new connection; the follower notices and re-subscribes
     lab.call("host1", |c| Ok(c.id())).await;
-    let marker = next(&mut rx).await;
+    let marker = next_of(&mut rx, &name).await;
     assert!(events::is_resync(&marker), "{marker:?}");
     lab.call("host1", move |c| c.undefine(&n)).await;
-    let e = next(&mut rx).await;
+    let e = next_of(&mut rx, &name).await;
     assert_eq!(
         (e.domain.as_str(), e.kind),
         (name.as_str(), LifecycleKind::Undefined)
