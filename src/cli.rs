@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -113,9 +114,18 @@ pub fn run(http_addr: &str, config_file: Option<&Path>) -> Result<(), CliError> 
         }
         tracing::info!(namespace = %config.namespace, "CRDs present; starting the KvmNode, StoragePool, VirtualMachine and Migration controllers");
         let h = health.clone();
-        crate::controller::run_all(client, config, std::time::Duration::from_secs(30), move || {
-            h.set_ready(true);
-        })
+        let exposed = health.clone();
+        crate::controller::run_all(
+            client,
+            config,
+            std::time::Duration::from_secs(30),
+            move || h.set_ready(true),
+            move |ctx| {
+                exposed.set_metrics(Arc::new(move || {
+                    ctx.metrics.render(&ctx.world(), &ctx.config.weights)
+                }))
+            },
+        )
         .await;
         server.abort();
         Ok(())
@@ -163,6 +173,7 @@ pub fn standalone(
     state_dir: Option<PathBuf>,
     default_uri: String,
     config_file: Option<&Path>,
+    http_addr: Option<&str>,
 ) -> Result<(), CliError> {
     use crate::controller::standalone::{Options, Standalone};
     let config = match config_file {
@@ -192,7 +203,24 @@ pub fn standalone(
     rt.block_on(async {
         let mut s = Standalone::new(opts, config, Box::new(std::io::stdout()))
             .map_err(|e| CliError::Usage(e.to_string()))?;
-        s.run().await.map_err(|e| CliError::Usage(e.to_string()))
+        let server = match http_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    CliError::Io(format!("cannot listen on {addr} (--http-addr): {e}"))
+                })?;
+                let health = crate::http::Health::default();
+                health.set_metrics(s.metrics());
+                health.set_ready(true);
+                eprintln!("serving /healthz, /readyz and /metrics on {addr}");
+                Some(tokio::spawn(crate::http::serve(listener, health)))
+            }
+            None => None,
+        };
+        let r = s.run().await.map_err(|e| CliError::Usage(e.to_string()));
+        if let Some(t) = server {
+            t.abort();
+        }
+        r
     })
 }
 

@@ -16,5 +16,6 @@ pub mod controller;
 pub mod http;
 pub mod hypervisor;
 pub mod manifest;
+pub mod metrics;
 pub mod placement;
 pub mod telemetry;

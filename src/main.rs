@@ -62,6 +62,9 @@ enum Command {
         /// Operator configuration (YAML), as for `run`.
         #[arg(long, env = "KVM_OPERATOR_CONFIG")]
         config: Option<PathBuf>,
+        /// Serve /healthz, /readyz and /metrics on this address (e.g. 127.0.0.1:8080).
+        #[arg(long)]
+        http_addr: Option<String>,
     },
     /// Print the version.
     Version,
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
             state_dir,
             default_uri,
             config,
+            http_addr,
         } => {
             if dry_run {
                 kvm_operator::cli::standalone_dry_run(&files, &default_uri)
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
                     state_dir,
                     default_uri,
                     config.as_deref(),
+                    http_addr.as_deref(),
                 )
             }
         }

@@ -230,6 +230,8 @@ pub struct Context {
     pub placement_lock: tokio::sync::Mutex<()>,
     /// Migration jobs running in this process.
     pub jobs: migration::execute::Jobs,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {
@@ -268,6 +270,7 @@ impl Context {
             node_failures: Mutex::new(HashMap::new()),
             placement_lock: tokio::sync::Mutex::new(()),
             jobs: migration::execute::Jobs::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 
@@ -483,6 +486,7 @@ pub async fn run_all(
     config: Config,
     call_timeout: Duration,
     ready: impl FnOnce() + Send + 'static,
+    expose: impl FnOnce(Arc<Context>),
 ) {
     use futures::StreamExt;
     use kube::runtime::reflector::ObjectRef;
@@ -512,6 +516,7 @@ pub async fn run_all(
         config,
         tx,
     ));
+    expose(ctx.clone());
     // libvirt events, node resync markers and hints → the VMs they concern
     let vm_store = ctx.vms.clone();
     let triggers = futures::stream::unfold(rx, move |mut rx| {
@@ -553,22 +558,54 @@ pub async fn run_all(
             ready();
         }
     });
+    // every reconcile is counted and timed, errors by their static reason
+    macro_rules! timed {
+        ($name:literal, $f:path) => {
+            |o, ctx: Arc<Context>| async move {
+                let started = std::time::Instant::now();
+                let m = ctx.metrics.clone();
+                let r = $f(o, ctx).await;
+                m.reconciled(
+                    $name,
+                    started.elapsed(),
+                    r.as_ref().err().map(Error::reason),
+                );
+                r
+            }
+        };
+    }
     let nodes = node_ctl
         .shutdown_on_signal()
-        .run(kvm_node::reconcile, error_policy, ctx.clone())
+        .run(
+            timed!("kvmnode", kvm_node::reconcile),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(log_result);
     let pools = pool_ctl
         .shutdown_on_signal()
-        .run(storage_pool::reconcile, error_policy, ctx.clone())
+        .run(
+            timed!("storagepool", storage_pool::reconcile),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(log_result);
     let vms = vm_ctl
         .reconcile_on(triggers)
         .shutdown_on_signal()
-        .run(virtual_machine::reconcile, error_policy, ctx.clone())
+        .run(
+            timed!("virtualmachine", virtual_machine::reconcile),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(log_result);
     let migrations = mig_ctl
         .shutdown_on_signal()
-        .run(migration::reconcile, error_policy, ctx.clone())
+        .run(
+            timed!("migration", migration::reconcile),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(log_result);
     let rebalance = tokio::spawn(rebalance::run(ctx.clone()));
     tokio::join!(nodes, pools, vms, migrations);

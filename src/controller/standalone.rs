@@ -108,6 +108,9 @@ pub struct Standalone {
     standing: BTreeMap<String, Standing>,
     out: Box<dyn Write + Send>,
     last_table: String,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The objects after the last round, for `/metrics`.
+    snapshot: Arc<std::sync::Mutex<World>>,
 }
 
 fn key_of(kind: &str, ns: Option<&str>, name: &str) -> String {
@@ -175,9 +178,24 @@ impl Standalone {
             standing: BTreeMap::new(),
             out,
             last_table: String::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            snapshot: Arc::default(),
         };
         me.load()?;
         Ok(me)
+    }
+
+    /// What `/metrics` serves: the same metrics as in a cluster, from the last round's objects.
+    pub fn metrics(&self) -> crate::http::Render {
+        let (m, snap, w) = (
+            self.metrics.clone(),
+            self.snapshot.clone(),
+            self.config.weights,
+        );
+        Arc::new(move || {
+            let world = snap.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            m.render(&world, &w)
+        })
     }
 
     /// The objects as they stand (for tests and the caller's summary).
@@ -403,6 +421,7 @@ impl Standalone {
         let mut changed = false;
         // nodes
         for i in 0..self.world.nodes.len() {
+            let started = Instant::now();
             let node = self.world.nodes[i].clone();
             let (out, side) = match node.spec.validate() {
                 Err(_) => {
@@ -426,19 +445,31 @@ impl Standalone {
             for (ns, vm) in side.evacuate {
                 self.evacuate(&node.name_any(), &ns, &vm);
             }
+            if !side.stats.is_empty() {
+                self.metrics.node_stats(&node.name_any(), side.stats);
+            }
             let standing = match condition_of(&out.status.conditions, READY) {
                 Some((true, _, _)) => Standing::Done,
                 Some((false, reason, msg)) => Standing::Failed(format!("{reason}: {msg}")),
                 None => Standing::Pending("not observed yet".into()),
             };
+            let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
             let mut n = (*node).clone();
             changed |= n.status.as_ref() != Some(&out.status);
             n.status = Some(out.status);
-            self.note(&n.name_any(), "KvmNode", None, standing, &out.notes);
+            self.note(
+                "KvmNode",
+                key_of("KvmNode", None, &n.name_any()),
+                standing,
+                &out.notes,
+                started.elapsed(),
+                reason.as_deref(),
+            );
             self.world.nodes[i] = Arc::new(n);
         }
         // pools
         for i in 0..self.world.pools.len() {
+            let started = Instant::now();
             let pool = self.world.pools[i].clone();
             let key = key_of("StoragePool", pool.namespace().as_deref(), &pool.name_any());
             let work =
@@ -465,21 +496,24 @@ impl Standalone {
             } else {
                 Standing::Pending(format!("{states:?}"))
             };
+            let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
             let mut p = (*pool).clone();
             changed |= p.status.as_ref() != Some(&out.status);
             p.status = Some(out.status);
             let ns = p.namespace();
             self.note(
-                &p.name_any(),
                 "StoragePool",
-                ns.as_deref(),
+                key_of("StoragePool", ns.as_deref(), &p.name_any()),
                 standing,
                 &out.notes,
+                started.elapsed(),
+                reason.as_deref(),
             );
             self.world.pools[i] = Arc::new(p);
         }
         // VMs
         for i in 0..self.world.vms.len() {
+            let started = Instant::now();
             let vm = self.world.vms[i].clone();
             let out = match virtual_machine::user_data(&vm, self.secrets.as_slice()).await {
                 Ok(ud) => {
@@ -507,21 +541,24 @@ impl Standalone {
                 (Some((false, reason, msg)), _) => Standing::Failed(format!("{reason}: {msg}")),
                 (None, _) => Standing::Pending("not observed yet".into()),
             };
+            let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
             let mut v = (*vm).clone();
             changed |= v.status.as_ref() != Some(&out.status);
             v.status = Some(out.status);
             let ns = v.namespace();
             self.note(
-                &v.name_any(),
                 "VirtualMachine",
-                ns.as_deref(),
+                key_of("VirtualMachine", ns.as_deref(), &v.name_any()),
                 standing,
                 &out.notes,
+                started.elapsed(),
+                reason.as_deref(),
             );
             self.world.vms[i] = Arc::new(v);
         }
         // migrations
         for i in 0..self.world.migrations.len() {
+            let started = Instant::now();
             let m = self.world.migrations[i].clone();
             let key = key_of("Migration", m.namespace().as_deref(), &m.name_any());
             let work =
@@ -542,32 +579,40 @@ impl Standalone {
                         .unwrap_or_default()
                 )),
             };
+            let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
             let mut x = (*m).clone();
             changed |= x.status.as_ref() != Some(&out.status);
             x.status = Some(out.status);
             let ns = x.namespace();
             self.note(
-                &x.name_any(),
                 "Migration",
-                ns.as_deref(),
+                key_of("Migration", ns.as_deref(), &x.name_any()),
                 standing,
                 &out.notes,
+                started.elapsed(),
+                reason.as_deref(),
             );
             self.world.migrations[i] = Arc::new(x);
         }
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = self.world.clone();
         changed
     }
 
-    /// Records an object's standing and prints its Events.
+    /// Records an object's standing (and the reconcile in the metrics) and prints its Events.
     fn note(
         &mut self,
-        name: &str,
         kind: &str,
-        ns: Option<&str>,
+        key: String,
         standing: Standing,
         notes: &[super::Note],
+        took: Duration,
+        failed_reason: Option<&str>,
     ) {
-        let key = key_of(kind, ns, name);
+        self.metrics.reconciled(
+            &kind.to_ascii_lowercase(),
+            took,
+            failed_reason.filter(|_| matches!(standing, Standing::Failed(_))),
+        );
         for n in notes {
             let _ = writeln!(
                 self.out,

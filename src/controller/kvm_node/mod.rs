@@ -79,6 +79,8 @@ pub struct Side {
     /// VMs (namespace, name) to evacuate: a Migration named by
     /// [`plan::evacuation_name`] is created for each.
     pub evacuate: Vec<(String, String)>,
+    /// The batched per-domain statistics this resync read (for metrics).
+    pub stats: Vec<crate::hypervisor::stats::DomainStats>,
 }
 
 /// The core: observe the (already registered) node, compute status and plan.
@@ -171,6 +173,7 @@ pub async fn reconcile_core<H: Hypervisor>(
         Side {
             hints,
             evacuate: plan.evacuate,
+            stats: observed.stats,
         },
     )
 }
@@ -326,6 +329,9 @@ async fn apply(node: &KvmNode, ctx: &Context, api: &Api<KvmNode>) -> Result<Acti
     };
     for h in side.hints {
         let _ = ctx.events.send(h);
+    }
+    if !side.stats.is_empty() {
+        ctx.metrics.node_stats(&name, side.stats);
     }
     for (ns, vm) in side.evacuate {
         create_evacuation(ctx, &name, &ns, &vm).await?;
