@@ -81,7 +81,7 @@ fn write_stdout(text: &str) -> Result<(), CliError> {
     }
 }
 
-/// `kvm-operator run`: checks access to the cluster and that the CRDs are installed, then serves
+/// `kvm-operator run`: checks access to the cluster and that the CRDs are installed, then waits for the leader Lease and serves
 /// until SIGTERM or Ctrl-C with the four controllers (and rebalancing when configured).
 pub fn run(http_addr: &str, config_file: Option<&Path>) -> Result<(), CliError> {
     // a bad configuration is refused before anything starts
@@ -113,9 +113,22 @@ pub fn run(http_addr: &str, config_file: Option<&Path>) -> Result<(), CliError> 
             config.state_dir = dir.into();
         }
         tracing::info!(namespace = %config.namespace, "CRDs present; starting the KvmNode, StoragePool, VirtualMachine and Migration controllers");
+        // one active replica: wait for the leader Lease (a standby is ready: leadership is
+        // settled), then run the controllers while renewing it
+        use crate::controller::leader;
+        let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+            kube::Api::namespaced(client.clone(), &config.namespace);
+        let me = leader::identity();
+        let timing = leader::Timing::default();
+        let standby = health.clone();
+        leader::acquire(&leases, &me, &timing, || standby.set_ready(true))
+            .await
+            .map_err(|e| CliError::Kube(format!("leader election: {e}")))?;
+        health.set_ready(false);
+        tracing::info!(identity = %me, "leading; starting the controllers");
         let h = health.clone();
         let exposed = health.clone();
-        crate::controller::run_all(
+        let controllers = crate::controller::run_all(
             client,
             config,
             std::time::Duration::from_secs(30),
@@ -125,8 +138,21 @@ pub fn run(http_addr: &str, config_file: Option<&Path>) -> Result<(), CliError> 
                     ctx.metrics.render(&ctx.world(), &ctx.config.weights)
                 }))
             },
-        )
-        .await;
+        );
+        tokio::select! {
+            () = controllers => {
+                // a clean shutdown: hand the Lease over at once
+                if let Err(e) = leader::release(&leases, &me).await {
+                    tracing::warn!(error = %e, "could not release the leader Lease; it expires on its own");
+                }
+            }
+            why = leader::keep(&leases, &me, &timing) => {
+                server.abort();
+                return Err(CliError::Kube(format!(
+                    "{why}; stopping so that only the new leader acts (the VMs keep running)"
+                )));
+            }
+        }
         server.abort();
         Ok(())
     })

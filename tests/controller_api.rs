@@ -672,3 +672,173 @@ async fn rebalancing_creates_one_labelled_migration_and_says_why_on_the_busy_nod
     );
     server.await.unwrap();
 }
+
+fn lease_json(holder: &str, renewed_secs_ago: i64, rv: &str) -> Value {
+    let renewed = k8s_openapi::jiff::Timestamp::now()
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(
+            renewed_secs_ago,
+        ))
+        .unwrap();
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "kvm-operator-leader", "namespace": "kvm-operator", "resourceVersion": rv},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "leaseTransitions": 4,
+                 "acquireTime": "2026-01-01T00:00:00.000000Z", "renewTime": renewed.to_string()},
+    })
+}
+
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kvm-operator/leases";
+
+fn conflict(method: Method, path: impl Into<String>) -> Expect {
+    Expect {
+        status: StatusCode::CONFLICT,
+        reply: Some(
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        ),
+        ..expect(method, path, |_, _| {})
+    }
+}
+
+#[tokio::test]
+async fn leader_election_acquires_renews_and_loses_the_lease() {
+    use kvm_operator::controller::leader::{Timing, keep, try_acquire};
+    let timing = Timing {
+        lease: Duration::from_millis(300),
+        renew: Duration::from_millis(20),
+        retry: Duration::from_millis(20),
+    };
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(kube::Client::new(svc, "default"), "kvm-operator");
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            // 1. no Lease: create it, held by us
+            not_found(Method::GET, format!("{LEASE}/kvm-operator-leader")),
+            expect(Method::POST, LEASE, |_, body| {
+                assert_eq!(body["metadata"]["name"], "kvm-operator-leader");
+                assert_eq!(body["spec"]["holderIdentity"], "pod-a");
+                assert_eq!(
+                    body["spec"]["leaseDurationSeconds"], 1,
+                    "never 0: at least a second"
+                );
+            }),
+            // 2. held by another replica and fresh: nothing written
+            Expect {
+                reply: Some(lease_json("pod-b", 1, "7")),
+                ..expect(
+                    Method::GET,
+                    format!("{LEASE}/kvm-operator-leader"),
+                    |_, _| {},
+                )
+            },
+            // 3. expired: taken over with the resourceVersion read, one more transition
+            Expect {
+                reply: Some(lease_json("pod-b", 60, "8")),
+                ..expect(
+                    Method::GET,
+                    format!("{LEASE}/kvm-operator-leader"),
+                    |_, _| {},
+                )
+            },
+            expect(
+                Method::PUT,
+                format!("{LEASE}/kvm-operator-leader"),
+                |_, body| {
+                    assert_eq!(body["metadata"]["resourceVersion"], "8");
+                    assert_eq!(body["spec"]["holderIdentity"], "pod-a");
+                    assert_eq!(body["spec"]["leaseTransitions"], 5);
+                },
+            ),
+            // 4. a race for an expired Lease lost: the API server answers 409
+            Expect {
+                reply: Some(lease_json("pod-b", 60, "9")),
+                ..expect(
+                    Method::GET,
+                    format!("{LEASE}/kvm-operator-leader"),
+                    |_, _| {},
+                )
+            },
+            conflict(Method::PUT, format!("{LEASE}/kvm-operator-leader")),
+            // 5. leading: keep() renews (same holder, acquire time kept) ...
+            Expect {
+                reply: Some(lease_json("pod-a", 0, "10")),
+                ..expect(
+                    Method::GET,
+                    format!("{LEASE}/kvm-operator-leader"),
+                    |_, _| {},
+                )
+            },
+            expect(
+                Method::PUT,
+                format!("{LEASE}/kvm-operator-leader"),
+                |_, body| {
+                    assert_eq!(body["spec"]["holderIdentity"], "pod-a");
+                    assert_eq!(body["spec"]["acquireTime"], "2026-01-01T00:00:00.000000Z");
+                    assert_eq!(body["spec"]["leaseTransitions"], 4);
+                },
+            ),
+            // ... until another replica holds it: leadership lost, keep() returns
+            Expect {
+                reply: Some(lease_json("pod-c", 0, "12")),
+                ..expect(
+                    Method::GET,
+                    format!("{LEASE}/kvm-operator-leader"),
+                    |_, _| {},
+                )
+            },
+        ],
+    ));
+    assert!(
+        try_acquire(&api, "pod-a", &timing).await.unwrap(),
+        "created"
+    );
+    assert!(
+        !try_acquire(&api, "pod-a", &timing).await.unwrap(),
+        "standby"
+    );
+    assert!(
+        try_acquire(&api, "pod-a", &timing).await.unwrap(),
+        "taken over"
+    );
+    assert!(
+        !try_acquire(&api, "pod-a", &timing).await.unwrap(),
+        "race lost"
+    );
+    let why = keep(&api, "pod-a", &timing).await;
+    assert!(why.contains("another replica"), "{why}");
+    server.await.unwrap();
+
+    // a leader that cannot renew stops before its lease runs out
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(kube::Client::new(svc, "default"), "kvm-operator");
+    let failing = (0..40)
+        .map(|_| Expect {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            reply: Some(
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "InternalError", "code": 500, "message": "etcd unavailable"}),
+            ),
+            ..expect(
+                Method::GET,
+                format!("{LEASE}/kvm-operator-leader"),
+                |_, _| {},
+            )
+        })
+        .collect::<Vec<_>>();
+    let server = tokio::spawn(async move {
+        // answer until the client stops asking
+        let _ = tokio::time::timeout(Duration::from_secs(5), serve(handle, failing)).await;
+    });
+    let started = std::time::Instant::now();
+    let why = keep(&api, "pod-a", &timing).await;
+    assert!(why.contains("could not be renewed in time"), "{why}");
+    assert!(
+        started.elapsed() < timing.lease,
+        "stopped within the lease ({:?})",
+        started.elapsed()
+    );
+    server.abort();
+}

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod kvm_node;
+pub mod leader;
 pub mod migration;
 pub mod rebalance;
 pub mod standalone;
