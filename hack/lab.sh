@@ -31,7 +31,7 @@ need_root() { [ "$(id -u)" = 0 ] || die "the lab must run as root (it starts lib
 BUILD_PACKAGES=(libvirt-dev pkg-config libssl-dev)
 DEB_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev qemu-system-x86 qemu-utils openssh-server openssh-client pkg-config libssl-dev
-  iproute2 util-linux procps lvm2 genisoimage)
+  iproute2 util-linux procps lvm2 genisoimage lua5.4)
 PY_PACKAGES=(helm-python-sdk)
 
 install_debs() {
