@@ -298,19 +298,19 @@ impl Standalone {
         for l in loaded {
             match l.object {
                 Object::KvmNode(mut o) => {
-                    self.restore(&mut o.metadata, None, &o.spec, &mut o.status)?;
+                    self.restore("KvmNode", &mut o.metadata, &o.spec, &mut o.status)?;
                     world.nodes.push(Arc::new(o));
                 }
                 Object::StoragePool(mut o) => {
-                    self.restore(&mut o.metadata, Some(()), &o.spec, &mut o.status)?;
+                    self.restore("StoragePool", &mut o.metadata, &o.spec, &mut o.status)?;
                     world.pools.push(Arc::new(o));
                 }
                 Object::VirtualMachine(mut o) => {
-                    self.restore(&mut o.metadata, Some(()), &o.spec, &mut o.status)?;
+                    self.restore("VirtualMachine", &mut o.metadata, &o.spec, &mut o.status)?;
                     world.vms.push(Arc::new(o));
                 }
                 Object::Migration(mut o) => {
-                    self.restore(&mut o.metadata, Some(()), &o.spec, &mut o.status)?;
+                    self.restore("Migration", &mut o.metadata, &o.spec, &mut o.status)?;
                     world.migrations.push(Arc::new(o));
                 }
                 Object::Secret(mut s) => {
@@ -329,7 +329,7 @@ impl Standalone {
                 path: "--default-uri".into(),
                 cause: e.to_string(),
             })?;
-            self.restore(&mut node.metadata, None, &node.spec, &mut node.status)?;
+            self.restore("KvmNode", &mut node.metadata, &node.spec, &mut node.status)?;
             world.nodes.push(Arc::new(node));
         }
         // Migrations the operator created (evacuations) live only in the state file
@@ -375,17 +375,17 @@ impl Standalone {
     /// Gives a loaded object its UID, generation and status from the state file (or new ones).
     fn restore<S: Serialize, St: serde::de::DeserializeOwned>(
         &mut self,
+        kind: &'static str,
         meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-        namespaced: Option<()>,
         spec: &S,
         status: &mut Option<St>,
     ) -> Result<(), StandaloneError> {
-        if namespaced.is_some() {
+        // KvmNode is the one cluster-scoped kind
+        if kind != "KvmNode" {
             meta.namespace.get_or_insert_with(|| "default".into());
         } else {
             meta.namespace = None;
         }
-        let kind = kind_of::<St>();
         let key = key_of(
             kind,
             meta.namespace.as_deref(),
@@ -828,19 +828,6 @@ async fn with_progress<F: std::future::Future>(
                 let _ = out.flush();
             }
         }
-    }
-}
-
-fn kind_of<St>() -> &'static str {
-    let t = std::any::type_name::<St>();
-    if t.ends_with("KvmNodeStatus") {
-        "KvmNode"
-    } else if t.ends_with("StoragePoolStatus") {
-        "StoragePool"
-    } else if t.ends_with("VirtualMachineStatus") {
-        "VirtualMachine"
-    } else {
-        "Migration"
     }
 }
 
