@@ -109,6 +109,9 @@ pub struct Metrics {
     migration_downtime: Family<Mig, FGauge>,
     /// The last batched statistics of each node's domains, by node then domain.
     stats: Mutex<BTreeMap<String, Vec<DomainStats>>>,
+    /// Object metrics are cleared and refilled per scrape: one scrape at a time, so two never
+    /// see each other's half-filled families.
+    rendering: Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -188,6 +191,7 @@ impl Metrics {
                 "Guest downtime of a finished migration"
             ),
             stats: Mutex::new(BTreeMap::new()),
+            rendering: Mutex::new(()),
             registry: r,
         }
     }
@@ -219,6 +223,7 @@ impl Metrics {
 
     /// The text exposition, with object metrics computed from `world`.
     pub fn render(&self, world: &World, weights: &Weights) -> String {
+        let _one = self.rendering.lock().unwrap_or_else(|p| p.into_inner());
         self.fill(world, weights);
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
