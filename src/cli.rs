@@ -119,7 +119,7 @@ pub fn run(http_addr: &str, config_file: Option<&Path>) -> Result<(), CliError> 
         let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
             kube::Api::namespaced(client.clone(), &config.namespace);
         let me = leader::identity();
-        let timing = leader::Timing::default();
+        let timing = config.leader;
         let standby = health.clone();
         leader::acquire(&leases, &me, &timing, || standby.set_ready(true))
             .await

@@ -47,6 +47,8 @@ pub struct Config {
     pub max_migrations: usize,
     /// Rebalancing of running VMs between nodes (off by default).
     pub rebalance: Rebalance,
+    /// Leader election timing (one active replica).
+    pub leader: crate::controller::leader::Timing,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             max_migrations_per_node: 2,
             max_migrations: 8,
             rebalance: Rebalance::default(),
+            leader: crate::controller::leader::Timing::default(),
         }
     }
 }
@@ -128,6 +131,15 @@ struct File {
     placement: Option<PlacementFile>,
     migrations: Option<MigrationsFile>,
     rebalance: Option<RebalanceFile>,
+    leader_election: Option<LeaderFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LeaderFile {
+    lease_seconds: Option<u64>,
+    renew_seconds: Option<u64>,
+    retry_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -332,6 +344,39 @@ impl Config {
             7 * 86_400,
             &mut self.rebalance.interval,
         )?;
+        let le = file.leader_election.unwrap_or_default();
+        secs(
+            "leaderElection.leaseSeconds",
+            le.lease_seconds,
+            5,
+            300,
+            &mut self.leader.lease,
+        )?;
+        secs(
+            "leaderElection.renewSeconds",
+            le.renew_seconds,
+            1,
+            200,
+            &mut self.leader.renew,
+        )?;
+        secs(
+            "leaderElection.retrySeconds",
+            le.retry_seconds,
+            1,
+            60,
+            &mut self.leader.retry,
+        )?;
+        // a leader must renew well before its lease runs out, or it loses it between renewals
+        if self.leader.renew * 3 > self.leader.lease * 2 {
+            return Err(invalid(
+                "leaderElection.renewSeconds",
+                format!(
+                    "is {}s with leaseSeconds {}s; renew at most every two thirds of the lease (e.g. lease 15, renew 5)",
+                    self.leader.renew.as_secs(),
+                    self.leader.lease.as_secs()
+                ),
+            ));
+        }
         Ok(self)
     }
 }
@@ -358,9 +403,18 @@ mod tests {
                  shutdownGraceSeconds: 5\nconnectTimeoutSeconds: 7\n\
                  placement:\n  weights: {cpu: 1, memory: 2, load: 3, spread: 4, affinity: 5, failurePenalty: 6}\n\
                  migrations: {maxPerNode: 1, maxTotal: 3}\n\
-                 rebalance: {enabled: true, mode: Migrate, threshold: 80, intervalSeconds: 120}\n",
+                 rebalance: {enabled: true, mode: Migrate, threshold: 80, intervalSeconds: 120}\n\
+                 leaderElection: {leaseSeconds: 30, renewSeconds: 10, retrySeconds: 4}\n",
             )
             .unwrap();
+        assert_eq!(
+            c.leader,
+            crate::controller::leader::Timing {
+                lease: Duration::from_secs(30),
+                renew: Duration::from_secs(10),
+                retry: Duration::from_secs(4)
+            }
+        );
         assert_eq!(c.node_resync, Duration::from_secs(45));
         assert_eq!(c.vm_resync, Duration::from_secs(600));
         assert_eq!(c.pool_resync, Duration::from_secs(60));
@@ -413,6 +467,16 @@ mod tests {
                 "rebalance: {intervalSeconds: 5}",
                 "rebalance.intervalSeconds",
                 "from 60",
+            ),
+            (
+                "leaderElection: {leaseSeconds: 6, renewSeconds: 5}",
+                "leaderElection.renewSeconds",
+                "two thirds",
+            ),
+            (
+                "leaderElection: {leaseSeconds: 1}",
+                "leaderElection.leaseSeconds",
+                "from 5",
             ),
         ] {
             let e = Config::default().with_yaml("c.yaml", yaml).unwrap_err();

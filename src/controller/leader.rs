@@ -98,7 +98,7 @@ pub fn held(
 }
 
 /// Timing of the election.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
     /// How long a lease lasts without renewal.
     pub lease: Duration,
