@@ -229,3 +229,70 @@ fn statuses_the_operator_writes_are_read_right() {
     let obj = object("VirtualMachine", 4, serde_json::to_value(st).unwrap());
     assert_eq!(health(obj).0, "Healthy");
 }
+
+/// Argo CD's health and Flux's kstatus (the Reconciling and Stalled conditions the operator
+/// writes) tell the same story: Degraded exactly when Stalled, Progressing when Reconciling.
+#[test]
+fn argo_cd_health_and_kstatus_agree_on_every_reason() {
+    use kvm_operator::api::condition::{PROGRESSING_REASONS, find, summarize};
+    use kvm_operator::api::migration::MigrationStatus;
+    use kvm_operator::api::virtual_machine::VirtualMachineStatus;
+    let now = kvm_operator::controller::now();
+    let mut reasons: Vec<&str> = PROGRESSING_REASONS.to_vec();
+    reasons.extend([
+        "InvalidSpec",
+        "HostUnreachable",
+        "Unschedulable",
+        "SecretNotFound",
+        "DomainOwnedElsewhere",
+        "PoolNotFound",
+        "NotProvisioned",
+    ]);
+    let kstatus = |conds: &[kvm_operator::api::condition::Condition]| {
+        let t = |ty: &str| find(conds, ty).map(|c| c.status.clone()).unwrap();
+        (t("Reconciling"), t("Stalled"))
+    };
+    for (ok, reason) in reasons
+        .iter()
+        .map(|r| ("False", *r))
+        .chain([("True", "Ready")])
+    {
+        let mut st: VirtualMachineStatus = serde_json::from_value(json!({
+            "observedGeneration": 2, "powerState": "Running",
+            "conditions": [ready(ok, reason, "m")]}))
+        .unwrap();
+        summarize(&mut st, now.clone());
+        let (argo, _) = health(object(
+            "VirtualMachine",
+            2,
+            serde_json::to_value(&st).unwrap(),
+        ));
+        let want = match kstatus(&st.conditions) {
+            (r, s) if r == "True" && s == "False" => "Progressing",
+            (r, s) if r == "False" && s == "True" => "Degraded",
+            (r, s) if r == "False" && s == "False" => "Healthy",
+            other => panic!("{reason}: both set {other:?}"),
+        };
+        assert_eq!(argo, want, "Ready={ok} reason {reason}");
+    }
+    for phase in [
+        "Pending",
+        "Scheduling",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Cancelled",
+    ] {
+        let mut st: MigrationStatus = serde_json::from_value(json!({
+            "observedGeneration": 1, "phase": phase, "message": "m"}))
+        .unwrap();
+        summarize(&mut st, now.clone());
+        let (argo, _) = health(object("Migration", 1, serde_json::to_value(&st).unwrap()));
+        let want = match kstatus(&st.conditions) {
+            (r, _) if r == "True" => "Progressing",
+            (_, s) if s == "True" => "Degraded",
+            _ => "Healthy",
+        };
+        assert_eq!(argo, want, "Migration {phase}");
+    }
+}

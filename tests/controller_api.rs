@@ -260,6 +260,9 @@ async fn a_node_reports_status_by_server_side_apply_and_an_event_when_it_becomes
                     assert_eq!(s["observedGeneration"], 1);
                     assert_eq!(condition(s, "Ready")["status"], "True");
                     assert_eq!(condition(s, "Reachable")["status"], "True");
+                    // kstatus reads Current: neither Reconciling nor Stalled
+                    assert_eq!(condition(s, "Reconciling")["status"], "False");
+                    assert_eq!(condition(s, "Stalled")["status"], "False");
                     assert!(s["capacity"]["cpus"].as_u64().unwrap() > 0);
                     // the test driver's own domain is not ours
                     assert_eq!(s["unmanagedDomains"][0]["name"], "test");
@@ -299,6 +302,12 @@ async fn a_missing_key_secret_is_reported_on_the_node_with_the_fix() {
                     let r = condition(s, "Ready");
                     assert_eq!(r["status"], "False");
                     assert_eq!(r["reason"], "SecretNotFound");
+                    // a Secret may still arrive (GitOps order): kstatus reads Failed only once
+                    // the operator gives up, so this is Stalled (Argo CD: Degraded) with the
+                    // same reason, and the message says what to do
+                    assert_eq!(condition(s, "Stalled")["status"], "True");
+                    assert_eq!(condition(s, "Stalled")["reason"], "SecretNotFound");
+                    assert_eq!(condition(s, "Reconciling")["status"], "False");
                     assert!(
                         r["message"]
                             .as_str()
@@ -435,6 +444,12 @@ async fn an_invalid_vm_gets_ready_false_naming_the_field_and_waits_for_a_change(
                     let r = condition(s, "Ready");
                     assert_eq!(r["reason"], "InvalidSpec");
                     assert!(r["message"].as_str().unwrap().contains("spec.vcpus"));
+                    // kstatus: Failed (Stalled=True) at generation 4, not InProgress
+                    let st = condition(s, "Stalled");
+                    assert_eq!(st["status"], "True");
+                    assert_eq!(st["reason"], "InvalidSpec");
+                    assert_eq!(st["observedGeneration"], 4);
+                    assert_eq!(condition(s, "Reconciling")["status"], "False");
                 },
             ),
             event("prod", "InvalidSpec", "Warning"),
@@ -810,7 +825,12 @@ async fn leader_election_acquires_renews_and_loses_the_lease() {
     assert!(why.contains("another replica"), "{why}");
     server.await.unwrap();
 
-    // a leader that cannot renew stops before its lease runs out
+    // a leader that cannot renew stops before its lease runs out (one renew period of margin,
+    // wide enough that a busy test machine does not eat it)
+    let timing = Timing {
+        renew: Duration::from_millis(100),
+        ..timing
+    };
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
         kube::Api::namespaced(kube::Client::new(svc, "default"), "kvm-operator");
@@ -841,4 +861,93 @@ async fn leader_election_acquires_renews_and_loses_the_lease() {
         started.elapsed()
     );
     server.abort();
+
+    // an API server that takes the request and never answers: the same, not a hang
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(kube::Client::new(svc, "default"), "kvm-operator");
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            held.push((req, send));
+        }
+    });
+    let started = std::time::Instant::now();
+    let why = keep(&api, "pod-a", &timing).await;
+    assert!(why.contains("did not answer"), "{why}");
+    assert!(
+        started.elapsed() < timing.lease,
+        "stopped within the lease ({:?})",
+        started.elapsed()
+    );
+    silent.abort();
+}
+
+#[tokio::test]
+async fn a_standby_reports_ready_takes_a_released_lease_at_once_and_releases_its_own() {
+    use kvm_operator::controller::leader::{Timing, acquire, release};
+    let timing = Timing {
+        lease: Duration::from_secs(15),
+        renew: Duration::from_secs(5),
+        retry: Duration::from_millis(10),
+    };
+    let mut released = lease_json("pod-b", 1, "21");
+    released["spec"]["holderIdentity"] = Value::Null;
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(kube::Client::new(svc, "default"), "kvm-operator");
+    let get = |reply: Value| Expect {
+        reply: Some(reply),
+        ..expect(
+            Method::GET,
+            format!("{LEASE}/kvm-operator-leader"),
+            |_, _| {},
+        )
+    };
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            // another replica leads (renewed a second ago, lasts 15 s): wait as a standby
+            get(lease_json("pod-b", 1, "20")),
+            // it shut down cleanly and released the Lease: taken at once, not after 15 s
+            get(released),
+            expect(
+                Method::PUT,
+                format!("{LEASE}/kvm-operator-leader"),
+                |_, body| {
+                    assert_eq!(body["metadata"]["resourceVersion"], "21");
+                    assert_eq!(body["spec"]["holderIdentity"], "pod-a");
+                    assert_eq!(body["spec"]["leaseTransitions"], 5);
+                },
+            ),
+            // our own clean shutdown hands it over the same way
+            get(lease_json("pod-a", 0, "22")),
+            expect(
+                Method::PUT,
+                format!("{LEASE}/kvm-operator-leader"),
+                |_, body| {
+                    assert_eq!(body["metadata"]["resourceVersion"], "22");
+                    assert!(body["spec"]["holderIdentity"].is_null(), "{body}");
+                },
+            ),
+            // a Lease someone else took meanwhile is not ours to release: read, not written
+            get(lease_json("pod-c", 0, "23")),
+        ],
+    ));
+    let mut standby_ready = 0;
+    let started = std::time::Instant::now();
+    acquire(&api, "pod-a", &timing, || standby_ready += 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        standby_ready, 1,
+        "ready while a standby (leadership settled)"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not after expiry"
+    );
+    release(&api, "pod-a").await.unwrap();
+    release(&api, "pod-a").await.unwrap();
+    server.await.unwrap();
 }

@@ -179,18 +179,26 @@ pub async fn acquire(
 /// Renews the Lease every `timing.renew` while leading; returns when leadership is lost: another
 /// replica holds it, or it could not be renewed before it ran out.
 pub async fn keep(api: &Api<Lease>, me: &str, timing: &Timing) -> String {
-    let mut last_renewed = tokio::time::Instant::now();
+    use tokio::time::{Instant, sleep_until, timeout_at};
+    // the lease counts from the renewTime written, which is set before the request is sent:
+    // count from the start of the attempt that succeeded
+    let mut renewed_at = Instant::now();
     loop {
-        tokio::time::sleep(timing.renew).await;
-        match try_acquire(api, me, timing).await {
-            Ok(true) => last_renewed = tokio::time::Instant::now(),
-            Ok(false) => return "another replica holds the leader Lease".into(),
-            Err(e) => {
-                // a safety margin of one renew period before the lease actually runs out
-                if last_renewed.elapsed() + timing.renew >= timing.lease {
-                    return format!("the leader Lease could not be renewed in time: {e}");
-                }
+        // give up one renew period before the lease runs out, however slow the API server is
+        let deadline = renewed_at + timing.lease.saturating_sub(timing.renew);
+        sleep_until((Instant::now() + timing.renew).min(deadline)).await;
+        let started = Instant::now();
+        match timeout_at(deadline, try_acquire(api, me, timing)).await {
+            Ok(Ok(true)) => renewed_at = started,
+            Ok(Ok(false)) => return "another replica holds the leader Lease".into(),
+            Ok(Err(e)) if Instant::now() >= deadline => {
+                return format!("the leader Lease could not be renewed in time: {e}");
+            }
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "leader Lease renewal failed; retrying");
+            }
+            Err(_) => {
+                return "the leader Lease could not be renewed in time: the API server did not answer before the lease ran out".into();
             }
         }
     }

@@ -168,6 +168,15 @@ impl<S> Outcome<S> {
     }
 }
 
+impl<S: crate::api::condition::Summarized> Outcome<S> {
+    /// With kstatus's Reconciling and Stalled conditions set from the status (every sink
+    /// writes statuses through this).
+    pub fn summarized(mut self) -> Self {
+        crate::api::condition::summarize(&mut self.status, now());
+        self
+    }
+}
+
 /// Errors that reach the controller runtime (the Kubernetes API failed, or a deletion must
 /// wait). Everything that happens on a host is folded into status by the cores instead.
 #[derive(Debug, thiserror::Error)]
@@ -419,16 +428,20 @@ pub fn describe<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     }
 }
 
-/// Writes `status` by server-side apply on the status subresource, as `manager`.
-pub async fn apply_status<K>(
+/// Writes `status` by server-side apply on the status subresource, as `manager`, with
+/// kstatus's Reconciling and Stalled conditions derived from it.
+pub async fn apply_status<K, S>(
     api: &Api<K>,
     obj: &K,
     manager: &str,
-    status: &impl Serialize,
+    status: &S,
 ) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize + Clone + crate::api::condition::Summarized,
 {
+    let mut status = status.clone();
+    crate::api::condition::summarize(&mut status, now());
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),

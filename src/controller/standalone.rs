@@ -448,6 +448,7 @@ impl Standalone {
             if !side.stats.is_empty() {
                 self.metrics.node_stats(&node.name_any(), side.stats);
             }
+            let out = out.summarized();
             let standing = match condition_of(&out.status.conditions, READY) {
                 Some((true, _, _)) => Standing::Done,
                 Some((false, reason, msg)) => Standing::Failed(format!("{reason}: {msg}")),
@@ -474,7 +475,7 @@ impl Standalone {
             let key = key_of("StoragePool", pool.namespace().as_deref(), &pool.name_any());
             let work =
                 storage_pool::reconcile_core(&pool, &self.world, self.hv.as_ref(), &self.config);
-            let out = with_progress(&mut *self.out, &key, work).await;
+            let out = with_progress(&mut *self.out, &key, work).await.summarized();
             let states: Vec<(String, PoolState)> = out
                 .status
                 .nodes
@@ -532,6 +533,7 @@ impl Standalone {
                     virtual_machine::problem(&vm, reason, msg, Some(Duration::from_secs(60)))
                 }
             };
+            let out = out.summarized();
             let ready = condition_of(&out.status.conditions, READY);
             let standing = match (ready, out.requeue) {
                 (Some((true, _, _)), _) => Standing::Done,
@@ -563,7 +565,7 @@ impl Standalone {
             let key = key_of("Migration", m.namespace().as_deref(), &m.name_any());
             let work =
                 migration::reconcile_core(&m, &self.world, &self.hv, &self.jobs, &self.config);
-            let out = with_progress(&mut *self.out, &key, work).await;
+            let out = with_progress(&mut *self.out, &key, work).await.summarized();
             let standing = match out.status.phase {
                 Some(MigrationPhase::Succeeded) => Standing::Done,
                 Some(p @ (MigrationPhase::Failed | MigrationPhase::Cancelled)) => Standing::Failed(
