@@ -951,3 +951,120 @@ async fn a_standby_reports_ready_takes_a_released_lease_at_once_and_releases_its
     release(&api, "pod-a").await.unwrap();
     server.await.unwrap();
 }
+
+/// A buffer the JSON log subscriber writes to.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn lines(&self) -> Vec<Value> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn json_log_lines_about_an_object_carry_its_kind_namespace_name_and_node() {
+    let logs = LogBuf::default();
+    let sink = logs.clone();
+    let _guard = tracing::subscriber::set_default(kvm_operator::telemetry::json_subscriber(
+        tracing_subscriber::EnvFilter::new("info"),
+        move || sink.clone(),
+    ));
+    // a node becomes Ready (an Event, logged too)
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let node = test_node(json!({}));
+    let ctx = context(svc, vec![node.clone()], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            status_patch(
+                "/apis/kvm-operator.io/v1alpha1/kvmnodes/n1/status",
+                "kvm-operator-kvmnode",
+                &node,
+                |_| {},
+            ),
+            event("default", "Ready", "Normal"),
+        ],
+    ));
+    controller::kvm_node::reconcile(Arc::new(node), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+    // a VM with an invalid spec, bound to n1 by its status
+    let vm: VirtualMachine = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "web", "namespace": "prod", "uid": "vm-uid", "generation": 2,
+                     "finalizers": ["kvm-operator.io/cleanup"]},
+        "spec": {"vcpus": 0, "memory": "1Gi"},
+        "status": {"node": "n1"},
+    }));
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            status_patch(
+                "/apis/kvm-operator.io/v1alpha1/namespaces/prod/virtualmachines/web/status",
+                "kvm-operator-virtualmachine",
+                &vm,
+                |_| {},
+            ),
+            event("prod", "InvalidSpec", "Warning"),
+        ],
+    ));
+    controller::virtual_machine::reconcile(Arc::new(vm), ctx)
+        .await
+        .unwrap();
+    server.await.unwrap();
+
+    let lines = logs.lines();
+    let about = |reason: &str| {
+        lines
+            .iter()
+            .find(|l| l["reason"] == reason)
+            .unwrap_or_else(|| panic!("no {reason} line in {lines:#?}"))
+            .clone()
+    };
+    let ready = about("Ready");
+    assert_eq!(ready["level"], "INFO");
+    assert_eq!(ready["kind"], "KvmNode");
+    assert_eq!(ready["name"], "n1");
+    assert_eq!(ready["node"], "n1");
+    assert!(ready.get("namespace").is_none(), "cluster-scoped: {ready}");
+    assert!(
+        ready["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    let invalid = about("InvalidSpec");
+    assert_eq!(invalid["level"], "WARN");
+    assert_eq!(invalid["kind"], "VirtualMachine");
+    assert_eq!(invalid["namespace"], "prod");
+    assert_eq!(invalid["name"], "web");
+    assert_eq!(invalid["node"], "n1");
+    assert!(
+        invalid["message"].as_str().unwrap().contains("spec.vcpus"),
+        "{invalid}"
+    );
+    // every line logged inside a reconcile names its object
+    for l in &lines {
+        if l.get("reason").is_some() {
+            assert!(l.get("kind").is_some() && l.get("name").is_some(), "{l}");
+        }
+    }
+}

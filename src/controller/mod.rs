@@ -344,6 +344,12 @@ impl Context {
     /// Publishes `notes` about `obj`; a failure to publish is logged, never fatal.
     pub async fn publish(&self, reference: &ObjectReference, notes: &[Note]) {
         for n in notes {
+            // the Event, in the log too (inside the object's span: kind, namespace, name, node)
+            if n.warning {
+                tracing::warn!(reason = n.reason, action = n.action, "{}", n.message);
+            } else {
+                tracing::info!(reason = n.reason, action = n.action, "{}", n.message);
+            }
             let ev = Event {
                 type_: if n.warning {
                     EventType::Warning
@@ -428,6 +434,60 @@ pub fn describe<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     }
 }
 
+/// An object the controllers reconcile, and the node its work happens on.
+pub trait Subject: Resource<DynamicType = ()> {
+    fn node(&self) -> Option<&str>;
+}
+
+impl Subject for KvmNode {
+    fn node(&self) -> Option<&str> {
+        self.metadata.name.as_deref()
+    }
+}
+
+impl Subject for crate::api::VirtualMachine {
+    fn node(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| s.node.as_deref()).or(self
+            .spec
+            .adopt
+            .as_ref()
+            .map(|a| a.node_name.as_str()))
+    }
+}
+
+impl Subject for crate::api::StoragePool {
+    fn node(&self) -> Option<&str> {
+        self.spec.node_name.as_deref()
+    }
+}
+
+impl Subject for crate::api::Migration {
+    /// The source: where the VM is while it moves.
+    fn node(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| s.source_node.as_deref())
+    }
+}
+
+/// The span of one reconcile: `kind`, `namespace`, `name` and `node` on every log line in it
+/// (text: `reconcile{kind=… name=…}:`; JSON: top-level keys). `node` may be recorded later,
+/// once placement chose one.
+pub fn object_span<K: Subject>(obj: &K) -> tracing::Span {
+    let span = tracing::info_span!(
+        "reconcile",
+        kind = %K::kind(&()),
+        namespace = tracing::field::Empty,
+        name = %obj.name_any(),
+        node = tracing::field::Empty,
+    );
+    if let Some(ns) = obj.meta().namespace.as_deref() {
+        span.record("namespace", ns);
+    }
+    if let Some(n) = obj.node() {
+        span.record("node", n);
+    }
+    span
+}
+
 /// Writes `status` by server-side apply on the status subresource, as `manager`, with
 /// kstatus's Reconciling and Stalled conditions derived from it.
 pub async fn apply_status<K, S>(
@@ -473,13 +533,10 @@ pub fn from_finalizer(object: String, e: kube::runtime::finalizer::Error<Error>)
     }
 }
 
-fn error_policy<K: Resource<DynamicType = ()>>(
-    obj: Arc<K>,
-    err: &Error,
-    ctx: Arc<Context>,
-) -> Action {
+fn error_policy<K: Subject>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
     let object = describe(obj.as_ref());
-    tracing::warn!(object, reason = err.reason(), error = %err, "reconcile failed");
+    let _in = object_span(obj.as_ref()).entered();
+    tracing::warn!(reason = err.reason(), error = %err, "reconcile failed");
     ctx.error_action(&object, err)
 }
 

@@ -24,12 +24,14 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use super::{Config, World, condition_of, kvm_node, migration, storage_pool, virtual_machine};
 use crate::api::condition::{self, READY};
 use crate::api::migration::Migration;
 use crate::api::storage_pool::PoolState;
 use crate::api::{KvmNode, MigrationPhase};
+use crate::controller::object_span;
 use crate::hypervisor::cache::NodePool;
 use crate::manifest::{self, ManifestError, Object};
 
@@ -426,6 +428,7 @@ impl Standalone {
             let (out, side) = match node.spec.validate() {
                 Err(_) => {
                     kvm_node::reconcile_core(&node, &self.world, self.hv.as_ref(), &self.config)
+                        .instrument(object_span(node.as_ref()))
                         .await
                 }
                 Ok(()) => match kvm_node::load_access(&node, self.secrets.as_slice(), &self.config)
@@ -474,7 +477,8 @@ impl Standalone {
             let pool = self.world.pools[i].clone();
             let key = key_of("StoragePool", pool.namespace().as_deref(), &pool.name_any());
             let work =
-                storage_pool::reconcile_core(&pool, &self.world, self.hv.as_ref(), &self.config);
+                storage_pool::reconcile_core(&pool, &self.world, self.hv.as_ref(), &self.config)
+                    .instrument(object_span(pool.as_ref()));
             let out = with_progress(&mut *self.out, &key, work).await.summarized();
             let states: Vec<(String, PoolState)> = out
                 .status
@@ -525,7 +529,8 @@ impl Standalone {
                         self.hv.as_ref(),
                         &self.config,
                         ud.as_deref(),
-                    );
+                    )
+                    .instrument(object_span(vm.as_ref()));
                     // volume clones and guest shutdowns take long: say so while they run
                     with_progress(&mut *self.out, &key, work).await
                 }
@@ -564,7 +569,8 @@ impl Standalone {
             let m = self.world.migrations[i].clone();
             let key = key_of("Migration", m.namespace().as_deref(), &m.name_any());
             let work =
-                migration::reconcile_core(&m, &self.world, &self.hv, &self.jobs, &self.config);
+                migration::reconcile_core(&m, &self.world, &self.hv, &self.jobs, &self.config)
+                    .instrument(object_span(m.as_ref()));
             let out = with_progress(&mut *self.out, &key, work).await.summarized();
             let standing = match out.status.phase {
                 Some(MigrationPhase::Succeeded) => Standing::Done,

@@ -297,7 +297,14 @@ pub async fn load_access(
 }
 
 /// The controller's reconcile: finalizer, credentials, core, status, Events.
+/// One reconcile, every log line in it carrying the object's kind, namespace, name and node.
 pub async fn reconcile(node: Arc<KvmNode>, ctx: Arc<Context>) -> Result<Action, Error> {
+    use tracing::Instrument;
+    let span = super::object_span(node.as_ref());
+    reconcile_in_span(node, ctx).instrument(span).await
+}
+
+async fn reconcile_in_span(node: Arc<KvmNode>, ctx: Arc<Context>) -> Result<Action, Error> {
     let api: Api<KvmNode> = Api::all(ctx.client.clone());
     let object = describe(node.as_ref());
     let r = finalizer(&api, FINALIZER, node, |event| async {

@@ -431,7 +431,14 @@ pub async fn cleanup_core<H: Hypervisor>(
 }
 
 /// The controller's reconcile.
+/// One reconcile, every log line in it carrying the object's kind, namespace, name and node.
 pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Action, Error> {
+    use tracing::Instrument;
+    let span = super::object_span(m.as_ref());
+    reconcile_in_span(m, ctx).instrument(span).await
+}
+
+async fn reconcile_in_span(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = m.namespace().unwrap_or_default();
     let api: Api<Migration> = Api::namespaced(ctx.client.clone(), &ns);
     let object = describe(m.as_ref());

@@ -158,7 +158,14 @@ pub async fn cleanup_core<H: Hypervisor>(
 }
 
 /// The controller's reconcile.
+/// One reconcile, every log line in it carrying the object's kind, namespace, name and node.
 pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    use tracing::Instrument;
+    let span = super::object_span(pool.as_ref());
+    reconcile_in_span(pool, ctx).instrument(span).await
+}
+
+async fn reconcile_in_span(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = pool.namespace().unwrap_or_default();
     let api: Api<StoragePool> = Api::namespaced(ctx.client.clone(), &ns);
     let object = describe(pool.as_ref());

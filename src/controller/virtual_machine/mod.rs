@@ -848,7 +848,14 @@ pub async fn user_data(
 }
 
 /// The controller's reconcile.
+/// One reconcile, every log line in it carrying the object's kind, namespace, name and node.
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
+    use tracing::Instrument;
+    let span = super::object_span(vm.as_ref());
+    reconcile_in_span(vm, ctx).instrument(span).await
+}
+
+async fn reconcile_in_span(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = vm.namespace().unwrap_or_default();
     let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     let object = describe(vm.as_ref());
@@ -876,6 +883,10 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
                     }
                     Err((reason, msg)) => problem(&vm, reason, msg, Some(Duration::from_secs(60))),
                 };
+                if let Some(node) = outcome.status.node.as_deref() {
+                    // placed just now: the rest of this reconcile's lines name the node
+                    tracing::Span::current().record("node", node);
+                }
                 if let (true, Some(node)) = (unplaced, outcome.status.node.as_deref()) {
                     let (cpus, bytes) = vm_request(&vm, &Default::default());
                     ctx.placed(&vm.uid().unwrap_or_default(), node, cpus, bytes);
