@@ -192,6 +192,167 @@ pub fn standalone_dry_run(files: &[PathBuf], default_uri: &str) -> Result<(), Cl
 
 /// `kvm-operator standalone`: reconciles the manifests against the hypervisors until Ctrl-C, or
 /// until everything has converged or failed with `once`.
+/// Where standalone mode keeps its state when `--state-dir` is not given: `.kvm-operator/` next
+/// to the first manifest path.
+pub fn default_state_dir(files: &[PathBuf]) -> PathBuf {
+    let first = files.first().cloned().unwrap_or_default();
+    let base = if first.is_dir() {
+        first
+    } else {
+        first.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    base.join(".kvm-operator")
+}
+
+/// Where `kvm-operator console` finds the VM: in the cluster, or in standalone manifests.
+#[derive(Clone, Debug)]
+pub enum ConsoleSource {
+    /// The cluster (KUBECONFIG or in-cluster); node key Secrets in `operator_namespace`.
+    Cluster { operator_namespace: String },
+    /// The manifests and state of a standalone run.
+    Files {
+        files: Vec<PathBuf>,
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// `kvm-operator console VM`: opens a tunnel from `listen` on this machine to the VM's VNC
+/// display on its node, through SSH with the node's pinned host key, and keeps it open until
+/// Ctrl-C (or until the SSH session ends). Prints the local address on stdout.
+pub fn console(
+    vm: &str,
+    namespace: &str,
+    listen: std::net::SocketAddr,
+    source: ConsoleSource,
+) -> Result<(), CliError> {
+    use crate::api::VirtualMachine;
+    use crate::controller::kvm_node::load_access;
+    if !listen.ip().is_loopback() {
+        eprintln!(
+            "warning: --listen {listen} is not a loopback address: anyone who can reach it gets this VM's console"
+        );
+    }
+    let object = format!("VirtualMachine {namespace}/{vm}");
+    // node keys of this one command live in a private directory of its own, removed at exit
+    let scratch = std::env::temp_dir().join(format!("kvm-operator-console-{}", std::process::id()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&scratch)
+            .map_err(|e| CliError::Io(format!("cannot create {}: {e}", scratch.display())))?;
+    }
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(scratch.clone());
+    let rt = tokio::runtime::Runtime::new().map_err(|e| CliError::Io(e.to_string()))?;
+    rt.block_on(async {
+        let where_ = |v: &VirtualMachine| {
+            let st = v.status.clone().unwrap_or_default();
+            match (st.node, st.domain_name) {
+                (Some(n), Some(d)) => Ok((n, d)),
+                _ => Err(CliError::Usage(format!(
+                    "{object} has no domain yet (status.node and status.domainName are empty): it has not been placed and defined; see its Ready condition"
+                ))),
+            }
+        };
+        let (access, domain, node) = match source {
+            ConsoleSource::Files { files, state_dir } => {
+                use crate::controller::standalone::{Options, Standalone};
+                let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&files));
+                let opts = Options {
+                    files,
+                    default_uri: "test:///default".into(),
+                    state_dir,
+                    once: true,
+                    timeout: Duration::from_secs(60),
+                    resync: Duration::from_secs(30),
+                };
+                let s = Standalone::new(opts, crate::controller::Config::default(), Box::new(std::io::sink()))
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+                let v = s
+                    .world()
+                    .vms
+                    .iter()
+                    .find(|v| v.name_any() == vm && v.namespace().as_deref().unwrap_or("default") == namespace)
+                    .ok_or_else(|| CliError::Usage(format!("{object} is not in the manifests given with -f")))?;
+                let (node, domain) = where_(v)?;
+                let n = s.world().node(&node).ok_or_else(|| {
+                    CliError::Usage(format!("{object} is on KvmNode {node}, which is not in the manifests given with -f"))
+                })?;
+                let mut config = s.config().clone();
+                config.state_dir = scratch.clone();
+                let access = load_access(n, s.secrets(), &config)
+                    .await
+                    .map_err(|(reason, msg)| CliError::Usage(format!("{reason}: {msg}")))?;
+                (access, domain, node)
+            }
+            ConsoleSource::Cluster { operator_namespace } => {
+                let client = kube::Client::try_default().await.map_err(|e| {
+                    CliError::Kube(format!(
+                        "cannot build a client (in-cluster config or KUBECONFIG): {e}"
+                    ))
+                })?;
+                let v = kube::Api::<VirtualMachine>::namespaced(client.clone(), namespace)
+                    .get(vm)
+                    .await
+                    .map_err(|e| CliError::Kube(format!("{object}: {e}")))?;
+                let (node, domain) = where_(&v)?;
+                let n = kube::Api::<crate::api::KvmNode>::all(client.clone())
+                    .get(&node)
+                    .await
+                    .map_err(|e| CliError::Kube(format!("KvmNode {node} of {object}: {e}")))?;
+                let config = crate::controller::Config {
+                    namespace: operator_namespace,
+                    state_dir: scratch.clone(),
+                    ..Default::default()
+                };
+                let access = load_access(&n, &client, &config)
+                    .await
+                    .map_err(|(reason, msg)| CliError::Usage(format!("{reason}: {msg}")))?;
+                (access, domain, node)
+            }
+        };
+        let console = tokio::task::spawn_blocking(move || {
+            crate::hypervisor::console::open(&access, &domain, listen).map(|c| (c, domain))
+        })
+        .await
+        .map_err(|e| CliError::Io(format!("console: {e}")))??;
+        let (console, domain) = console;
+        let local = console
+            .local_addr()
+            .ok_or_else(|| CliError::Io("the console tunnel has no local address".into()))?;
+        write_stdout(&format!(
+            "VNC console of {object} (domain {domain} on KvmNode {node}, {} there)
+listening on {local}: point a VNC viewer at it; Ctrl-C closes it
+",
+            console.vnc_on_node
+        ))?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| CliError::Io(e.to_string()))?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = tick.tick() => {
+                    if !console.tunnel.is_running() {
+                        return Err(CliError::Io(format!(
+                            "the SSH session to KvmNode {node} ended; the console is closed"
+                        )));
+                    }
+                }
+            }
+        }
+        eprintln!("console closed");
+        Ok(())
+    })
+}
+
 pub fn standalone(
     files: Vec<PathBuf>,
     once: bool,
@@ -208,15 +369,7 @@ pub fn standalone(
         }
         None => crate::controller::Config::default(),
     };
-    let state_dir = state_dir.unwrap_or_else(|| {
-        let first = files.first().cloned().unwrap_or_default();
-        let base = if first.is_dir() {
-            first
-        } else {
-            first.parent().map(Path::to_path_buf).unwrap_or_default()
-        };
-        base.join(".kvm-operator")
-    });
+    let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&files));
     let opts = Options {
         files,
         default_uri,

@@ -66,6 +66,28 @@ enum Command {
         #[arg(long)]
         http_addr: Option<String>,
     },
+    /// Open a VM's VNC console on this machine: a local port tunnelled through the node's SSH
+    /// connection (pinned host key) to the display on the node's loopback.
+    Console {
+        /// The VirtualMachine's name.
+        vm: String,
+        /// Its namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Local address to listen on; port 0 picks a free one (printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Find the VM in these standalone manifests (and their state) instead of the cluster.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// With -f: the standalone state directory (default `.kvm-operator/` next to the first
+        /// path).
+        #[arg(long, requires = "files")]
+        state_dir: Option<PathBuf>,
+        /// In a cluster: the operator's namespace, where the nodes' key Secrets are.
+        #[arg(long, env = "KVM_OPERATOR_NAMESPACE", default_value = "kvm-operator")]
+        operator_namespace: String,
+    },
     /// Print the version.
     Version,
 }
@@ -99,6 +121,21 @@ fn main() -> ExitCode {
                     http_addr.as_deref(),
                 )
             }
+        }
+        Command::Console {
+            vm,
+            namespace,
+            listen,
+            files,
+            state_dir,
+            operator_namespace,
+        } => {
+            let source = if files.is_empty() {
+                kvm_operator::cli::ConsoleSource::Cluster { operator_namespace }
+            } else {
+                kvm_operator::cli::ConsoleSource::Files { files, state_dir }
+            };
+            kvm_operator::cli::console(&vm, &namespace, listen, source)
         }
         Command::Version => {
             println!("kvm-operator {}", env!("CARGO_PKG_VERSION"));

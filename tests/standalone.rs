@@ -364,6 +364,98 @@ async fn a_real_guest_runs_on_a_lab_host_and_a_second_run_duplicates_nothing() {
         [(uuid.clone(), DomainState::Running)]
     );
 
+    // the console: status says how, and `kvm-operator console` brings the guest's VNC display
+    // to a local port through SSH (the RFB banner comes from QEMU's VNC server on host1)
+    let con = &st["console"];
+    assert_eq!(
+        con["command"],
+        format!("kvm-operator console {vm_name} -n default"),
+        "{st}"
+    );
+    assert!(
+        con["vnc"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("127.0.0.1:")),
+        "VNC on the host's loopback only: {con}"
+    );
+    assert!(
+        con["serialCommand"]
+            .as_str()
+            .is_some_and(|c| c.contains(&domain)),
+        "{con}"
+    );
+    {
+        use std::io::{BufRead, Read};
+        let mut child = bin()
+            .args(["console", &vm_name, "-n", "default", "-f"])
+            .arg(dir.path())
+            .env("KVM_OPERATOR_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut said = String::new();
+        let addr = loop {
+            let Some(Ok(l)) = lines.next() else {
+                let _ = child.kill();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("console ended before listening:\n{said}\n{err}");
+            };
+            said.push_str(&l);
+            said.push('\n');
+            if let Some(rest) = l.strip_prefix("listening on ") {
+                break rest.split(':').take(2).collect::<Vec<_>>().join(":");
+            }
+        };
+        assert!(
+            said.contains(&format!("domain {domain} on KvmNode host1")),
+            "{said}"
+        );
+        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        // two viewers one after the other: each gets its own channel
+        for _ in 0..2 {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut banner = [0u8; 12];
+            s.read_exact(&mut banner).unwrap();
+            assert!(
+                banner.starts_with(b"RFB 003."),
+                "{:?}",
+                String::from_utf8_lossy(&banner)
+            );
+        }
+        // SIGTERM closes it cleanly
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status}");
+        assert!(
+            std::net::TcpStream::connect(&addr).is_err(),
+            "the local port is closed with the console"
+        );
+    }
+    // a VM that is not in the manifests: said so, non-zero
+    let out = bin()
+        .args(["console", "no-such-vm", "-f"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("VirtualMachine default/no-such-vm is not in the manifests"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // the node's batched statistics of a real guest become per-VM metrics
     let stats = hv.call("host1", "t", |c| c.domain_stats()).await.unwrap();
     let metrics = kvm_operator::metrics::Metrics::new();

@@ -528,9 +528,13 @@ pub struct ConsoleStatus {
     /// Serial console pty on the node, e.g. `/dev/pts/3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
-    /// The command that opens the console from a workstation.
+    /// The command that opens the VNC console from a workstation (`kvm-operator console`: a
+    /// local port tunnelled through the node's SSH connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// The command that attaches to the serial console (virsh over SSH to the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_command: Option<String>,
 }
 
 /// A domain's definition as read from its host.

@@ -205,6 +205,16 @@ impl Standalone {
         &self.world
     }
 
+    /// The Secrets the manifests hold (node keys, cloud-init user data).
+    pub fn secrets(&self) -> &[Secret] {
+        &self.secrets
+    }
+
+    /// The configuration in effect (its `namespace` is the manifests' default namespace).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Runs until converged (`once`) or until Ctrl-C.
     pub async fn run(&mut self) -> Result<(), StandaloneError> {
         let started = Instant::now();

@@ -18,6 +18,7 @@
 pub mod cache;
 pub mod cloud_init;
 pub mod connection;
+pub mod console;
 pub mod domain_spec;
 pub mod domain_xml;
 pub mod events;

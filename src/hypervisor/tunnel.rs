@@ -7,7 +7,8 @@
 //! sockets when nothing moves.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,9 +29,84 @@ pub enum Remote {
     Tcp(String, u16),
 }
 
+/// The listening end on this machine.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+/// One local connection.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(true),
+            Stream::Tcp(s) => s.set_nonblocking(true).and_then(|()| s.set_nodelay(true)),
+        }
+    }
+
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A running tunnel; dropping it stops the thread and removes the socket.
 pub struct Tunnel {
-    path: PathBuf,
+    /// The Unix socket (removed on drop), if it listens on one.
+    path: Option<PathBuf>,
+    /// The TCP address, if it listens on one.
+    addr: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -44,7 +120,7 @@ impl std::fmt::Debug for Tunnel {
 const BUF: usize = 256 * 1024;
 
 struct Pair {
-    sock: UnixStream,
+    sock: Stream,
     ch: Channel,
     to_ch: Vec<u8>,
     to_sock: Vec<u8>,
@@ -134,7 +210,7 @@ impl Pair {
         // the host closed (e.g. libvirtd died): pass the EOF on at once, so the local client sees
         // it now rather than after its keepalive gives up
         if self.ch_eof && self.to_sock.is_empty() && !self.sock_shut {
-            let _ = self.sock.shutdown(std::net::Shutdown::Write);
+            self.sock.shutdown_write();
             self.sock_shut = true;
             moved = true;
         }
@@ -164,22 +240,54 @@ impl Tunnel {
         listener
             .set_nonblocking(true)
             .map_err(|e| io("nonblocking", e))?;
+        let mut t = Self::spawn(ssh, remote, Listener::Unix(listener))?;
+        t.path = Some(local.to_path_buf());
+        Ok(t)
+    }
+
+    /// Listens on the TCP address `local` (port 0: any free port, see [`Tunnel::local_addr`])
+    /// and forwards every connection to `remote` through `ssh`: how a VNC viewer on a
+    /// workstation reaches a guest's display on the host's loopback. Bind it to a loopback
+    /// address: anyone who can connect to it reaches the console.
+    pub fn listen_tcp(ssh: SshSession, remote: Remote, local: SocketAddr) -> Result<Self, HvError> {
+        let io = |what: &str, e: std::io::Error| HvError::Local {
+            cause: format!("tunnel {local}: {what}: {e}"),
+        };
+        let listener = TcpListener::bind(local).map_err(|e| io("bind", e))?;
+        let addr = listener.local_addr().map_err(|e| io("address", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| io("nonblocking", e))?;
+        let mut t = Self::spawn(ssh, remote, Listener::Tcp(listener))?;
+        t.addr = Some(addr);
+        Ok(t)
+    }
+
+    fn spawn(ssh: SshSession, remote: Remote, listener: Listener) -> Result<Self, HvError> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("ssh-tunnel".into())
             .spawn(move || run(ssh, remote, listener, flag))
-            .map_err(|e| io("thread", e))?;
+            .map_err(|e| HvError::Local {
+                cause: format!("tunnel thread: {e}"),
+            })?;
         Ok(Tunnel {
-            path: local.to_path_buf(),
+            path: None,
+            addr: None,
             stop,
             thread: Some(thread),
         })
     }
 
-    /// The local socket.
+    /// The local socket (a tunnel started with [`Tunnel::start`]).
     pub fn socket(&self) -> &Path {
-        &self.path
+        self.path.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// The local TCP address (a tunnel started with [`Tunnel::listen_tcp`]).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
     }
 
     /// True while the forwarding thread runs (it ends when the SSH session dies).
@@ -194,7 +302,9 @@ impl Drop for Tunnel {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -211,20 +321,20 @@ fn open_channel(ssh: &SshSession, remote: &Remote) -> Result<Option<Channel>, ss
     }
 }
 
-fn run(ssh: SshSession, remote: Remote, listener: UnixListener, stop: Arc<AtomicBool>) {
+fn run(ssh: SshSession, remote: Remote, listener: Listener, stop: Arc<AtomicBool>) {
     let (sess, tcp) = ssh.parts();
     // SSH keepalives find a dead host (or a dropped NAT mapping) even when libvirt is idle
     sess.set_keepalive(true, 15);
     sess.set_blocking(false);
     let mut next_keepalive = std::time::Instant::now();
     let tcp_fd = tcp.as_raw_fd();
-    let mut pending: Vec<UnixStream> = Vec::new();
+    let mut pending: Vec<Stream> = Vec::new();
     let mut pairs: Vec<Pair> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::SeqCst) {
         let mut moved = false;
-        while let Ok((s, _)) = listener.accept() {
-            if s.set_nonblocking(true).is_ok() {
+        while let Ok(s) = listener.accept() {
+            if s.set_nonblocking().is_ok() {
                 pending.push(s);
                 moved = true;
             }
@@ -267,10 +377,10 @@ fn run(ssh: SshSession, remote: Remote, listener: UnixListener, stop: Arc<Atomic
                 true,
                 matches!(dirs, BlockDirections::Outbound | BlockDirections::Both),
             )];
-            fds.push((listener.as_raw_fd(), true, false));
+            fds.push((listener.fd(), true, false));
             for p in &pairs {
                 fds.push((
-                    p.sock.as_raw_fd(),
+                    p.sock.fd(),
                     !p.sock_eof && p.to_ch.len() < BUF,
                     !p.to_sock.is_empty(),
                 ));

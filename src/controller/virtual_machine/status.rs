@@ -7,6 +7,7 @@ use crate::api::virtual_machine::{
     VirtualMachine, VirtualMachineStatus,
 };
 use crate::hypervisor::domain_spec::ObservedVm;
+use kube::ResourceExt;
 
 use super::observe::Observed;
 use super::plan::{Blocked, Plan, Resolved};
@@ -111,16 +112,23 @@ pub fn status(
             .filter_map(|(k, v)| v.mac.clone().map(|m| (k.clone(), m)))
             .collect();
         let ends = d.live.as_ref().map(|l| l.console()).unwrap_or_default();
-        st.console = node.map(|n| ConsoleStatus {
-            vnc: ends
-                .vnc
-                .clone()
-                .map(|v| format!("{v} on KvmNode {}", round.resolved.node)),
-            serial: ends.serial.clone(),
-            command: Some(format!(
-                "virsh -c 'qemu+ssh://{}@{}:{}/system' console {}",
-                n.spec.user, n.spec.address, n.spec.port, round.resolved.domain
-            )),
+        st.console = node.map(|n| {
+            let name = vm.name_any();
+            let ns = vm.namespace().unwrap_or_else(|| "default".into());
+            ConsoleStatus {
+                command: ends
+                    .vnc
+                    .as_ref()
+                    .map(|_| format!("kvm-operator console {name} -n {ns}")),
+                vnc: ends.vnc.clone(),
+                serial_command: ends.serial.as_ref().map(|_| {
+                    format!(
+                        "virsh -c 'qemu+ssh://{}@{}:{}/system' console {}",
+                        n.spec.user, n.spec.address, n.spec.port, round.resolved.domain
+                    )
+                }),
+                serial: ends.serial.clone(),
+            }
         });
     }
     if round.restarted {
