@@ -207,6 +207,11 @@ fn rbac_is_least_privilege() {
             !resources.contains(&"*") && !resources.contains(&"secrets"),
             "{rule}"
         );
+        if resources.contains(&"configmaps") {
+            // the definition backups: written by server-side apply, never listed or deleted
+            assert_eq!(verbs, ["get", "create", "patch"], "{rule}");
+            assert_eq!(resources, ["configmaps"]);
+        }
         if resources.contains(&"customresourcedefinitions") {
             assert_eq!(verbs, ["get"]);
             assert_eq!(rule["resourceNames"].as_array().map(|a| a.len()), Some(4));
@@ -219,6 +224,10 @@ fn rbac_is_least_privilege() {
             );
         }
     }
+    // without definition backups, no ConfigMap access at all
+    let off = render(json!({"definitionBackup": {"enabled": false}}));
+    let rules = get(&off, "ClusterRole/kvm-kvm-operator")["rules"].clone();
+    assert!(!rules.to_string().contains("configmaps"), "{rules}");
     let role = get(&r, "Role/kvm-kvm-operator");
     assert_eq!(role["metadata"]["namespace"], "kvm-system");
     let secrets = role["rules"]
@@ -413,6 +422,16 @@ fn the_config_values_reach_the_operator_as_a_file_it_accepts() {
     assert!(c.rebalance.enabled);
     assert_eq!(c.rebalance.mode, RebalanceMode::Migrate);
     assert_eq!(c.node_resync, std::time::Duration::from_secs(60));
+    assert!(c.definition_backup, "on by default");
+    let off = render(json!({"definitionBackup": {"enabled": false}}));
+    let file_off = get(&off, "ConfigMap/kvm-kvm-operator-config")["data"]["config.yaml"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let c_off = Config::default()
+        .with_yaml("config.yaml", &file_off)
+        .unwrap_or_else(|e| panic!("{e}\n{file_off}"));
+    assert!(!c_off.definition_backup, "{file_off}");
     // mounted where the env var points, and a change rolls the pod
     let d = get(&r, "Deployment/kvm-kvm-operator");
     let pod = &d["spec"]["template"];

@@ -1068,3 +1068,88 @@ async fn json_log_lines_about_an_object_carry_its_kind_namespace_name_and_node()
         }
     }
 }
+
+#[tokio::test]
+async fn a_definition_is_copied_to_a_configmap_owned_by_the_vm_once_per_change() {
+    use kvm_operator::controller::backup::{keep, sha256_hex};
+    let dir = tempfile::tempdir().unwrap();
+    // the test driver's own domain "test" stands for the VM's domain on n1
+    let vm: VirtualMachine = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "web", "namespace": "prod", "uid": "vm-uid", "generation": 1},
+        "spec": {"vcpus": 1, "memory": "64Mi"},
+        "status": {"node": "n1", "domainName": "test", "definition": {"sha256": "changed"}},
+    }));
+    let cm = "/api/v1/namespaces/prod/configmaps/web-domain-definition";
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![test_node(json!({}))], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            not_found(Method::GET, cm),
+            expect(Method::PATCH, cm, |q, body| {
+                assert!(q.contains("fieldManager=kvm-operator-backup"), "{q}");
+                let xml = body["data"]["domain.xml"].as_str().unwrap();
+                assert!(xml.contains("<name>test</name>"), "{xml}");
+                let md = &body["metadata"];
+                assert_eq!(md["labels"]["kvm-operator.io/definition-of"], "web");
+                assert_eq!(md["annotations"]["kvm-operator.io/node"], "n1");
+                assert_eq!(
+                    md["annotations"]["kvm-operator.io/sha256"],
+                    sha256_hex(xml.as_bytes())
+                );
+                // owned by the VM (garbage-collected with it), never blocking its deletion
+                let o = &md["ownerReferences"][0];
+                assert_eq!(
+                    (o["kind"].as_str(), o["uid"].as_str()),
+                    (Some("VirtualMachine"), Some("vm-uid"))
+                );
+                assert_eq!(o["blockOwnerDeletion"], false);
+            }),
+        ],
+    ));
+    let mut status = vm.status.clone().unwrap();
+    let note = keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client)
+        .await
+        .unwrap();
+    assert_eq!(note.reason, "DefinitionBackedUp");
+    let def = status.definition.clone().unwrap();
+    assert_eq!(
+        def.backup.as_deref(),
+        Some("ConfigMap prod/web-domain-definition")
+    );
+    assert_eq!(def.backup_sha256.as_deref(), Some(def.sha256.as_str()));
+    assert!(def.backup_time.is_some());
+    // the same definition again: nothing is written (serve fails on any further request)
+    assert!(
+        keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client)
+            .await
+            .is_none()
+    );
+    server.await.unwrap();
+
+    // a ConfigMap of that name that is not ours is left alone and the Event says why
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![test_node(json!({}))], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![Expect {
+            reply: Some(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "web-domain-definition", "namespace": "prod"},
+                "data": {"domain.xml": "mine"}})),
+            ..expect(Method::GET, cm, |_, _| {})
+        }],
+    ));
+    let mut status = vm.status.clone().unwrap();
+    let note = keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client)
+        .await
+        .unwrap();
+    assert_eq!(note.reason, "BackupFailed");
+    assert!(
+        note.message.contains("is not the operator's backup"),
+        "{}",
+        note.message
+    );
+    assert!(status.definition.unwrap().backup.is_none());
+    server.await.unwrap();
+}

@@ -61,6 +61,25 @@ fn the_quickstart_reaches_running_on_the_embedded_default_and_exits_zero() {
         s["objects"]["KvmNode/default"]["spec"]["libvirtUri"],
         "test:///default"
     );
+    // each VM's definition is kept beside the state (adopted ones too), as the status says
+    for vm in ["hello", "hello-2", "adopted"] {
+        let def =
+            &s["objects"][format!("VirtualMachine/default/{vm}").as_str()]["status"]["definition"];
+        let file = dir.path().join(format!("definitions/default/{vm}.xml"));
+        let xml = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}; status: {def}", file.display()));
+        assert!(
+            xml.starts_with("<domain") && xml.contains("<uuid>"),
+            "{xml}"
+        );
+        assert_eq!(def["backup"], file.display().to_string());
+        assert_eq!(
+            def["backupSha256"],
+            kvm_operator::controller::backup::sha256_hex(xml.as_bytes())
+        );
+        assert_eq!(def["sha256"], def["backupSha256"], "current");
+    }
+    assert!(stdout.contains("DefinitionBackedUp"), "{stdout}");
 }
 
 #[test]
@@ -442,6 +461,32 @@ async fn a_real_guest_runs_on_a_lab_host_and_a_second_run_duplicates_nothing() {
             "the local port is closed with the console"
         );
     }
+    // the host "lost" the domain; an administrator defines it again from the operator's copy:
+    // the next run recognises it (same UUID, nothing defined anew) and starts it
+    let copy = dir
+        .path()
+        .join(format!(".kvm-operator/definitions/default/{vm_name}.xml"));
+    let xml = std::fs::read_to_string(&copy).unwrap();
+    let d = domain.clone();
+    hv.call("host1", "t", move |c| {
+        c.destroy(&d)?;
+        c.undefine(&d)?;
+        c.raw()
+            .define_domain_xml(&xml)
+            .map(|_| ())
+            .map_err(|e| kvm_operator::hypervisor::HvError::libvirt("define", "host1", &e))
+    })
+    .await
+    .unwrap();
+    let out = run();
+    let stdout3 = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout3}");
+    assert!(!stdout3.contains("Defined"), "{stdout3}");
+    assert_eq!(
+        ours(hv.clone(), domain.clone()).await,
+        [(uuid.clone(), DomainState::Running)]
+    );
+
     // a VM that is not in the manifests: said so, non-zero
     let out = bin()
         .args(["console", "no-such-vm", "-f"])

@@ -485,6 +485,10 @@ pub struct VirtualMachineStatus {
     /// with (fields left unset in spec follow it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed: Option<ObservedDomain>,
+    /// The domain's definition on its node, and the copy the operator keeps of it (so a lost
+    /// host can be rebuilt; see README "Backup of domain definitions").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<DefinitionStatus>,
     /// Restarts after crashes (RerunOnFailure and Running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_count: Option<u32>,
@@ -535,6 +539,24 @@ pub struct ConsoleStatus {
     /// The command that attaches to the serial console (virsh over SSH to the node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_command: Option<String>,
+}
+
+/// The domain's persistent definition and its backup.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DefinitionStatus {
+    /// SHA-256 of the persistent domain XML as last read from the node.
+    pub sha256: String,
+    /// Where the copy is: `ConfigMap <namespace>/<name>` (key `domain.xml`) in a cluster, a file
+    /// in standalone mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// SHA-256 of the copy kept there; equal to `sha256` when the backup is current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_sha256: Option<String>,
+    /// When the copy was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_time: Option<Time>,
 }
 
 /// A domain's definition as read from its host.

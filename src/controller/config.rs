@@ -49,6 +49,8 @@ pub struct Config {
     pub rebalance: Rebalance,
     /// Leader election timing (one active replica).
     pub leader: crate::controller::leader::Timing,
+    /// Keep a copy of every managed domain's definition off its host (ConfigMap / file).
+    pub definition_backup: bool,
 }
 
 impl Default for Config {
@@ -66,6 +68,7 @@ impl Default for Config {
             max_migrations: 8,
             rebalance: Rebalance::default(),
             leader: crate::controller::leader::Timing::default(),
+            definition_backup: true,
         }
     }
 }
@@ -132,6 +135,13 @@ struct File {
     migrations: Option<MigrationsFile>,
     rebalance: Option<RebalanceFile>,
     leader_election: Option<LeaderFile>,
+    definition_backup: Option<BackupFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BackupFile {
+    enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -366,6 +376,9 @@ impl Config {
             60,
             &mut self.leader.retry,
         )?;
+        if let Some(e) = file.definition_backup.and_then(|b| b.enabled) {
+            self.definition_backup = e;
+        }
         // a leader must renew well before its lease runs out, or it loses it between renewals
         if self.leader.renew * 3 > self.leader.lease * 2 {
             return Err(invalid(
@@ -404,9 +417,11 @@ mod tests {
                  placement:\n  weights: {cpu: 1, memory: 2, load: 3, spread: 4, affinity: 5, failurePenalty: 6}\n\
                  migrations: {maxPerNode: 1, maxTotal: 3}\n\
                  rebalance: {enabled: true, mode: Migrate, threshold: 80, intervalSeconds: 120}\n\
-                 leaderElection: {leaseSeconds: 30, renewSeconds: 10, retrySeconds: 4}\n",
+                 leaderElection: {leaseSeconds: 30, renewSeconds: 10, retrySeconds: 4}\n\
+                 definitionBackup: {enabled: false}\n",
             )
             .unwrap();
+        assert!(!c.definition_backup);
         assert_eq!(
             c.leader,
             crate::controller::leader::Timing {

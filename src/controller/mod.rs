@@ -10,6 +10,7 @@
 //!   status subresource with one field manager per controller, Events through kube's Recorder.
 //!   tower-test scenarios pin its API calls.
 
+pub mod backup;
 pub mod config;
 pub mod kvm_node;
 pub mod leader;

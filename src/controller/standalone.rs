@@ -548,7 +548,15 @@ impl Standalone {
                     virtual_machine::problem(&vm, reason, msg, Some(Duration::from_secs(60)))
                 }
             };
-            let out = out.summarized();
+            let mut out = out.summarized();
+            if self.config.definition_backup {
+                let sink = super::backup::Files(self.opts.state_dir.join("definitions"));
+                if let Some(n) =
+                    super::backup::keep(&vm, &mut out.status, self.hv.as_ref(), &sink).await
+                {
+                    out.notes.push(n);
+                }
+            }
             let ready = condition_of(&out.status.conditions, READY);
             let standing = match (ready, out.requeue) {
                 (Some((true, _, _)), _) => Standing::Done,

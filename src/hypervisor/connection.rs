@@ -426,11 +426,15 @@ impl Connection {
     /// The persistent (inactive) definition, which differs from the live XML after config-only
     /// changes.
     pub fn persistent_xml(&self, name: &str) -> Result<DomainXml, HvError> {
+        DomainXml::parse(&self.persistent_xml_text(name)?)
+    }
+
+    /// The persistent definition exactly as libvirt writes it (every element, not only those
+    /// the typed model knows), without secure fields such as VNC passwords: what a backup keeps.
+    pub fn persistent_xml_text(&self, name: &str) -> Result<String, HvError> {
         let d = self.lookup(name)?;
-        let xml = d
-            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
-            .map_err(|e| self.err("get domain XML", e))?;
-        DomainXml::parse(&xml)
+        d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| self.err("get domain XML", e))
     }
 
     /// Host facts as libvirt reports them, for nodes reached without SSH (test, TLS, TCP): CPUs,

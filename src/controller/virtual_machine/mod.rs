@@ -883,6 +883,14 @@ async fn reconcile_in_span(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result
                     }
                     Err((reason, msg)) => problem(&vm, reason, msg, Some(Duration::from_secs(60))),
                 };
+                let mut outcome = outcome;
+                if ctx.config.definition_backup
+                    && let Some(n) =
+                        super::backup::keep(&vm, &mut outcome.status, ctx.hv.as_ref(), &ctx.client)
+                            .await
+                {
+                    outcome.notes.push(n);
+                }
                 if let Some(node) = outcome.status.node.as_deref() {
                     // placed just now: the rest of this reconcile's lines name the node
                     tracing::Span::current().record("node", node);

@@ -15,6 +15,8 @@ pub struct DomainObs {
     pub state: StateDetail,
     /// The persistent definition (what the next start runs).
     pub persistent: DomainXml,
+    /// SHA-256 (hex) of the persistent definition's text as libvirt gave it.
+    pub persistent_sha256: String,
     /// The running guest's definition, when it runs (or is paused).
     pub live: Option<DomainXml>,
 }
@@ -37,8 +39,10 @@ pub async fn observe(hv: &impl Hypervisor, r: &Resolved) -> Result<Observed, HvE
         .chain(r.seed.iter().map(|s| (s.pool.clone(), s.volume.clone())))
         .collect();
     hv.call(&r.node, "observe VM", move |c| {
-        let domain = match c.persistent_xml(&domain) {
-            Ok(persistent) => {
+        let domain = match c.persistent_xml_text(&domain) {
+            Ok(text) => {
+                let persistent = DomainXml::parse(&text)?;
+                let persistent_sha256 = crate::controller::backup::sha256_hex(text.as_bytes());
                 let state = c.state_detail(&domain)?;
                 let live = match state.state {
                     DomainState::Shutoff => None,
@@ -48,6 +52,7 @@ pub async fn observe(hv: &impl Hypervisor, r: &Resolved) -> Result<Observed, HvE
                     uuid: persistent.uuid.clone(),
                     state,
                     persistent,
+                    persistent_sha256,
                     live,
                 })
             }

@@ -961,6 +961,7 @@ mod tests {
             },
             live: (state != DomainState::Shutoff).then(|| x.clone()),
             persistent: x,
+            persistent_sha256: "d1".into(),
         });
         o
     }

@@ -106,6 +106,10 @@ pub fn status(
         st.domain_uuid = d.uuid.clone();
         let obs = ObservedVm::from_xml(&d.persistent);
         st.observed = Some(observed_domain(&obs));
+        // the digest follows the host; the backup fields stay until the copy is rewritten
+        let mut def = st.definition.take().unwrap_or_default();
+        def.sha256 = d.persistent_sha256.clone();
+        st.definition = Some(def);
         st.macs = obs
             .nics
             .iter()
