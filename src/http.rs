@@ -51,7 +51,12 @@ pub fn respond(request_line: &str, health: &Health) -> (u16, &'static str, Strin
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 render(),
             ),
-            None => (503, TEXT, "metrics not available yet\n".into()),
+            // a standby (or a leader still starting): a valid scrape saying so
+            None => (
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                crate::metrics::STANDBY.into(),
+            ),
         },
         _ => (404, TEXT, "not found\n".into()),
     }
@@ -148,7 +153,11 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-        assert!(get("/metrics").await.starts_with("HTTP/1.1 503"));
+        let standby = get("/metrics").await;
+        assert!(
+            standby.starts_with("HTTP/1.1 200") && standby.contains("\nkvm_operator_leader 0\n"),
+            "{standby}"
+        );
         health.set_metrics(Arc::new(|| "# EOF\n".to_string()));
         let m = get("/metrics").await;
         assert!(

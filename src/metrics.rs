@@ -87,6 +87,10 @@ struct Mig {
 type FGauge = Gauge<f64, AtomicU64>;
 
 /// The operator's metrics.
+/// What `/metrics` serves before this replica leads: scrapes succeed (no false `up == 0` for
+/// standbys) and say it is not the leader.
+pub const STANDBY: &str = "# HELP kvm_operator_leader 1 on the replica that runs the controllers, 0 on a standby.\n# TYPE kvm_operator_leader gauge\nkvm_operator_leader 0\n# EOF\n";
+
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<Ctl, Counter>,
@@ -148,6 +152,14 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Reconcile duration, by controller",
             duration.clone(),
+        );
+        // rendered only where the controllers run; a standby serves STANDBY instead
+        let leader = Gauge::<i64>::default();
+        leader.set(1);
+        r.register(
+            "leader",
+            "1 on the replica that runs the controllers, 0 on a standby",
+            leader.clone(),
         );
         macro_rules! gauge {
             ($name:literal, $help:literal) => {{
@@ -400,6 +412,24 @@ pub fn parse(text: &str) -> BTreeMap<String, f64> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn the_leader_says_1_and_a_standby_the_same_metric_at_0() {
+        let text = Metrics::new().render(&World::default(), &Default::default());
+        assert_eq!(
+            parse(&text).get("kvm_operator_leader"),
+            Some(&1.0),
+            "{text}"
+        );
+        assert_eq!(parse(STANDBY).get("kvm_operator_leader"), Some(&0.0));
+        // the same family as the leader renders it (HELP and TYPE lines equal)
+        for l in STANDBY
+            .lines()
+            .filter(|l| l.starts_with("# ") && *l != "# EOF")
+        {
+            assert!(text.lines().any(|t| t == l), "{l} not in\n{text}");
+        }
+    }
 
     #[test]
     fn reconciles_errors_and_objects_are_exposed_with_bounded_labels() {
