@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a bare Debian 12 machine, as root: installs what is missing, starts the
 # lab (libvirtd with QEMU/KVM, a loopback sshd, two namespace hosts), checks formatting and lints,
-# then runs every test. README's test command and .ci/run are this script.
+# then runs every test. README's test command; .ci/run runs it, then the dependency-advisory check.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -421,7 +421,7 @@ async fn converge<H: Hypervisor>(
             Ok(o) => o,
             Err(e) => {
                 transient = e.is_transient();
-                fail = Some(failure("reading the domain", node, &e));
+                fail = Some(failure(status::READING_THE_DOMAIN, node, &e));
                 break;
             }
         };

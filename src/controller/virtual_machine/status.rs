@@ -32,6 +32,9 @@ fn power(observed: &Observed) -> PowerState {
     }
 }
 
+/// What the failure of the first read of a round is called (`Round::failure.0`).
+pub const READING_THE_DOMAIN: &str = "reading the domain";
+
 /// True when the power state is what the run strategy asks.
 fn settled(strategy: RunStrategy, p: PowerState, guest_shutdown: bool) -> bool {
     match strategy {
@@ -100,7 +103,17 @@ pub fn status(
     st.observed_generation = gen_;
     st.node = Some(round.resolved.node.clone());
     st.domain_name = Some(round.resolved.domain.clone());
-    let p = power(round.observed);
+    // a node that could not be read says nothing about the guest: Unknown, not Pending
+    let unread = round.observed.domain.is_none()
+        && round
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.0 == READING_THE_DOMAIN);
+    let p = if unread {
+        PowerState::Unknown
+    } else {
+        power(round.observed)
+    };
     st.power_state = Some(p);
     if let Some(d) = &round.observed.domain {
         st.domain_uuid = d.uuid.clone();
