@@ -302,15 +302,7 @@ impl NodePool {
         let access = n.access.clone();
         let timeout = self.call_timeout + interval;
         let task = tokio::task::spawn_blocking(move || {
-            let (policy, key) = super::ssh_credentials(&access)?;
-            let ssh = super::ssh::SshSession::connect(
-                &target.address,
-                target.port,
-                &target.user,
-                key,
-                &policy,
-                access.timeout,
-            )?;
+            let ssh = super::ssh_session(&access, &target)?;
             super::host_facts::collect(&ssh, Some(interval))
         });
         match tokio::time::timeout(timeout, task).await {

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use super::tunnel::{Remote, Tunnel};
-use super::{HvError, NodeAccess, connect_node, ssh, ssh_credentials};
+use super::{HvError, NodeAccess, connect_node};
 
 /// An open console tunnel.
 #[derive(Debug)]
@@ -68,15 +68,7 @@ pub fn open(access: &NodeAccess, domain: &str, listen: SocketAddr) -> Result<Con
     })?;
     let (host, port) = vnc_target(&vnc)?;
     drop(conn);
-    let (policy, pem) = ssh_credentials(access)?;
-    let session = ssh::SshSession::connect(
-        &target.address,
-        target.port,
-        &target.user,
-        pem,
-        &policy,
-        access.timeout,
-    )?;
+    let session = super::ssh_session(access, &target)?;
     let tunnel = Tunnel::listen_tcp(session, Remote::Tcp(host, port), listen)?;
     Ok(Console {
         tunnel,

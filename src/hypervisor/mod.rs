@@ -281,15 +281,7 @@ pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
         };
         if target.transport == Transport::SshTunnel {
             // host key checked and key used in memory, on the session that carries libvirt
-            let session = ssh::SshSession::connect(
-                &target.address,
-                target.port,
-                &target.user,
-                pem,
-                &policy,
-                access.timeout,
-            )
-            .map_err(name_ssh)?;
+            let session = ssh_session(access, &target).map_err(name_ssh)?;
             let out = session
                 .run(ssh::RemoteCommand::LibvirtSocket)
                 .map_err(name_ssh)?;
@@ -369,6 +361,22 @@ pub(crate) fn ssh_credentials(access: &NodeAccess) -> Result<(HostKeyPolicy, &[u
             ),
         })?;
     Ok((policy, pem))
+}
+
+/// An SSH session to the node at `target`, with the node's pinned host key and private key.
+pub(crate) fn ssh_session(
+    access: &NodeAccess,
+    target: &NodeTarget,
+) -> Result<ssh::SshSession, HvError> {
+    let (policy, pem) = ssh_credentials(access)?;
+    ssh::SshSession::connect(
+        &target.address,
+        target.port,
+        &target.user,
+        pem,
+        &policy,
+        access.timeout,
+    )
 }
 
 fn node_dir(state_dir: &Path, node: &str) -> Result<PathBuf, HvError> {
