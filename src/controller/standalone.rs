@@ -21,15 +21,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
+/// VM reconciles run side by side in one round (each node also limits its own calls).
+const VM_CONCURRENCY: usize = 16;
+
 use super::{Config, World, condition_of, kvm_node, migration, storage_pool, virtual_machine};
 use crate::api::condition::{self, READY};
 use crate::api::migration::Migration;
 use crate::api::storage_pool::PoolState;
+use crate::api::virtual_machine::VirtualMachine;
 use crate::api::{KvmNode, MigrationPhase};
 use crate::controller::object_span;
 use crate::hypervisor::cache::NodePool;
@@ -48,8 +53,9 @@ pub struct Options {
     pub once: bool,
     /// `once` gives up after this long.
     pub timeout: Duration,
-    /// How often everything is reconciled when nothing is pending (files are checked every
-    /// second).
+    /// How often each node is read when nothing is pending (files are checked every second).
+    /// Pools and VMs follow the configuration's own resync periods, and are looked at at once
+    /// when their node's pass finds them changed or unreadable, as in a cluster.
     pub resync: Duration,
 }
 
@@ -108,6 +114,8 @@ pub struct Standalone {
     /// Files and their modification times when last loaded.
     seen: BTreeMap<PathBuf, SystemTime>,
     standing: BTreeMap<String, Standing>,
+    /// When each object is reconciled next (absent: at once).
+    due: BTreeMap<String, Instant>,
     out: Box<dyn Write + Send>,
     last_table: String,
     metrics: Arc<crate::metrics::Metrics>,
@@ -178,6 +186,7 @@ impl Standalone {
             state,
             seen: BTreeMap::new(),
             standing: BTreeMap::new(),
+            due: BTreeMap::new(),
             out,
             last_table: String::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
@@ -218,32 +227,23 @@ impl Standalone {
     /// Runs until converged (`once`) or until Ctrl-C.
     pub async fn run(&mut self) -> Result<(), StandaloneError> {
         let started = Instant::now();
-        let mut last_full = None::<Instant>;
-        // a round that moved something is followed by another at once
-        let mut again = false;
         loop {
             if self.files_changed() {
                 match self.load() {
-                    Ok(()) => last_full = None,
+                    Ok(()) => {}
                     // a half-saved edit: keep going on what was loaded, say why
                     Err(e) => {
                         let _ = writeln!(self.out, "manifests not reloaded: {e}");
                     }
                 }
             }
-            let due = last_full.is_none_or(|t: Instant| t.elapsed() >= self.opts.resync);
-            let pending = self
-                .standing
-                .values()
-                .any(|s| matches!(s, Standing::Pending(_)));
-            if due || pending || again {
-                let before = self.standing.clone();
-                self.round().await;
+            let before = self.standing.clone();
+            let reconciled = self.round().await;
+            if reconciled > 0 {
                 // statuses carry timestamps; what matters is whether any object moved
                 let changed = self.standing != before;
                 self.save()?;
                 self.print_table();
-                last_full = Some(Instant::now());
                 let pending: Vec<String> = self.list(|s| matches!(s, Standing::Pending(_)));
                 if self.opts.once && pending.is_empty() && !changed {
                     let failed = self.list(|s| matches!(s, Standing::Failed(_)));
@@ -259,7 +259,7 @@ impl Standalone {
                         pending: pending.join("\n"),
                     });
                 }
-                again = changed;
+                // what moved is due at once: look again without waiting
                 if changed {
                     continue;
                 }
@@ -378,6 +378,7 @@ impl Standalone {
             );
             self.state.objects.remove(&k);
             self.standing.remove(&k);
+            self.due.remove(&k);
         }
         self.world = world;
         self.secrets = secrets;
@@ -407,16 +408,22 @@ impl Standalone {
             path: key.clone(),
             cause: e.to_string(),
         })?;
-        let saved = self.state.objects.entry(key).or_insert_with(|| Saved {
-            uid: new_uid(),
-            generation: 1,
-            spec: spec.clone(),
-            status: None,
-            created: None,
-        });
+        let saved = self
+            .state
+            .objects
+            .entry(key.clone())
+            .or_insert_with(|| Saved {
+                uid: new_uid(),
+                generation: 1,
+                spec: spec.clone(),
+                status: None,
+                created: None,
+            });
         if saved.spec != spec {
             saved.generation += 1;
             saved.spec = spec;
+            // a changed spec is acted on at once
+            self.due.remove(&key);
         }
         meta.uid = Some(saved.uid.clone());
         meta.generation = Some(saved.generation);
@@ -427,69 +434,155 @@ impl Standalone {
         Ok(())
     }
 
-    /// One pass over every object, in the order the cluster would converge them: nodes, pools,
-    /// VMs, migrations. Returns whether any status changed.
-    async fn round(&mut self) -> bool {
-        let mut changed = false;
+    /// True when `key` is due: never reconciled, its spec changed, its time came, or something
+    /// it depends on moved.
+    fn is_due(&self, key: &str, now: Instant) -> bool {
+        self.due.get(key).is_none_or(|t| *t <= now)
+    }
+
+    /// When `key` is looked at next: at once while it is pending or just moved, else after its
+    /// requeue, at most `period` (the cluster's resync for its kind).
+    fn schedule(&mut self, key: &str, moved: bool, requeue: Option<Duration>, period: Duration) {
+        let pending = matches!(self.standing.get(key), Some(Standing::Pending(_)));
+        let wait = if moved || pending {
+            Duration::ZERO
+        } else {
+            requeue.map_or(period, |r| r.min(period))
+        };
+        self.due.insert(key.to_string(), Instant::now() + wait);
+    }
+
+    /// One pass over the objects that are due, kind by kind in the order the cluster would
+    /// converge them: nodes, pools, VMs, migrations. Within a kind, objects are reconciled side
+    /// by side as the cluster's controllers do, so a host that stops answering delays only its
+    /// own objects; VMs still to be placed go one after another, each seeing the placements
+    /// before it. Returns how many objects were reconciled.
+    async fn round(&mut self) -> usize {
+        let now = Instant::now();
+        let mut done = 0;
         // nodes
-        for i in 0..self.world.nodes.len() {
-            let started = Instant::now();
-            let node = self.world.nodes[i].clone();
-            let (out, side) = match node.spec.validate() {
-                Err(_) => {
-                    kvm_node::reconcile_core(&node, &self.world, self.hv.as_ref(), &self.config)
-                        .instrument(object_span(node.as_ref()))
-                        .await
-                }
-                Ok(()) => match kvm_node::load_access(&node, self.secrets.as_slice(), &self.config)
-                    .await
-                {
-                    Err((reason, msg)) => (
-                        kvm_node::not_ready(&node, reason, msg),
-                        kvm_node::Side::default(),
-                    ),
-                    Ok(access) => {
-                        self.hv.upsert(access);
-                        kvm_node::reconcile_core(&node, &self.world, self.hv.as_ref(), &self.config)
-                            .await
+        let due: Vec<usize> = (0..self.world.nodes.len())
+            .filter(|i| {
+                let n = &self.world.nodes[*i];
+                self.is_due(&key_of("KvmNode", None, &n.name_any()), now)
+            })
+            .collect();
+        let results = {
+            let (world, hv, config, secrets) = (&self.world, &self.hv, &self.config, &self.secrets);
+            futures::future::join_all(due.iter().map(|&i| async move {
+                let started = Instant::now();
+                let node = world.nodes[i].clone();
+                let span = object_span(node.as_ref());
+                let work = async {
+                    if node.spec.validate().is_ok() {
+                        match kvm_node::load_access(&node, secrets.as_slice(), config).await {
+                            Err((reason, msg)) => {
+                                return (
+                                    kvm_node::not_ready(&node, reason, msg),
+                                    kvm_node::Side::default(),
+                                );
+                            }
+                            Ok(access) => hv.upsert(access),
+                        }
                     }
-                },
-            };
+                    kvm_node::reconcile_core(&node, world, hv.as_ref(), config).await
+                };
+                let (out, side) = work.instrument(span).await;
+                (i, out.summarized(), side, started.elapsed())
+            }))
+            .await
+        };
+        let mut moved_nodes = Vec::new();
+        for (i, out, side, took) in results {
+            done += 1;
+            let node = self.world.nodes[i].clone();
+            let name = node.name_any();
             for (ns, vm) in side.evacuate {
-                self.evacuate(&node.name_any(), &ns, &vm);
+                self.evacuate(&name, &ns, &vm);
             }
             if !side.stats.is_empty() {
-                self.metrics.node_stats(&node.name_any(), side.stats);
+                self.metrics.node_stats(&name, side.stats);
             }
-            let out = out.summarized();
+            // the VMs the node pass found changed (or can no longer read) are looked at now
+            for h in &side.hints {
+                self.due.remove(&format!("VirtualMachine/{}", h.domain));
+            }
             let standing = match condition_of(&out.status.conditions, READY) {
                 Some((true, _, _)) => Standing::Done,
                 Some((false, reason, msg)) => Standing::Failed(format!("{reason}: {msg}")),
                 None => Standing::Pending("not observed yet".into()),
             };
             let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
+            let key = key_of("KvmNode", None, &name);
+            let moved = self.standing.get(&key) != Some(&standing);
+            if moved {
+                moved_nodes.push(name.clone());
+            }
             let mut n = (*node).clone();
-            changed |= n.status.as_ref() != Some(&out.status);
             n.status = Some(out.status);
             self.note(
                 "KvmNode",
-                key_of("KvmNode", None, &n.name_any()),
+                key.clone(),
                 standing,
                 &out.notes,
-                started.elapsed(),
+                took,
                 reason.as_deref(),
             );
+            self.schedule(&key, moved, out.requeue, self.opts.resync);
             self.world.nodes[i] = Arc::new(n);
         }
+        // what depends on a node that moved (readiness, a failure) is looked at again: its pools
+        // and its VMs, as the cluster's watches would
+        if !moved_nodes.is_empty() {
+            for p in &self.world.pools {
+                self.due.remove(&key_of(
+                    "StoragePool",
+                    p.namespace().as_deref(),
+                    &p.name_any(),
+                ));
+            }
+            for v in &self.world.vms {
+                if v.status
+                    .as_ref()
+                    .and_then(|s| s.node.as_ref())
+                    .is_some_and(|n| moved_nodes.contains(n))
+                {
+                    self.due.remove(&key_of(
+                        "VirtualMachine",
+                        v.namespace().as_deref(),
+                        &v.name_any(),
+                    ));
+                }
+            }
+        }
         // pools
-        for i in 0..self.world.pools.len() {
-            let started = Instant::now();
+        let due: Vec<usize> = (0..self.world.pools.len())
+            .filter(|i| {
+                let p = &self.world.pools[*i];
+                self.is_due(
+                    &key_of("StoragePool", p.namespace().as_deref(), &p.name_any()),
+                    now,
+                )
+            })
+            .collect();
+        let results = {
+            let out = shared(&mut *self.out);
+            let (world, hv, config, out) = (&self.world, &self.hv, &self.config, &out);
+            futures::future::join_all(due.iter().map(|&i| async move {
+                let started = Instant::now();
+                let pool = world.pools[i].clone();
+                let key = key_of("StoragePool", pool.namespace().as_deref(), &pool.name_any());
+                let work = storage_pool::reconcile_core(&pool, world, hv.as_ref(), config)
+                    .instrument(object_span(pool.as_ref()));
+                let o = with_progress(out, &key, work).await.summarized();
+                (i, o, started.elapsed())
+            }))
+            .await
+        };
+        for (i, out, took) in results {
+            done += 1;
             let pool = self.world.pools[i].clone();
             let key = key_of("StoragePool", pool.namespace().as_deref(), &pool.name_any());
-            let work =
-                storage_pool::reconcile_core(&pool, &self.world, self.hv.as_ref(), &self.config)
-                    .instrument(object_span(pool.as_ref()));
-            let out = with_progress(&mut *self.out, &key, work).await.summarized();
             let states: Vec<(String, PoolState)> = out
                 .status
                 .nodes
@@ -512,51 +605,110 @@ impl Standalone {
                 Standing::Pending(format!("{states:?}"))
             };
             let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
+            let moved = self.standing.get(&key) != Some(&standing);
             let mut p = (*pool).clone();
-            changed |= p.status.as_ref() != Some(&out.status);
             p.status = Some(out.status);
-            let ns = p.namespace();
             self.note(
                 "StoragePool",
-                key_of("StoragePool", ns.as_deref(), &p.name_any()),
+                key.clone(),
                 standing,
                 &out.notes,
-                started.elapsed(),
+                took,
                 reason.as_deref(),
             );
+            self.schedule(&key, moved, out.requeue, self.config.pool_resync);
             self.world.pools[i] = Arc::new(p);
         }
-        // VMs
-        for i in 0..self.world.vms.len() {
-            let started = Instant::now();
-            let vm = self.world.vms[i].clone();
-            let out = match virtual_machine::user_data(&vm, self.secrets.as_slice()).await {
-                Ok(ud) => {
-                    let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
-                    let work = virtual_machine::reconcile_core(
-                        &vm,
-                        &self.world,
-                        self.hv.as_ref(),
-                        &self.config,
-                        ud.as_deref(),
-                    )
-                    .instrument(object_span(vm.as_ref()));
-                    // volume clones and guest shutdowns take long: say so while they run
-                    with_progress(&mut *self.out, &key, work).await
+        // VMs: those bound to a node side by side; those to be placed one after another
+        let due: Vec<usize> = (0..self.world.vms.len())
+            .filter(|i| {
+                let v = &self.world.vms[*i];
+                self.is_due(
+                    &key_of("VirtualMachine", v.namespace().as_deref(), &v.name_any()),
+                    now,
+                )
+            })
+            .collect();
+        let unplaced = |v: &VirtualMachine| {
+            v.status.as_ref().and_then(|s| s.node.as_ref()).is_none() && v.spec.adopt.is_none()
+        };
+        let (placing, bound): (Vec<usize>, Vec<usize>) =
+            due.into_iter().partition(|&i| unplaced(&self.world.vms[i]));
+        let results = {
+            let out = shared(&mut *self.out);
+            let (world, hv, config, secrets, out) =
+                (&self.world, &self.hv, &self.config, &self.secrets, &out);
+            let backups = self
+                .config
+                .definition_backup
+                .then(|| super::backup::Files(self.opts.state_dir.join("definitions")));
+            let backups = &backups;
+            let one = move |i: usize, world: World| async move {
+                let started = Instant::now();
+                let vm = world.vms[i].clone();
+                let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
+                let span = object_span(vm.as_ref());
+                let work = async {
+                    let out = match virtual_machine::user_data(&vm, secrets.as_slice()).await {
+                        Ok(ud) => {
+                            virtual_machine::reconcile_core(
+                                &vm,
+                                &world,
+                                hv.as_ref(),
+                                config,
+                                ud.as_deref(),
+                            )
+                            .await
+                        }
+                        Err((reason, msg)) => virtual_machine::problem(
+                            &vm,
+                            reason,
+                            msg,
+                            Some(Duration::from_secs(60)),
+                        ),
+                    };
+                    let mut out = out.summarized();
+                    if let Some(sink) = backups
+                        && let Some(n) =
+                            super::backup::keep(&vm, &mut out.status, hv.as_ref(), sink).await
+                    {
+                        out.notes.push(n);
+                    }
+                    out
                 }
-                Err((reason, msg)) => {
-                    virtual_machine::problem(&vm, reason, msg, Some(Duration::from_secs(60)))
-                }
+                .instrument(span);
+                // volume clones and guest shutdowns take long: say so while they run
+                let o = with_progress(out, &key, work).await;
+                (i, o, started.elapsed())
             };
-            let mut out = out.summarized();
-            if self.config.definition_backup {
-                let sink = super::backup::Files(self.opts.state_dir.join("definitions"));
-                if let Some(n) =
-                    super::backup::keep(&vm, &mut out.status, self.hv.as_ref(), &sink).await
-                {
-                    out.notes.push(n);
+            let bound_work = futures::stream::iter(bound)
+                .map(|i| one(i, world.clone()))
+                .buffer_unordered(VM_CONCURRENCY)
+                .collect::<Vec<_>>();
+            let placing_work = async {
+                // each placement sees the ones decided before it in this round
+                let mut w = world.clone();
+                let mut results = Vec::new();
+                for i in placing {
+                    let r = one(i, w.clone()).await;
+                    if let Some(node) = r.1.status.node.as_deref() {
+                        let (cpus, bytes) =
+                            super::kvm_node::status::vm_request(&world.vms[i], &Default::default());
+                        w.inflight.push((node.to_string(), cpus, bytes));
+                    }
+                    results.push(r);
                 }
-            }
+                results
+            };
+            let (mut a, b) = futures::future::join(bound_work, placing_work).await;
+            a.extend(b);
+            a.sort_by_key(|r| r.0);
+            a
+        };
+        for (i, out, took) in results {
+            done += 1;
+            let vm = self.world.vms[i].clone();
+            let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
             let ready = condition_of(&out.status.conditions, READY);
             let standing = match (ready, out.requeue) {
                 (Some((true, _, _)), _) => Standing::Done,
@@ -567,29 +719,43 @@ impl Standalone {
                 (None, _) => Standing::Pending("not observed yet".into()),
             };
             let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
+            let moved = self.standing.get(&key) != Some(&standing)
+                || vm.status.as_ref().map(|s| (s.power_state, s.node.as_ref()))
+                    != Some((out.status.power_state, out.status.node.as_ref()));
+            if moved && let Some(node) = &out.status.node {
+                // the node's figures (allocation, VMs by state, their statistics) follow
+                self.due.remove(&key_of("KvmNode", None, node));
+            }
             let mut v = (*vm).clone();
-            changed |= v.status.as_ref() != Some(&out.status);
             v.status = Some(out.status);
-            let ns = v.namespace();
             self.note(
                 "VirtualMachine",
-                key_of("VirtualMachine", ns.as_deref(), &v.name_any()),
+                key.clone(),
                 standing,
                 &out.notes,
-                started.elapsed(),
+                took,
                 reason.as_deref(),
             );
+            self.schedule(&key, moved, out.requeue, self.config.vm_resync);
             self.world.vms[i] = Arc::new(v);
         }
-        // migrations
+        // migrations, one after another: each decides against the limits the ones before it
+        // took (they are few, and their long work runs in jobs of its own)
         for i in 0..self.world.migrations.len() {
-            let started = Instant::now();
             let m = self.world.migrations[i].clone();
             let key = key_of("Migration", m.namespace().as_deref(), &m.name_any());
+            if !self.is_due(&key, now) {
+                continue;
+            }
+            done += 1;
+            let started = Instant::now();
             let work =
                 migration::reconcile_core(&m, &self.world, &self.hv, &self.jobs, &self.config)
                     .instrument(object_span(m.as_ref()));
-            let out = with_progress(&mut *self.out, &key, work).await.summarized();
+            let out = {
+                let out = shared(&mut *self.out);
+                with_progress(&out, &key, work).await.summarized()
+            };
             let standing = match out.status.phase {
                 Some(MigrationPhase::Succeeded) => Standing::Done,
                 Some(p @ (MigrationPhase::Failed | MigrationPhase::Cancelled)) => Standing::Failed(
@@ -606,22 +772,33 @@ impl Standalone {
                 )),
             };
             let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
+            let moved = self.standing.get(&key) != Some(&standing)
+                || m.status.as_ref().and_then(|s| s.phase) != out.status.phase;
+            if moved {
+                // the VM follows its Migration (held, released, bound to the target)
+                self.due.remove(&key_of(
+                    "VirtualMachine",
+                    m.namespace().as_deref(),
+                    &m.spec.vm_name,
+                ));
+            }
             let mut x = (*m).clone();
-            changed |= x.status.as_ref() != Some(&out.status);
             x.status = Some(out.status);
-            let ns = x.namespace();
             self.note(
                 "Migration",
-                key_of("Migration", ns.as_deref(), &x.name_any()),
+                key.clone(),
                 standing,
                 &out.notes,
                 started.elapsed(),
                 reason.as_deref(),
             );
+            self.schedule(&key, moved, out.requeue, self.config.vm_resync);
             self.world.migrations[i] = Arc::new(x);
         }
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = self.world.clone();
-        changed
+        if done > 0 {
+            *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = self.world.clone();
+        }
+        done
     }
 
     /// Records an object's standing (and the reconcile in the metrics) and prints its Events.
@@ -835,10 +1012,15 @@ impl Standalone {
     }
 }
 
+/// The terminal, shared by the reconciles running side by side.
+fn shared(out: &mut (dyn Write + Send)) -> std::sync::Mutex<&mut (dyn Write + Send)> {
+    std::sync::Mutex::new(out)
+}
+
 /// Awaits `work`, printing a line every few seconds while it runs (a long volume clone, a
 /// graceful shutdown) so a long step is never silent.
 async fn with_progress<F: std::future::Future>(
-    out: &mut (dyn Write + Send),
+    out: &std::sync::Mutex<&mut (dyn Write + Send)>,
     key: &str,
     work: F,
 ) -> F::Output {
@@ -850,6 +1032,7 @@ async fn with_progress<F: std::future::Future>(
         tokio::select! {
             r = &mut work => return r,
             _ = tick.tick() => {
+                let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
                 let _ = writeln!(out, "… {key}: still working ({}s)", started.elapsed().as_secs());
                 let _ = out.flush();
             }
@@ -927,7 +1110,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn long_work_is_never_silent() {
         let mut out: Vec<u8> = vec![];
-        let r = with_progress(&mut out, "VirtualMachine/ns/vm", async {
+        let shared = std::sync::Mutex::new(&mut out as &mut (dyn Write + Send));
+        let r = with_progress(&shared, "VirtualMachine/ns/vm", async {
             tokio::time::sleep(Duration::from_secs(12)).await;
             7
         })
@@ -943,7 +1127,8 @@ mod tests {
         );
         // quick work prints nothing
         let mut out: Vec<u8> = vec![];
-        with_progress(&mut out, "k", async {}).await;
+        let shared = std::sync::Mutex::new(&mut out as &mut (dyn Write + Send));
+        with_progress(&shared, "k", async {}).await;
         assert!(out.is_empty());
     }
 

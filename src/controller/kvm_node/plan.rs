@@ -69,6 +69,16 @@ pub fn plan(
                     .push((vm.namespace().unwrap_or_default(), vm.name_any()));
             }
         }
+    } else {
+        // the node's domains cannot be read: its VMs' power states are not known any more, and
+        // each VM's own reconcile says so (Unknown) now rather than at its next resync
+        for vm in vms {
+            let Some(st) = &vm.status else { continue };
+            if st.domain_name.is_some() && st.power_state != Some(PowerState::Unknown) {
+                p.resync
+                    .push((vm.namespace().unwrap_or_default(), vm.name_any()));
+            }
+        }
     }
     transitions(node, readiness, p)
 }
@@ -150,4 +160,97 @@ fn transitions(node: &KvmNode, readiness: &Readiness, mut p: Plan) -> Plan {
         });
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::domain_xml::Owner;
+    use crate::hypervisor::{DomainSummary, HvError};
+
+    fn node() -> KvmNode {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+            "metadata": {"name": "n1"}, "spec": {"address": "h"},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn vm(name: &str, uid: &str, power: &str, domain: bool) -> VirtualMachine {
+        let mut st = serde_json::json!({"node": "n1", "powerState": power});
+        if domain {
+            st["domainName"] = serde_json::json!(format!("default_{name}"));
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": name, "namespace": "default", "uid": uid},
+            "spec": {"vcpus": 1, "memory": "64Mi"}, "status": st,
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ready() -> Readiness {
+        Readiness {
+            ready: true,
+            reason: "Ready",
+            message: String::new(),
+        }
+    }
+
+    fn names(p: &Plan) -> Vec<&str> {
+        p.resync.iter().map(|(_, n)| n.as_str()).collect()
+    }
+
+    #[test]
+    fn vms_whose_domain_state_differs_are_looked_at_again() {
+        let vms = [
+            vm("same", "u1", "Running", true),
+            vm("stopped-outside", "u2", "Running", true),
+            vm("gone", "u3", "Running", true),
+            vm("unprovisioned", "u4", "Pending", false),
+            vm("was-unknown", "u5", "Unknown", true),
+        ];
+        let refs: Vec<&VirtualMachine> = vms.iter().collect();
+        let dom = |uid: &str, state| DomainSummary {
+            name: format!("d-{uid}"),
+            uuid: format!("uuid-{uid}"),
+            state,
+            owner: Some(Owner::new(uid, "default", "x")),
+        };
+        let observed = Observed {
+            facts: Err(HvError::Local {
+                cause: "n/a".into(),
+            }),
+            domains: Ok(vec![
+                dom("u1", DomainState::Running),
+                dom("u2", DomainState::Shutoff),
+                dom("u5", DomainState::Running),
+            ]),
+            stats: vec![],
+        };
+        let p = plan(&node(), &observed, &refs, &ready(), &[]);
+        assert_eq!(names(&p), ["stopped-outside", "gone", "was-unknown"]);
+    }
+
+    #[test]
+    fn an_unreadable_node_sends_its_provisioned_vms_to_say_unknown_once() {
+        let vms = [
+            vm("running", "u1", "Running", true),
+            vm("already-unknown", "u2", "Unknown", true),
+            vm("unprovisioned", "u3", "Pending", false),
+        ];
+        let refs: Vec<&VirtualMachine> = vms.iter().collect();
+        let observed = Observed {
+            facts: Err(HvError::Local {
+                cause: "n/a".into(),
+            }),
+            domains: Err(HvError::Unreachable {
+                target: "n1".into(),
+                cause: "no route to host".into(),
+            }),
+            stats: vec![],
+        };
+        let p = plan(&node(), &observed, &refs, &ready(), &[]);
+        assert_eq!(names(&p), ["running"]);
+    }
 }

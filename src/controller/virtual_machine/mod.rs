@@ -397,6 +397,40 @@ fn failure(what: &'static str, node: &str, e: &HvError) -> (&'static str, &'stat
     )
 }
 
+/// A spec that cannot be resolved on the node right now (its pool is not running there, a
+/// volume is missing) stops every change, but not the truth about a domain that already
+/// exists: its power state is read again, and a node that cannot be read makes it `Unknown`
+/// with Ready naming the node (the pool is usually "not ready" only because its node is not).
+async fn blocked_but_observed<H: Hypervisor>(
+    vm: &VirtualMachine,
+    node: &str,
+    hv: &H,
+    b: plan::Blocked,
+) -> Outcome<VirtualMachineStatus> {
+    let Some(domain) = vm.status.as_ref().and_then(|s| s.domain_name.clone()) else {
+        return problem(vm, b.reason, b.message, b.retry);
+    };
+    let d = domain.clone();
+    match hv.call(node, "domain state", move |c| c.state(&d)).await {
+        Ok(s) => {
+            let mut out = problem(vm, b.reason, b.message, b.retry);
+            out.status.power_state = Some(super::kvm_node::plan::power_state(s));
+            out
+        }
+        Err(HvError::NotFound { .. }) => {
+            let mut out = problem(vm, b.reason, b.message, b.retry);
+            out.status.power_state = Some(crate::api::virtual_machine::PowerState::Pending);
+            out
+        }
+        Err(e) => {
+            let (_, reason, msg) = failure(status::READING_THE_DOMAIN, node, &e);
+            let mut out = problem(vm, reason, msg, b.retry);
+            out.status.power_state = Some(crate::api::virtual_machine::PowerState::Unknown);
+            out
+        }
+    }
+}
+
 /// Observe → plan → execute rounds on the VM's node, then its status.
 async fn converge<H: Hypervisor>(
     vm: &VirtualMachine,
@@ -408,7 +442,7 @@ async fn converge<H: Hypervisor>(
 ) -> Outcome<VirtualMachineStatus> {
     let resolved = match plan::resolve(vm, node, world, user_data) {
         Ok(r) => r,
-        Err(b) => return problem(vm, b.reason, b.message, b.retry),
+        Err(b) => return blocked_but_observed(vm, node, hv, b).await,
     };
     let now = super::now();
     let mut notes = Vec::new();
