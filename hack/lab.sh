@@ -6,7 +6,8 @@
 #   hack/lab.sh up           start virtlogd + libvirtd (qemu:///system) and a loopback sshd
 #   hack/lab.sh hosts [N]    start N simulated hypervisor hosts (default 2) in namespaces, each
 #                            with its own libvirtd, sshd and a guest bridge vmbr0 (no uplink)
-#   hack/lab.sh fault WHAT stop|start N   stop or start host N's libvirtd or sshd (fault tests)
+#   hack/lab.sh fault WHAT ACTION N   libvirtd|sshd stop|start, net down|up, power off|on,
+#                            space setup|fill|free on host N
 #   hack/lab.sh down         stop everything this script started (only our own PIDs)
 #   hack/lab.sh env          print the variables tests read (source it: eval "$(hack/lab.sh env)")
 #   hack/lab.sh status       show what is running
@@ -299,8 +300,9 @@ cmd_hosts() {
   log "hosts up: $(for i in $(seq "$n"); do printf '%s=%s ' "$(host_name "$i")" "$(host_ip "$i")"; done)(control netns pid $ctl)"
 }
 
-# Fault injection for tests: stop or start a namespace host's libvirtd or sshd. The host's
-# namespaces stay alive while either process runs in them (the other one holds them).
+# Fault injection for tests: stop or start a namespace host's libvirtd or sshd, cut or restore
+# its network link, fill or free a small file system in it. The host's namespaces stay alive
+# while either libvirtd or sshd runs in them (the other one holds them).
 cmd_fault() {
   need_root
   local what=$1 action=$2 i=$3 b
@@ -323,7 +325,43 @@ cmd_fault() {
     sshd/start)
       pid_alive "$b/sshd.pid" && return 0
       nsenter -t "$(cat "$b/run/libvirtd.pid")" -m -u -n /usr/sbin/sshd -f "$b/sshd_config" -E "$b/sshd.log" ;;
-    *) die "fault: WHAT is libvirtd or sshd, ACTION stop or start" ;;
+    net/down)
+      # cut the host's only link (its veth end on the lab bridge), as a pulled cable would
+      nsenter -t "$(cat "$LAB/hosts/ctl.pid")" -n ip link set "p$i" down ;;
+    net/up)
+      nsenter -t "$(cat "$LAB/hosts/ctl.pid")" -n ip link set "p$i" up ;;
+    power/off)
+      # as a host that lost power: its guests stop at once (destroyed, no shutdown), its libvirtd
+      # is gone and its link is cut. sshd stays alive only to hold the namespaces; cut off, it
+      # answers nobody.
+      if pid_alive "$b/run/libvirtd.pid"; then
+        local hp d
+        hp=$(cat "$b/run/libvirtd.pid")
+        for d in $(nsenter -t "$hp" -m -n virsh -c qemu:///system list --name 2>/dev/null); do
+          nsenter -t "$hp" -m -n virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
+        done
+      fi
+      cmd_fault libvirtd stop "$i"
+      cmd_fault net down "$i" ;;
+    power/on)
+      # booted again: link up, libvirtd started (guests without autostart stay shut off)
+      cmd_fault net up "$i"
+      cmd_fault libvirtd start "$i" ;;
+    space/setup|space/fill|space/free)
+      # a small file system on the host: $SPACE/pool for a dir pool, $SPACE/ballast to fill it
+      local hp="" SPACE=/var/lib/libvirt/kvmlab-space
+      for f in "$b/run/libvirtd.pid" "$b/sshd.pid"; do pid_alive "$f" && { hp=$(cat "$f"); break; }; done
+      [ -n "$hp" ] || die "host $i has neither libvirtd nor sshd"
+      case "$action" in
+        setup)
+          nsenter -t "$hp" -m sh -c "mountpoint -q $SPACE || { mkdir -p $SPACE && mount -t tmpfs -o size=${4:-96m},mode=0711 kvmlab-space $SPACE; }; mkdir -p $SPACE/pool" ;;
+        fill)
+          # leave less than ${4:-1048576} bytes free
+          nsenter -t "$hp" -m sh -c "rm -f $SPACE/ballast; avail=\$(( \$(stat -f -c '%a * %S' $SPACE) )); fallocate -l \$(( avail - ${4:-1048576} )) $SPACE/ballast" ;;
+        free)
+          nsenter -t "$hp" -m rm -f "$SPACE/ballast" ;;
+      esac ;;
+    *) die "fault: WHAT/ACTION is libvirtd|sshd stop|start, net down|up, power off|on, or space setup|fill|free" ;;
   esac
 }
 

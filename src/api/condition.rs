@@ -15,6 +15,9 @@ pub const PROVISIONED: &str = "Provisioned";
 pub const RUNNING: &str = "Running";
 /// Migration: the migration job is in progress.
 pub const MIGRATING: &str = "Migrating";
+/// VirtualMachine: whether it was (True) or why it is not (False) started on another node after
+/// its node failed; present only while that node is not Ready and after a failover.
+pub const RECOVERY: &str = "Recovery";
 
 /// kstatus: the operator is still working towards the spec (Flux reads `InProgress`).
 pub const RECONCILING: &str = "Reconciling";

@@ -121,6 +121,17 @@ pub struct KvmNodeSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub maintenance: bool,
 
+    /// The administrator's word that this host is down for good and fenced: powered off, or cut
+    /// off from every shared storage pool, so none of its guests can still be running or writing
+    /// (like Kubernetes' `node.kubernetes.io/out-of-service` taint). While it is true and the
+    /// node is not Ready, VMs with `runStrategy: RerunOnFailure` whose volumes are all on shared
+    /// StoragePools are started again on another node. The operator never infers this: a host
+    /// that merely does not answer may still run its guests, and starting them elsewhere would
+    /// run them twice. Set it back to false when the host returns; stale definitions it still
+    /// holds of VMs that moved are removed then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub out_of_service: bool,
+
     /// How far vCPUs and memory may be overcommitted on this node.
     #[serde(default)]
     pub overcommit: Overcommit,

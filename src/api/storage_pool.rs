@@ -96,6 +96,13 @@ pub struct StoragePoolSpec {
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 
+    /// Whether every node the pool runs on sees the same volumes (NFS, Ceph, iSCSI, or a
+    /// cluster file system under a dir pool). Default: true for netfs, rbd and iscsi, false for
+    /// dir and logical. Only a VM whose volumes are all on shared pools can be started on another
+    /// node after its host failed (see KvmNode spec.outOfService).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<bool>,
+
     /// When a pool with the same name already exists on a node with a different definition, the
     /// operator reports it and leaves it alone; set this to true to replace its definition
     /// (the pool is stopped and redefined; its volumes stay). Default false.
@@ -105,6 +112,16 @@ pub struct StoragePoolSpec {
 
 fn default_true() -> bool {
     true
+}
+
+impl StoragePoolSpec {
+    /// True when every node the pool runs on sees the same volumes.
+    pub fn is_shared(&self) -> bool {
+        self.shared.unwrap_or(matches!(
+            self.type_,
+            PoolType::Netfs | PoolType::Rbd | PoolType::Iscsi
+        ))
+    }
 }
 
 /// libvirt pool types the operator manages.

@@ -492,6 +492,9 @@ pub struct VirtualMachineStatus {
     /// Restarts after crashes (RerunOnFailure and Running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_count: Option<u32>,
+    /// The last time the VM was started on another node because its node failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverStatus>,
     /// When the operator last restarted the VM after a crash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart_time: Option<Time>,
@@ -499,6 +502,24 @@ pub struct VirtualMachineStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A restart on another node after a host failure.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverStatus {
+    /// The failed node.
+    pub from: String,
+    /// The node it was started on.
+    pub to: String,
+    /// `OutOfService` (the administrator fenced the host) or `DomainStopped` (the old host's
+    /// libvirt showed the domain stopped, and its definition there was removed).
+    pub reason: String,
+    pub time: Option<Time>,
+    /// True once no definition of it is left on the failed node (removed when the node answers
+    /// again).
+    #[serde(default)]
+    pub stale_removed: bool,
 }
 
 /// Power state of a VM as the operator last saw it.

@@ -11,6 +11,7 @@
 //! placement:
 //!   weights: {cpu: 300, memory: 300, load: 200, spread: 100, affinity: 100, failurePenalty: 150}
 //! migrations: {maxPerNode: 2, maxTotal: 8}
+//! hostFailure: {graceSeconds: 40}
 //! rebalance: {enabled: false, mode: Propose, threshold: 150, intervalSeconds: 600}
 //! ```
 
@@ -51,6 +52,9 @@ pub struct Config {
     pub leader: crate::controller::leader::Timing,
     /// Keep a copy of every managed domain's definition off its host (ConfigMap / file).
     pub definition_backup: bool,
+    /// How long a Ready node may go without answering before it is marked Ready=False (its VMs
+    /// say Unknown at once either way; nothing is placed on it meanwhile).
+    pub node_grace: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +73,7 @@ impl Default for Config {
             rebalance: Rebalance::default(),
             leader: crate::controller::leader::Timing::default(),
             definition_backup: true,
+            node_grace: Duration::from_secs(40),
         }
     }
 }
@@ -136,6 +141,13 @@ struct File {
     rebalance: Option<RebalanceFile>,
     leader_election: Option<LeaderFile>,
     definition_backup: Option<BackupFile>,
+    host_failure: Option<HostFailureFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HostFailureFile {
+    grace_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -264,6 +276,13 @@ impl Config {
             0,
             3600,
             &mut self.shutdown_grace,
+        )?;
+        secs(
+            "hostFailure.graceSeconds",
+            file.host_failure.unwrap_or_default().grace_seconds,
+            0,
+            3600,
+            &mut self.node_grace,
         )?;
         secs(
             "connectTimeoutSeconds",
@@ -418,10 +437,11 @@ mod tests {
                  migrations: {maxPerNode: 1, maxTotal: 3}\n\
                  rebalance: {enabled: true, mode: Migrate, threshold: 80, intervalSeconds: 120}\n\
                  leaderElection: {leaseSeconds: 30, renewSeconds: 10, retrySeconds: 4}\n\
-                 definitionBackup: {enabled: false}\n",
+                 definitionBackup: {enabled: false}\nhostFailure: {graceSeconds: 90}\n",
             )
             .unwrap();
         assert!(!c.definition_backup);
+        assert_eq!(c.node_grace, Duration::from_secs(90));
         assert_eq!(
             c.leader,
             crate::controller::leader::Timing {

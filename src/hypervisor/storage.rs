@@ -358,6 +358,13 @@ impl Connection {
     }
 
     fn vol(&self, pool: &StoragePool, pool_name: &str, name: &str) -> Result<StorageVol, HvError> {
+        // libvirt answers from its list of the pool's volumes, which misses a volume another
+        // host made on shared storage (or one copied in by hand) until the pool is refreshed:
+        // refresh once before calling a volume missing, so nothing is created over it
+        if let Ok(v) = pool.lookup_storage_vol_by_name(name) {
+            return Ok(v);
+        }
+        let _ = pool.refresh(0);
         pool.lookup_storage_vol_by_name(name).map_err(|e| {
             if e.code()
                 == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoStorageVolume)

@@ -103,7 +103,8 @@ pub async fn reconcile_core<H: Hypervisor>(
     }
     let observed = observe::observe(hv, &name, CPU_SAMPLE).await;
     let vms = vms_on(world, &name);
-    let (mut status, readiness) = status::status(node, &observed, &vms, super::now());
+    let (mut status, readiness) =
+        status::status(node, &observed, &vms, super::now(), config.node_grace);
     let plan = plan::plan(node, &observed, &vms, &readiness, &world.migrations);
     let hints = plan
         .resync
@@ -164,6 +165,9 @@ pub async fn reconcile_core<H: Hypervisor>(
     } else {
         Duration::from_secs(5).min(config.node_resync)
     };
+    // a node in its grace period is looked at again when the grace ends
+    let requeue = status::grace_left(&status, &super::now(), config.node_grace)
+        .map_or(requeue, |g| g.min(requeue));
     (
         Outcome {
             status,

@@ -1,6 +1,7 @@
 //! A node's status from what was observed (pure).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use crate::api::ByteQuantity;
 use crate::api::condition::{self, Time, set_condition};
@@ -74,12 +75,35 @@ pub struct Readiness {
     pub message: String,
 }
 
+/// Ready reason of a node that stopped answering less than the grace period ago.
+pub const UNRESPONSIVE: &str = "Unresponsive";
+
+/// How long a node that was Ready has not answered, when that is less than `grace`.
+fn within_grace(prior: &KvmNodeStatus, now: &Time, grace: Duration) -> Option<Duration> {
+    let was_ready = condition::is_true(&prior.conditions, condition::READY);
+    let last = prior.last_heartbeat.as_ref()?;
+    let silent = Duration::try_from(now.0.duration_since(last.0)).unwrap_or_default();
+    (was_ready && silent < grace).then_some(silent)
+}
+
+/// When a node within its grace period must be looked at again for Ready to turn False on time.
+pub fn grace_left(status: &KvmNodeStatus, now: &Time, grace: Duration) -> Option<Duration> {
+    let r = condition::find(&status.conditions, condition::READY)?;
+    if r.reason != UNRESPONSIVE {
+        return None;
+    }
+    let last = status.last_heartbeat.as_ref()?;
+    let silent = Duration::try_from(now.0.duration_since(last.0)).unwrap_or_default();
+    Some(grace.saturating_sub(silent) + Duration::from_millis(100))
+}
+
 /// The node's status. `vms` are the VirtualMachines bound to this node.
 pub fn status(
     node: &KvmNode,
     observed: &Observed,
     vms: &[&VirtualMachine],
     now: Time,
+    grace: Duration,
 ) -> (KvmNodeStatus, Readiness) {
     let gen_ = node.metadata.generation;
     let prior = node.status.clone().unwrap_or_default();
@@ -165,6 +189,21 @@ pub fn status(
         ),
         (Err(_), Err(e)) => (false, e.reason(), e.to_string()),
     };
+    // A node that was Ready and stopped answering only now stays Ready for the grace period
+    // (hostFailure.graceSeconds): a blip is not a failure. Reachable and Schedulable say the
+    // truth at once, so nothing new is placed on it meanwhile.
+    let (ready, reason, msg) = match (ready, within_grace(&prior, &now, grace)) {
+        (false, Some(silent)) => (
+            true,
+            UNRESPONSIVE,
+            format!(
+                "not answering for {}s ({msg}); Ready turns False once {}s pass without an answer (hostFailure.graceSeconds)",
+                silent.as_secs(),
+                grace.as_secs()
+            ),
+        ),
+        _ => (ready, reason, msg),
+    };
     set_condition(
         &mut st.conditions,
         condition::condition(
@@ -187,7 +226,9 @@ pub fn status(
             now.clone(),
         ),
     );
-    let (sched, s_reason, s_msg) = if node.spec.maintenance {
+    let (sched, s_reason, s_msg) = if reason == UNRESPONSIVE {
+        (false, UNRESPONSIVE, "the node is not answering".to_string())
+    } else if node.spec.maintenance {
         (false, "Maintenance", "spec.maintenance is true: no new VM is placed here; evacuation of running VMs arrives with the Migration controller".to_string())
     } else if !ready {
         (false, "NotReady", "the node is not Ready".to_string())
@@ -248,7 +289,7 @@ mod tests {
 
     fn ready_reason(o: &Observed) -> (bool, &'static str) {
         let n = node(serde_json::json!({"address": "h"}));
-        let (st, r) = status(&n, o, &[], crate::controller::now());
+        let (st, r) = status(&n, o, &[], crate::controller::now(), Duration::ZERO);
         assert_eq!(
             condition::is_true(&st.conditions, condition::READY),
             r.ready
@@ -359,7 +400,7 @@ mod tests {
             "spec": {"vcpus": 4, "memory": "8Gi"}, "status": {"node": "n1"},
         }))
         .unwrap_or_else(|e| panic!("{e}"));
-        let (st, r) = status(&n, &o, &[&vm], crate::controller::now());
+        let (st, r) = status(&n, &o, &[&vm], crate::controller::now(), Duration::ZERO);
         assert!(r.ready);
         assert_eq!(st.observed_generation, Some(3));
         assert_eq!(st.capacity.as_ref().map(|c| c.cpus), Some(16));
@@ -383,5 +424,52 @@ mod tests {
             ("False", "Maintenance")
         );
         assert_eq!(st.hypervisor.as_deref(), Some("kvm"));
+    }
+
+    #[test]
+    fn a_ready_node_that_stops_answering_stays_ready_for_the_grace_period_only() {
+        let mut n = node(serde_json::json!({"address": "h"}));
+        let up = Observed {
+            facts: Ok((facts(Some(true)), None)),
+            domains: Ok(vec![]),
+            stats: vec![],
+        };
+        let down = || Observed {
+            facts: Err(unreachable()),
+            domains: Err(unreachable()),
+            stats: vec![],
+        };
+        let t0 = crate::controller::now();
+        let grace = Duration::from_secs(40);
+        let (st, r) = status(&n, &up, &[], t0.clone(), grace);
+        assert!(r.ready);
+        n.status = Some(st);
+        // 10 s of silence: still Ready (a blip), but not Schedulable nor Reachable
+        let at = |secs: i64| Time(t0.0 + k8s_openapi::jiff::SignedDuration::from_secs(secs));
+        let (st, r) = status(&n, &down(), &[], at(10), grace);
+        assert!(r.ready);
+        assert_eq!(r.reason, UNRESPONSIVE);
+        assert!(r.message.contains("40s"), "{}", r.message);
+        assert!(!condition::is_true(&st.conditions, SCHEDULABLE));
+        assert!(!condition::is_true(&st.conditions, condition::REACHABLE));
+        let left = grace_left(&st, &at(10), grace).unwrap_or_else(|| panic!("grace left"));
+        assert!(
+            left > Duration::from_secs(29) && left < Duration::from_secs(31),
+            "{left:?}"
+        );
+        n.status = Some(st);
+        // past the grace period: Ready=False with the host's own reason
+        let (st, r) = status(&n, &down(), &[], at(41), grace);
+        assert!(!r.ready);
+        assert_eq!(r.reason, "HostUnreachable");
+        assert_eq!(grace_left(&st, &at(41), grace), None);
+        n.status = Some(st);
+        // a node that was not Ready gets no grace when it fails again
+        let (_, r) = status(&n, &down(), &[], at(42), grace);
+        assert!(!r.ready);
+        // a grace of zero: Ready=False at once
+        let mut fresh = node(serde_json::json!({"address": "h"}));
+        fresh.status = Some(status(&fresh, &up, &[], t0.clone(), Duration::ZERO).0);
+        assert!(!status(&fresh, &down(), &[], at(1), Duration::ZERO).1.ready);
     }
 }

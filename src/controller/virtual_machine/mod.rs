@@ -638,7 +638,22 @@ pub async fn reconcile_core<H: Hypervisor>(
                 m.name_any()
             ),
         );
-        st.power_state = Some(crate::api::virtual_machine::PowerState::Migrating);
+        // a source node that does not answer leaves the state unknown, migration or not
+        let silent = vm
+            .status
+            .as_ref()
+            .and_then(|s| s.node.as_deref())
+            .and_then(|n| world.node(n))
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| condition::find(&s.conditions, condition::READY))
+            .is_some_and(|c| {
+                c.status == condition::FALSE || c.reason == super::kvm_node::status::UNRESPONSIVE
+            });
+        st.power_state = Some(if silent {
+            crate::api::virtual_machine::PowerState::Unknown
+        } else {
+            crate::api::virtual_machine::PowerState::Migrating
+        });
         return Outcome {
             status: st,
             notes: vec![],
@@ -653,9 +668,221 @@ pub async fn reconcile_core<H: Hypervisor>(
         .as_ref()
         .and_then(|s| s.node.clone())
         .or_else(|| vm.spec.adopt.as_ref().map(|a| a.node_name.clone()));
-    match node {
-        None => schedule(vm, world, hv).await,
-        Some(node) => converge(vm, &node, world, hv, config, user_data).await,
+    let Some(node) = node else {
+        return schedule(vm, world, hv).await;
+    };
+    if let Some(out) = failover(vm, &node, world, hv).await {
+        return out;
+    }
+    let stale = remove_stale(vm, world, hv).await;
+    let mut out = converge(vm, &node, world, hv, config, user_data).await;
+    if let Some((done, note)) = stale {
+        if let Some(f) = out.status.failover.as_mut() {
+            f.stale_removed |= done;
+        }
+        out.notes.extend(note);
+    }
+    if world.node(&node).is_some_and(node_failed) {
+        // say why it is not started elsewhere (or that it could not be)
+        let fenced = world.node(&node).is_some_and(|n| n.spec.out_of_service);
+        let (reason, msg) = plan::failover_blocker(vm, world, &node).unwrap_or_else(|| {
+            if fenced {
+                ("NoTarget", "no other node can take it now".into())
+            } else {
+                (
+                    "NotFenced",
+                    format!(
+                        "KvmNode {node} may still run it: once the host is powered off or cut off from the storage, set its spec.outOfService to true (a domain its libvirt shows stopped is moved without that)"
+                    ),
+                )
+            }
+        });
+        set_condition(
+            &mut out.status.conditions,
+            condition::condition(
+                condition::RECOVERY,
+                false,
+                reason,
+                format!("not started on another node: {msg}"),
+                vm.metadata.generation,
+                super::now(),
+            ),
+        );
+    } else {
+        out.status
+            .conditions
+            .retain(|c| c.type_ != condition::RECOVERY);
+    }
+    out
+}
+
+/// True when the node has been observed and is not Ready (past its grace period).
+fn node_failed(n: &crate::api::KvmNode) -> bool {
+    n.status.as_ref().is_some_and(|s| {
+        condition::find(&s.conditions, condition::READY).is_some_and(|c| c.status == "False")
+    })
+}
+
+/// Starts the VM on another node when its node failed, and only when that cannot run it twice:
+/// the VM asks for it (RerunOnFailure), every volume it uses is on shared storage, and either the
+/// administrator declared the old host fenced (`spec.outOfService`) or the old host's libvirt
+/// shows the domain stopped (its definition there is removed first, so nothing can start it
+/// again). `None`: nothing to do here, converge as usual (a node that cannot be read makes the VM
+/// Unknown).
+async fn failover<H: Hypervisor>(
+    vm: &VirtualMachine,
+    node: &str,
+    world: &World,
+    hv: &H,
+) -> Option<Outcome<VirtualMachineStatus>> {
+    let n = world.node(node)?;
+    if !node_failed(n) || plan::failover_blocker(vm, world, node).is_some() {
+        return None;
+    }
+    let domain = vm.status.as_ref()?.domain_name.clone()?;
+    let uid = vm.uid().unwrap_or_default();
+    let (why, removed) = if n.spec.out_of_service {
+        ("OutOfService", false)
+    } else {
+        // proven stopped: libvirt on the old host answers and the domain is not running there;
+        // its definition is removed so that nothing starts it there again
+        let d = domain.clone();
+        let proven = hv
+            .call(node, "remove stopped domain", move |c| {
+                let x = match c.persistent_xml(&d) {
+                    Ok(x) => x,
+                    Err(HvError::NotFound { .. }) => return Ok(true),
+                    Err(e) => return Err(e),
+                };
+                if x.owner().is_none_or(|o| o.uid != uid) {
+                    return Ok(false);
+                }
+                if c.state(&d)? != crate::hypervisor::DomainState::Shutoff {
+                    return Ok(false);
+                }
+                c.undefine(&d)?;
+                Ok(true)
+            })
+            .await;
+        if !matches!(proven, Ok(true)) {
+            return None;
+        }
+        ("DomainStopped", true)
+    };
+    let cands: Vec<Candidate> = candidates(world, vm)
+        .into_iter()
+        .filter(|c| c.name != node)
+        .collect();
+    let (target, message) = match placement::place(&request_for_move(vm), &cands, &world.weights) {
+        Decision::Placed { node, message, .. } => (node, message),
+        Decision::Unschedulable { .. } => return None,
+    };
+    let now = super::now();
+    let text = format!(
+        "KvmNode {node} failed ({}): started again on KvmNode {target} from the same volumes on shared storage",
+        if why == "OutOfService" {
+            "not Ready, and declared fenced by spec.outOfService"
+        } else {
+            "not Ready, and its libvirt showed the domain stopped; that definition was removed"
+        }
+    );
+    let mut st = with_condition(vm, condition::SCHEDULED, true, "FailedOver", text.clone());
+    set_condition(
+        &mut st.conditions,
+        condition::condition(
+            condition::RECOVERY,
+            true,
+            "FailedOver",
+            text.clone(),
+            vm.metadata.generation,
+            now.clone(),
+        ),
+    );
+    st.node = Some(target.clone());
+    st.power_state = Some(crate::api::virtual_machine::PowerState::Pending);
+    st.domain_uuid = None;
+    st.console = None;
+    st.placement = Some(PlacementStatus {
+        node: target.clone(),
+        score: None,
+        runner_up: None,
+        message: format!("failover from {node}: {message}"),
+        filtered: vec![],
+        time: Some(now.clone()),
+    });
+    st.failover = Some(crate::api::virtual_machine::FailoverStatus {
+        from: node.to_string(),
+        to: target,
+        reason: why.into(),
+        time: Some(now),
+        stale_removed: removed,
+    });
+    Some(Outcome {
+        status: st,
+        notes: vec![Note::warning("FailedOver", "Failover", text)],
+        requeue: Some(Duration::from_secs(1)),
+    })
+}
+
+/// After a failover, the definition left on the failed node once it answers again: removed
+/// (destroyed first if it somehow runs: two guests on the same volumes would corrupt them, and
+/// the one the operator started is the one the VM is bound to). Only a domain carrying this VM's
+/// stamp is touched; volumes are never deleted (they are the ones the VM uses now).
+async fn remove_stale<H: Hypervisor>(
+    vm: &VirtualMachine,
+    world: &World,
+    hv: &H,
+) -> Option<(bool, Option<Note>)> {
+    let f = vm.status.as_ref()?.failover.as_ref()?;
+    if f.stale_removed || world.node(&f.from).is_none_or(node_failed) {
+        return None;
+    }
+    let domain = vm.status.as_ref()?.domain_name.clone()?;
+    let uid = vm.uid().unwrap_or_default();
+    let d = domain.clone();
+    let r = hv
+        .call(&f.from, "remove stale domain", move |c| {
+            let x = match c.persistent_xml(&d) {
+                Ok(x) => x,
+                Err(HvError::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if x.owner().is_none_or(|o| o.uid != uid) {
+                return Ok(None);
+            }
+            let was_running = c.state(&d)? != crate::hypervisor::DomainState::Shutoff;
+            if was_running {
+                c.destroy(&d)?;
+            }
+            c.undefine(&d)?;
+            Ok(Some(was_running))
+        })
+        .await;
+    match r {
+        Ok(None) => Some((true, None)),
+        Ok(Some(false)) => Some((
+            true,
+            Some(Note::normal(
+                "StaleDomainRemoved",
+                "Failover",
+                format!(
+                    "the stopped definition of {domain} left on KvmNode {} after the failover was removed (volumes kept)",
+                    f.from
+                ),
+            )),
+        )),
+        Ok(Some(true)) => Some((
+            true,
+            Some(Note::warning(
+                "StaleDomainRemoved",
+                "Failover",
+                format!(
+                    "{domain} was RUNNING on KvmNode {} although the node was declared out of service: it was destroyed and undefined (the VM runs on {}); check its volumes, and fence a host before setting spec.outOfService",
+                    f.from, f.to
+                ),
+            )),
+        )),
+        Err(_) => None,
     }
 }
 

@@ -22,6 +22,80 @@ use crate::hypervisor::storage::VolumeInfo;
 
 use super::observe::{DomainObs, Observed};
 
+/// Why a VM on a failed node cannot be started on another node, or `None` when it may be (the
+/// node still has to be fenced or show the domain stopped, and another node has to fit it).
+pub fn failover_blocker(
+    vm: &VirtualMachine,
+    world: &World,
+    node: &str,
+) -> Option<(&'static str, String)> {
+    if vm.spec.run_strategy != RunStrategy::RerunOnFailure {
+        return Some((
+            "NotRerunOnFailure",
+            format!(
+                "spec.runStrategy is {:?}; only RerunOnFailure VMs are started elsewhere after a host failure",
+                vm.spec.run_strategy
+            ),
+        ));
+    }
+    if vm.spec.adopt.is_some() {
+        return Some((
+            "Adopted",
+            "an adopted domain's definition belongs to its host; it is never recreated elsewhere"
+                .into(),
+        ));
+    }
+    if let Some(pin) = vm
+        .spec
+        .placement
+        .as_ref()
+        .and_then(|p| p.node_name.as_deref())
+    {
+        return Some((
+            "Pinned",
+            format!("spec.placement.nodeName pins it to {pin}"),
+        ));
+    }
+    if vm
+        .status
+        .as_ref()
+        .and_then(|s| s.domain_name.as_ref())
+        .is_none()
+    {
+        return Some(("NotProvisioned", "it was never defined on the node".into()));
+    }
+    let ns = vm.namespace().unwrap_or_default();
+    let req = super::request(vm);
+    let mut pools: BTreeSet<String> = req.pools;
+    if let Some(ci) = &vm.spec.cloud_init
+        && let Some(p) = vm.spec.disks.iter().find_map(disk_pool)
+        && ci.pool.is_none()
+    {
+        pools.insert(p.to_string());
+    }
+    for p in &pools {
+        match world.pool(&ns, p) {
+            None => {
+                return Some((
+                    "StorageNotShared",
+                    format!("StoragePool {ns}/{p} is unknown"),
+                ));
+            }
+            Some(pool) if !pool.spec.is_shared() => {
+                return Some((
+                    "StorageNotShared",
+                    format!(
+                        "its volumes in StoragePool {ns}/{p} ({}) exist only on {node}; set the pool's spec.shared only if every node sees the same volumes",
+                        pool.spec.type_.as_str()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    None
+}
+
 /// Spec name of the cloud-init seed device.
 pub const SEED_DEVICE: &str = "cidata";
 
@@ -501,7 +575,13 @@ pub fn domain_plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed) -> Op
                 .mac
                 .clone()
                 .map(|m| m.to_ascii_lowercase())
-                .or_else(|| have.get(&n.name).cloned().flatten()),
+                .or_else(|| have.get(&n.name).cloned().flatten())
+                // a domain defined again (after a failover, or lost) keeps the MACs it had
+                .or_else(|| {
+                    vm.status
+                        .as_ref()
+                        .and_then(|s| s.macs.get(&n.name).cloned())
+                }),
         })
         .collect();
     let vcpus = vm.spec.vcpus.unwrap_or(1);
@@ -1231,5 +1311,82 @@ mod tests {
             }
         );
         assert_eq!(p.restart_pending, ["vCPUs 2 → 4"]);
+    }
+
+    #[test]
+    fn only_a_provisioned_rerun_on_failure_vm_on_shared_storage_may_fail_over() {
+        let provisioned = |mut v: VirtualMachine| {
+            v.status = Some(crate::api::virtual_machine::VirtualMachineStatus {
+                node: Some("n1".into()),
+                domain_name: Some("prod_web".into()),
+                ..Default::default()
+            });
+            v
+        };
+        let shared_world = |shared: Option<bool>, type_: &str| {
+            let mut spec = serde_json::json!({"nodeSelector": {}, "type": type_,
+                "targetPath": "/srv/vms"});
+            if type_ == "netfs" {
+                spec["source"] = serde_json::json!({"host": "nas", "dir": "/export"});
+            }
+            if let Some(s) = shared {
+                spec["shared"] = serde_json::json!(s);
+            }
+            let pool: StoragePool = serde_json::from_value(serde_json::json!({
+                "apiVersion": "kvm-operator.io/v1alpha1", "kind": "StoragePool",
+                "metadata": {"name": "images", "namespace": "prod"}, "spec": spec,
+            }))
+            .unwrap_or_else(|e| panic!("{e}"));
+            World {
+                pools: vec![Arc::new(pool)],
+                ..World::default()
+            }
+        };
+        let reason = |v: &VirtualMachine, w: &World| failover_blocker(v, w, "n1").map(|b| b.0);
+        let rerun = || basic(serde_json::json!({"runStrategy": "RerunOnFailure"}));
+        // a dir pool is the node's own unless declared shared; netfs is shared by nature
+        assert_eq!(
+            reason(&provisioned(rerun()), &world()),
+            Some("StorageNotShared")
+        );
+        assert_eq!(
+            reason(&provisioned(rerun()), &shared_world(Some(true), "dir")),
+            None
+        );
+        assert_eq!(
+            reason(&provisioned(rerun()), &shared_world(None, "netfs")),
+            None
+        );
+        assert_eq!(
+            reason(&provisioned(rerun()), &shared_world(Some(false), "netfs")),
+            Some("StorageNotShared")
+        );
+        // the message names the pool and the fix
+        let (_, msg) = failover_blocker(&provisioned(rerun()), &world(), "n1")
+            .unwrap_or_else(|| panic!("blocked"));
+        assert!(
+            msg.contains("prod/images") && msg.contains("spec.shared"),
+            "{msg}"
+        );
+        let w = shared_world(Some(true), "dir");
+        // what the VM asks for
+        assert_eq!(
+            reason(&provisioned(basic(serde_json::json!({}))), &w),
+            Some("NotRerunOnFailure")
+        );
+        assert_eq!(
+            reason(
+                &provisioned(basic(serde_json::json!({"runStrategy": "RerunOnFailure",
+                    "placement": {"nodeName": "n1"}}))),
+                &w
+            ),
+            Some("Pinned")
+        );
+        assert_eq!(reason(&rerun(), &w), Some("NotProvisioned"));
+        // a pool that does not exist is not known to be shared
+        assert_eq!(
+            reason(&provisioned(rerun()), &World::default()),
+            Some("StorageNotShared")
+        );
     }
 }
