@@ -88,6 +88,18 @@ impl Object {
         meta.name.as_deref().unwrap_or("")
     }
 
+    /// `metadata.namespace`, when the document sets one.
+    pub fn namespace(&self) -> Option<&str> {
+        let meta = match self {
+            Object::KvmNode(o) => o.meta(),
+            Object::StoragePool(o) => o.meta(),
+            Object::VirtualMachine(o) => o.meta(),
+            Object::Migration(o) => o.meta(),
+            Object::Secret(o) => &o.metadata,
+        };
+        meta.namespace.as_deref()
+    }
+
     /// Validates metadata and spec.
     pub fn validate(&self) -> Result<(), FieldErrors> {
         let mut errs = FieldErrors::default();
@@ -100,6 +112,16 @@ impl Object {
                 "metadata.name",
                 format!(
                     "{name:?} is not a valid object name (lower-case letters, digits, '-', '.')"
+                ),
+            );
+        }
+        if let Some(ns) = self.namespace()
+            && !crate::api::validation::is_dns_label(ns)
+        {
+            errs.push(
+                "metadata.namespace",
+                format!(
+                    "{ns:?} is not a valid namespace name (lower-case letters, digits, '-', at most 63)"
                 ),
             );
         }

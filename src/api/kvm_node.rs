@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::condition::{Condition, Time};
 use super::quantity::ByteQuantity;
-use super::validation::{FieldErrors, check_host};
+use super::validation::{
+    FieldErrors, check_host, check_object_name, check_secret_key, is_dns_label,
+};
 
 /// A KVM hypervisor host managed agentlessly over SSH and libvirt.
 ///
@@ -334,15 +336,7 @@ impl KvmNodeSpec {
         if self.port == 0 {
             e.push("spec.port", "must be between 1 and 65535");
         }
-        if self.user.is_empty()
-            || self.user.len() > 64
-            || !self.user.bytes().all(|b| {
-                b.is_ascii_lowercase()
-                    || b.is_ascii_digit()
-                    || matches!(b, b'_' | b'.' | b'-' | b'$')
-            })
-            || self.user.starts_with('-')
-        {
+        if !valid_user(&self.user) {
             e.push(
                 "spec.user",
                 format!(
@@ -369,11 +363,58 @@ impl KvmNodeSpec {
                 "qemu+tcp://",
                 "test:///",
             ];
-            if !SCHEMES.iter().any(|s| uri.starts_with(s)) || uri.chars().any(char::is_whitespace) {
+            if !SCHEMES.iter().any(|s| uri.starts_with(s))
+                || uri.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 e.push(
                     "spec.libvirtUri",
                     format!("{uri:?} is not supported: use one of qemu+ssh://, qemu+libssh://, qemu+tls://, qemu+tcp:// or test:///"),
                 );
+            } else if uri.contains(['?', '#']) {
+                e.push(
+                    "spec.libvirtUri",
+                    format!("{uri:?}: query parameters are set by the operator (keys, known_hosts); remove them"),
+                );
+            } else if let Some((user, _)) = uri
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split('/').next())
+                .and_then(|authority| authority.rsplit_once('@'))
+                && !valid_user(user)
+            {
+                e.push(
+                    "spec.libvirtUri",
+                    format!("{uri:?}: the user {user:?} is not a valid user name (lower-case letters, digits, '_', '.', '-')"),
+                );
+            }
+        }
+        for (field, r) in [
+            (
+                "spec.sshKeySecretRef",
+                self.ssh_key_secret_ref
+                    .as_ref()
+                    .map(|r| (&r.name, &r.namespace, Some(&r.key))),
+            ),
+            (
+                "spec.tlsSecretRef",
+                self.tls_secret_ref
+                    .as_ref()
+                    .map(|r| (&r.name, &r.namespace, None)),
+            ),
+        ] {
+            let Some((name, namespace, key)) = r else {
+                continue;
+            };
+            check_object_name(&mut e, &format!("{field}.name"), "Secret", name);
+            if let Some(ns) = namespace
+                && !is_dns_label(ns)
+            {
+                e.push(
+                    format!("{field}.namespace"),
+                    format!("{ns:?} is not a namespace name (lower-case letters, digits, '-', at most 63)"),
+                );
+            }
+            if let Some(k) = key {
+                check_secret_key(&mut e, &format!("{field}.key"), k);
             }
         }
         match &self.host_key_fingerprint {
@@ -422,4 +463,15 @@ impl KvmNodeSpec {
         }
         e.into_result()
     }
+}
+
+/// A Unix user name as the schema's pattern allows it: a lower-case letter or '_', then
+/// lower-case letters, digits, '_', '.', '-', and an optional trailing '$'; at most 64 bytes.
+fn valid_user(user: &str) -> bool {
+    let body = user.strip_suffix('$').unwrap_or(user);
+    user.len() <= 64
+        && body.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && body.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        })
 }

@@ -196,7 +196,7 @@ impl MigrationSpec {
             );
         }
         if let Some(t) = &self.target_node
-            && (t.is_empty() || !t.split('.').all(is_dns_label))
+            && (t.is_empty() || t.len() > 253 || !t.split('.').all(is_dns_label))
         {
             e.push(
                 "spec.targetNode",

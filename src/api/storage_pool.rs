@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::condition::Condition;
 use super::quantity::ByteQuantity;
 use super::validation::{
-    FieldErrors, check_abs_path, check_host, check_labels, check_libvirt_name,
+    FieldErrors, check_abs_path, check_host, check_labels, check_libvirt_name, check_object_name,
+    check_word,
 };
 
 /// A libvirt storage pool on one node, or on every node whose labels match `nodeSelector`.
@@ -312,7 +313,7 @@ impl StoragePoolSpec {
                 "set exactly one of spec.nodeName (one node) or spec.nodeSelector (every matching node)",
             ),
             (_, Some(sel)) => check_labels(&mut e, "spec.nodeSelector", sel),
-            _ => {}
+            (Some(n), None) => check_object_name(&mut e, "spec.nodeName", "KvmNode", n),
         }
         if let Some(n) = &self.pool_name {
             check_libvirt_name(&mut e, "spec.poolName", n);
@@ -334,7 +335,22 @@ impl StoragePoolSpec {
             check_abs_path(&mut e, &format!("spec.source.devices[{i}]"), d);
         }
         if let Some(n) = &src.name {
+            // a volume group or RADOS pool: libvirt passes it to vgchange, rbd and the like
+            let before = e.0.len();
             check_libvirt_name(&mut e, "spec.source.name", n);
+            if e.0.len() == before {
+                check_word(&mut e, "spec.source.name", n, 128);
+            }
+        }
+        if let Some(t) = &src.target {
+            check_word(&mut e, "spec.source.target", t, 223);
+        }
+        if let Some(i) = &src.initiator {
+            check_word(&mut e, "spec.source.initiator", i, 223);
+        }
+        if let Some(a) = &src.auth {
+            check_word(&mut e, "spec.source.auth.username", &a.username, 253);
+            check_word(&mut e, "spec.source.auth.secretUsage", &a.secret_usage, 253);
         }
         let need = |e: &mut FieldErrors, ok: bool, field: &str, why: &str| {
             if !ok {

@@ -117,7 +117,8 @@ pub fn check_abs_path(errs: &mut FieldErrors, field: &str, path: &str) {
 pub fn check_host(errs: &mut FieldErrors, field: &str, host: &str) {
     let ok = !host.is_empty()
         && host.len() <= 253
-        && !host.starts_with('-')
+        && !host.starts_with(['-', '.'])
+        && !host.contains("..")
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':'));
@@ -125,6 +126,63 @@ pub fn check_host(errs: &mut FieldErrors, field: &str, host: &str) {
         errs.push(
             field,
             format!("{host:?} is not a host name or IP address (letters, digits, '-', '.', ':')"),
+        );
+    }
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain): lower-case alphanumerics, '-' and '.',
+/// 1..=253 bytes, each dot-separated part a DNS label.
+pub fn is_object_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A reference to another object by name (`what` names its kind in the message).
+pub fn check_object_name(errs: &mut FieldErrors, field: &str, what: &str, name: &str) {
+    if !is_object_name(name) {
+        errs.push(
+            field,
+            format!(
+                "{name:?} is not the name of a {what} (lower-case letters, digits, '-', '.', at most 253)"
+            ),
+        );
+    }
+}
+
+/// A key of a Secret's data: letters, digits, '-', '_', '.', 1..=253 bytes, not '.' and not
+/// starting with '..' (as Kubernetes allows them).
+pub fn check_secret_key(errs: &mut FieldErrors, field: &str, key: &str) {
+    let ok = !key.is_empty()
+        && key.len() <= 253
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && key != "."
+        && !key.starts_with("..");
+    if !ok {
+        errs.push(
+            field,
+            format!("{key:?} is not a Secret key (letters, digits, '-', '_', '.', at most 253)"),
+        );
+    }
+}
+
+/// A word the operator hands to libvirt, which may pass it on as an argument to a host
+/// program (an iSCSI IQN, a CHAP user, a secret's usage name, a volume group): not empty, at
+/// most `max` bytes, no control characters or spaces, and not starting with '-' (which a
+/// program would read as an option).
+pub fn check_word(errs: &mut FieldErrors, field: &str, value: &str, max: usize) {
+    if value.is_empty() {
+        errs.push(field, "must not be empty");
+    } else if value.len() > max {
+        errs.push(field, format!("must be at most {max} bytes"));
+    } else if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        errs.push(field, "must not contain control characters or white space");
+    } else if value.starts_with('-') {
+        errs.push(
+            field,
+            format!(
+                "{value:?} must not start with '-' (a host program would read it as an option)"
+            ),
         );
     }
 }

@@ -11,12 +11,17 @@ use serde::{Deserialize, Serialize};
 
 use super::condition::{Condition, Time};
 use super::quantity::ByteQuantity;
-use super::validation::{FieldErrors, check_labels, check_libvirt_name, is_dns_label};
+use super::validation::{
+    FieldErrors, check_labels, check_libvirt_name, check_object_name, check_secret_key,
+    is_dns_label, is_object_name,
+};
 
 /// Most vCPUs a VM may ask for (QEMU's limit for the q35 machine type).
 pub const MAX_VCPUS: u32 = 4096;
 /// Least memory a VM may ask for.
 pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
+/// Longest cloud-init user-data or network-config (the CRD schema's limit).
+pub const MAX_CLOUD_INIT_BYTES: usize = 65536;
 
 /// A KVM virtual machine.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -842,6 +847,31 @@ impl VirtualMachineSpec {
                     "set userData or userDataSecretRef, not both",
                 );
             }
+            if let Some(r) = &ci.user_data_secret_ref {
+                check_object_name(
+                    &mut e,
+                    "spec.cloudInit.userDataSecretRef.name",
+                    "Secret",
+                    &r.name,
+                );
+                check_secret_key(&mut e, "spec.cloudInit.userDataSecretRef.key", &r.key);
+            }
+            for (field, text) in [
+                ("spec.cloudInit.userData", &ci.user_data),
+                ("spec.cloudInit.networkData", &ci.network_data),
+            ] {
+                if text
+                    .as_ref()
+                    .is_some_and(|t| t.len() > MAX_CLOUD_INIT_BYTES)
+                {
+                    e.push(
+                        field,
+                        format!(
+                            "must be at most {MAX_CLOUD_INIT_BYTES} bytes (the schema's limit)"
+                        ),
+                    );
+                }
+            }
             if let Some(p) = &ci.pool {
                 check_pool_ref(&mut e, "spec.cloudInit.pool", p);
             } else if !self.disks.iter().any(|d| disk_pool(d).is_some()) {
@@ -858,8 +888,16 @@ impl VirtualMachineSpec {
                     "set spec.placement.nodeName or spec.placement.nodeSelector, not both",
                 );
             }
+            if let Some(n) = &p.node_name {
+                check_object_name(&mut e, "spec.placement.nodeName", "KvmNode", n);
+            }
             if let Some(sel) = &p.node_selector {
                 check_labels(&mut e, "spec.placement.nodeSelector", sel);
+            }
+            if let Some(k) = &p.spread_by_label {
+                // a label key, checked as one with an empty value
+                let one = BTreeMap::from([(k.clone(), String::new())]);
+                check_labels(&mut e, "spec.placement.spreadByLabel", &one);
             }
             for (kind, terms) in [
                 ("affinity", &p.affinity),
@@ -895,6 +933,7 @@ impl VirtualMachineSpec {
             }
         }
         if let Some(a) = &self.adopt {
+            check_object_name(&mut e, "spec.adopt.nodeName", "KvmNode", &a.node_name);
             check_libvirt_name(&mut e, "spec.adopt.domain", &a.domain);
         }
         e.into_result()
@@ -921,12 +960,7 @@ pub fn disk_pool(d: &Disk) -> Option<&str> {
 }
 
 fn check_pool_ref(e: &mut FieldErrors, field: &str, pool: &str) {
-    let ok = !pool.is_empty()
-        && pool.len() <= 253
-        && pool
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-    if !ok {
+    if !is_object_name(pool) {
         e.push(field, format!("{pool:?} is not the name of a StoragePool object (lower-case letters, digits, '-', '.')"));
     }
 }
