@@ -116,7 +116,16 @@ impl BackupSink for Files {
         use std::io::Write;
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let ns = vm.namespace().unwrap_or_else(|| "default".into());
-        // names are DNS labels (validated), so they cannot climb out of the directory
+        // names are validated when manifests load; checked again here because a path built
+        // from them must never leave the directory (an absolute namespace would replace it)
+        let name = vm.name_any();
+        if !crate::api::validation::is_dns_label(&ns)
+            || !crate::api::validation::is_object_name(&name)
+        {
+            return Err(format!(
+                "{ns:?}/{name:?} cannot name a file: namespace and name must be Kubernetes names"
+            ));
+        }
         let dir = self.0.join(&ns);
         std::fs::DirBuilder::new()
             .recursive(true)
