@@ -136,8 +136,25 @@ impl Connection {
         QUIET.call_once(virt::error::clear_error_callback);
         // events and keepalive need the event loop running before the connection opens
         super::ffi::ensure_event_loop();
-        let conn = Connect::open(Some(uri))
-            .map_err(|e| HvError::libvirt("connect", node.to_string(), &e))?;
+        let conn = Connect::open(Some(uri)).map_err(|e| {
+            // only the first line: for a file it cannot parse (a `test:///FILE` URI naming
+            // any file the operator can read), libxml2 quotes the offending line of the file
+            // on the next ones, and that would put the file's content into status and Events
+            match HvError::libvirt("connect", node.to_string(), &e) {
+                HvError::Libvirt {
+                    op,
+                    target,
+                    cause,
+                    code,
+                } => HvError::Libvirt {
+                    op,
+                    target,
+                    cause: cause.lines().next().unwrap_or_default().to_string(),
+                    code,
+                },
+                other => other,
+            }
+        })?;
         // Remote connections: a probe every 5 s, dead after 3 unanswered (about 20 s). Local and
         // test connections do not support keepalive; that is fine.
         let _ = conn.set_keep_alive(5, 3);
