@@ -145,15 +145,45 @@ impl fmt::Display for Object {
     }
 }
 
+/// The YAML reader's options for a text of `len` bytes. The reader's default budgets (1,024
+/// documents, 250,000 nodes, 1,000,000 events) would refuse a large but ordinary file (a
+/// manifest of 2,000 VMs, standalone mode's state file beyond ~2,000 VMs); here they grow with
+/// the input instead: a node takes at least one byte of text, a document separator four, an
+/// event at most two per node. The work stays linear in the file's size, and the reader's own
+/// limits on aliases, anchors and depth (what makes small inputs expensive) are kept.
+pub fn yaml_options(len: usize) -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = budget.max_documents.max(len / 4 + 1);
+    budget.max_nodes = budget.max_nodes.max(len.saturating_add(1));
+    budget.max_events = budget
+        .max_events
+        .max(len.saturating_mul(4).saturating_add(16));
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+/// A YAML reader's error as a message; a breached budget says what to do.
+pub fn yaml_message(e: &serde_saphyr::Error) -> String {
+    match e {
+        serde_saphyr::Error::Budget { breach, .. } => format!(
+            "the YAML reader's limits were exceeded ({breach:?}); the limits grow with the file's size, so this is an alias or nesting storm rather than a large file: check the file's anchors (&) and aliases (*)"
+        ),
+        e => e.to_string(),
+    }
+}
+
 const TOP_LEVEL: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
 
 /// Parses every document of `text`; `origin` names the source in errors. Empty documents are
 /// skipped. Objects are not validated beyond their types; call [`Object::validate`].
 pub fn parse_str(text: &str, origin: &str) -> Result<Vec<Loaded>, ManifestError> {
     let docs: Vec<serde_json::Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Yaml {
-            origin: origin.to_string(),
-            message: e.to_string(),
+        serde_saphyr::from_multiple_with_options(text, yaml_options(text.len())).map_err(|e| {
+            ManifestError::Yaml {
+                origin: origin.to_string(),
+                message: yaml_message(&e),
+            }
         })?;
     let mut out = Vec::new();
     for (i, doc) in docs.into_iter().enumerate() {
@@ -331,6 +361,31 @@ mod tests {
     use super::*;
 
     const VM: &str = "apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: web, namespace: default}\nspec:\n  vcpus: 2\n  memory: 1Gi\n";
+
+    #[test]
+    fn one_file_may_hold_thousands_of_documents() {
+        // the YAML reader's default budget stops at 1,024 documents; ours grows with the file
+        let doc = "apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: vm-NAME}\nspec: {vcpus: 1, memory: 64Mi}\n";
+        let text: Vec<String> = (0..2500)
+            .map(|i| doc.replace("NAME", &i.to_string()))
+            .collect();
+        let loaded = parse_str(&text.join("---\n"), "vms.yaml").unwrap();
+        assert_eq!(loaded.len(), 2500);
+        assert_eq!(loaded[2499].origin, "vms.yaml#2500");
+    }
+
+    #[test]
+    fn an_alias_storm_is_refused_naming_the_file() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let e = parse_str(&text, "storm.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("storm.yaml: not valid YAML: "), "{e}");
+    }
 
     #[test]
     fn parses_multiple_documents_and_skips_empty_ones() {

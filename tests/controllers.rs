@@ -861,6 +861,16 @@ impl Hypervisor for CrashAfter {
         let fut = self.inner.host_facts(node, interval);
         async move { if go { fut.await } else { Err(killed()) } }
     }
+
+    fn stamped(
+        &self,
+        node: &str,
+        uid: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<String>, HvError>> + Send {
+        let go = self.go();
+        let fut = self.inner.stamped(node, uid);
+        async move { if go { fut.await } else { Err(killed()) } }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

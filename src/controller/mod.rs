@@ -591,10 +591,21 @@ pub async fn run_all(
     expose(ctx.clone());
     // libvirt events, node resync markers and hints → the VMs they concern
     let vm_store = ctx.vms.clone();
+    let event_hv = ctx.hv.clone();
     let triggers = futures::stream::unfold(rx, move |mut rx| {
         let store = vm_store.clone();
+        let hv = event_hv.clone();
         async move {
             let ev = rx.recv().await?;
+            if matches!(
+                ev.kind,
+                crate::hypervisor::ffi::LifecycleKind::Defined
+                    | crate::hypervisor::ffi::LifecycleKind::Undefined
+            ) {
+                // a definition changed (ours or someone else's): placement's stamp index of
+                // that node reads it again before it answers
+                hv.domain_definition_changed(&ev.node, &ev.uuid);
+            }
             Some((virtual_machine::refs_for_event(&ev, &store.state()), rx))
         }
     })

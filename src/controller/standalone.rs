@@ -74,24 +74,151 @@ pub enum StandaloneError {
     Timeout { secs: u64, pending: String },
 }
 
-/// What the state file remembers of one object.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
+/// What the state file remembers of one object. Statuses are not kept here: the objects in
+/// the [`World`] hold them (typed), and [`Standalone::save`] writes them from there.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(from = "SavedIn")]
 struct Saved {
     uid: String,
     generation: i64,
-    spec: serde_json::Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// SHA-256 of the spec as canonical JSON (the file holds the spec itself; memory only its
+    /// digest): a change bumps the generation.
+    spec_sha256: String,
+    /// The status read from the file, until the object is loaded from the manifests (then
+    /// its status lives in the object).
     status: Option<serde_json::Value>,
     /// The whole object, for objects the operator created (evacuation Migrations).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     created: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// [`Saved`] as the file has it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedIn {
+    uid: String,
+    generation: i64,
+    #[serde(default)]
+    spec: Option<serde_json::Value>,
+    #[serde(default)]
+    status: Option<serde_json::Value>,
+    #[serde(default)]
+    created: Option<serde_json::Value>,
+}
+
+impl From<SavedIn> for Saved {
+    fn from(s: SavedIn) -> Self {
+        let spec_sha256 = s
+            .spec
+            .as_ref()
+            .map(spec_digest_of_value)
+            .unwrap_or_default();
+        Saved {
+            uid: s.uid,
+            generation: s.generation,
+            spec_sha256,
+            status: s.status,
+            created: s.created,
+        }
+    }
+}
+
+fn spec_digest_of_value(v: &serde_json::Value) -> String {
+    // serde_json's maps are ordered: the same spec always gives the same text
+    super::backup::sha256_hex(&serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// The digest a spec is compared by (canonical JSON, so map order never counts as a change).
+fn spec_digest<S: Serialize>(spec: &S) -> Result<String, serde_json::Error> {
+    Ok(spec_digest_of_value(&serde_json::to_value(spec)?))
+}
+
+#[derive(Debug, Default, Deserialize)]
 struct StateFile {
     /// By `Kind/namespace/name` (`KvmNode/name` for nodes).
     objects: BTreeMap<String, Saved>,
+}
+
+/// A spec or status as [`Standalone::save`] writes it: borrowed from the object that holds it.
+#[derive(Clone, Copy)]
+enum Part<'a> {
+    NodeSpec(&'a crate::api::kvm_node::KvmNodeSpec),
+    NodeStatus(&'a crate::api::kvm_node::KvmNodeStatus),
+    PoolSpec(&'a crate::api::storage_pool::StoragePoolSpec),
+    PoolStatus(&'a crate::api::storage_pool::StoragePoolStatus),
+    VmSpec(&'a crate::api::virtual_machine::VirtualMachineSpec),
+    VmStatus(&'a crate::api::virtual_machine::VirtualMachineStatus),
+    MigrationSpec(&'a crate::api::migration::MigrationSpec),
+    MigrationStatus(&'a crate::api::migration::MigrationStatus),
+    /// Read from the file and not loaded since (kept as it was).
+    Raw(&'a serde_json::Value),
+}
+
+impl Serialize for Part<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Part::NodeSpec(x) => x.serialize(s),
+            Part::NodeStatus(x) => x.serialize(s),
+            Part::PoolSpec(x) => x.serialize(s),
+            Part::PoolStatus(x) => x.serialize(s),
+            Part::VmSpec(x) => x.serialize(s),
+            Part::VmStatus(x) => x.serialize(s),
+            Part::MigrationSpec(x) => x.serialize(s),
+            Part::MigrationStatus(x) => x.serialize(s),
+            Part::Raw(x) => x.serialize(s),
+        }
+    }
+}
+
+/// One object of the state file as written.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedOut<'a> {
+    uid: &'a str,
+    generation: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<Part<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<Part<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<&'a serde_json::Value>,
+}
+
+/// The state file as written, serialized straight from the objects into the file: by key,
+/// the object's spec and status.
+struct StateOut<'a> {
+    saved: &'a BTreeMap<String, Saved>,
+    held: std::collections::HashMap<String, (Part<'a>, Option<Part<'a>>)>,
+}
+
+impl Serialize for StateOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeStruct};
+        struct Objects<'b, 'a>(&'b StateOut<'a>);
+        impl Serialize for Objects<'_, '_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(self.0.saved.len()))?;
+                for (k, saved) in self.0.saved {
+                    let held = self.0.held.get(k);
+                    m.serialize_entry(
+                        k,
+                        &SavedOut {
+                            uid: &saved.uid,
+                            generation: saved.generation,
+                            spec: held.map(|h| h.0),
+                            status: held
+                                .and_then(|h| h.1)
+                                .or(saved.status.as_ref().map(Part::Raw)),
+                            created: saved.created.as_ref(),
+                        },
+                    )?;
+                }
+                m.end()
+            }
+        }
+        let mut st = s.serialize_struct("StateFile", 1)?;
+        st.serialize_field("objects", &Objects(self))?;
+        st.end()
+    }
 }
 
 /// How one object stands after a round.
@@ -307,22 +434,65 @@ impl Standalone {
             ..World::default()
         };
         let mut secrets = vec![];
+        // on a reload, the statuses this run holds (newer than the file's)
+        let old = self.world.clone();
+        fn by_key<K: kube::Resource>(
+            v: &[Arc<K>],
+            kind: &str,
+        ) -> std::collections::HashMap<String, usize> {
+            v.iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    let m = o.meta();
+                    let key = key_of(
+                        kind,
+                        m.namespace.as_deref(),
+                        m.name.as_deref().unwrap_or(""),
+                    );
+                    (key, i)
+                })
+                .collect()
+        }
+        let (old_nodes, old_pools, old_vms, old_migs) = (
+            by_key(&old.nodes, "KvmNode"),
+            by_key(&old.pools, "StoragePool"),
+            by_key(&old.vms, "VirtualMachine"),
+            by_key(&old.migrations, "Migration"),
+        );
         for l in loaded {
             match l.object {
                 Object::KvmNode(mut o) => {
-                    self.restore("KvmNode", &mut o.metadata, &o.spec, &mut o.status)?;
+                    self.restore("KvmNode", &mut o.metadata, &o.spec, &mut o.status, |k| {
+                        old_nodes.get(k).and_then(|i| old.nodes[*i].status.clone())
+                    })?;
                     world.nodes.push(Arc::new(o));
                 }
                 Object::StoragePool(mut o) => {
-                    self.restore("StoragePool", &mut o.metadata, &o.spec, &mut o.status)?;
+                    self.restore(
+                        "StoragePool",
+                        &mut o.metadata,
+                        &o.spec,
+                        &mut o.status,
+                        |k| old_pools.get(k).and_then(|i| old.pools[*i].status.clone()),
+                    )?;
                     world.pools.push(Arc::new(o));
                 }
                 Object::VirtualMachine(mut o) => {
-                    self.restore("VirtualMachine", &mut o.metadata, &o.spec, &mut o.status)?;
+                    self.restore(
+                        "VirtualMachine",
+                        &mut o.metadata,
+                        &o.spec,
+                        &mut o.status,
+                        |k| old_vms.get(k).and_then(|i| old.vms[*i].status.clone()),
+                    )?;
                     world.vms.push(Arc::new(o));
                 }
                 Object::Migration(mut o) => {
-                    self.restore("Migration", &mut o.metadata, &o.spec, &mut o.status)?;
+                    self.restore("Migration", &mut o.metadata, &o.spec, &mut o.status, |k| {
+                        old_migs
+                            .get(k)
+                            .and_then(|i| old.migrations[*i].status.clone())
+                    })?;
                     world.migrations.push(Arc::new(o));
                 }
                 Object::Secret(mut s) => {
@@ -341,11 +511,17 @@ impl Standalone {
                 path: "--default-uri".into(),
                 cause: e.to_string(),
             })?;
-            self.restore("KvmNode", &mut node.metadata, &node.spec, &mut node.status)?;
+            self.restore(
+                "KvmNode",
+                &mut node.metadata,
+                &node.spec,
+                &mut node.status,
+                |k| old_nodes.get(k).and_then(|i| old.nodes[*i].status.clone()),
+            )?;
             world.nodes.push(Arc::new(node));
         }
         // Migrations the operator created (evacuations) live only in the state file
-        for (k, saved) in &self.state.objects {
+        for (k, saved) in &mut self.state.objects {
             let Some(obj) = &saved.created else { continue };
             if world
                 .migrations
@@ -355,10 +531,14 @@ impl Standalone {
                 continue;
             }
             if let Ok(mut m) = serde_json::from_value::<Migration>(obj.clone()) {
-                m.status = saved
+                let from_file = saved
                     .status
-                    .clone()
+                    .take()
                     .and_then(|s| serde_json::from_value(s).ok());
+                m.status = old_migs
+                    .get(k)
+                    .and_then(|i| old.migrations[*i].status.clone())
+                    .or(from_file);
                 world.migrations.push(Arc::new(m));
             }
         }
@@ -385,13 +565,15 @@ impl Standalone {
         Ok(())
     }
 
-    /// Gives a loaded object its UID, generation and status from the state file (or new ones).
+    /// Gives a loaded object its UID and generation from the state file (or new ones), and its
+    /// status: `current` (what this run knows, on a reload), else the one the file held.
     fn restore<S: Serialize, St: serde::de::DeserializeOwned>(
         &mut self,
         kind: &'static str,
         meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
         spec: &S,
         status: &mut Option<St>,
+        current: impl FnOnce(&str) -> Option<St>,
     ) -> Result<(), StandaloneError> {
         // KvmNode is the one cluster-scoped kind
         if kind != "KvmNode" {
@@ -404,7 +586,7 @@ impl Standalone {
             meta.namespace.as_deref(),
             meta.name.as_deref().unwrap_or(""),
         );
-        let spec = serde_json::to_value(spec).map_err(|e| StandaloneError::State {
+        let digest = spec_digest(spec).map_err(|e| StandaloneError::State {
             path: key.clone(),
             cause: e.to_string(),
         })?;
@@ -415,22 +597,24 @@ impl Standalone {
             .or_insert_with(|| Saved {
                 uid: new_uid(),
                 generation: 1,
-                spec: spec.clone(),
+                spec_sha256: digest.clone(),
                 status: None,
                 created: None,
             });
-        if saved.spec != spec {
+        if saved.spec_sha256 != digest {
             saved.generation += 1;
-            saved.spec = spec;
+            saved.spec_sha256 = digest;
             // a changed spec is acted on at once
             self.due.remove(&key);
         }
         meta.uid = Some(saved.uid.clone());
         meta.generation = Some(saved.generation);
-        *status = saved
+        // the file's copy is needed only until the object holds it
+        let from_file = saved
             .status
-            .clone()
+            .take()
             .and_then(|s| serde_json::from_value(s).ok());
+        *status = current(&key).or(from_file);
         Ok(())
     }
 
@@ -851,7 +1035,7 @@ impl Standalone {
         let saved = Saved {
             uid: m.uid().unwrap_or_default(),
             generation: 1,
-            spec: serde_json::to_value(&m.spec).unwrap_or_default(),
+            spec_sha256: spec_digest(&m.spec).unwrap_or_default(),
             status: None,
             created: serde_json::to_value(&m).ok(),
         };
@@ -862,47 +1046,54 @@ impl Standalone {
 
     /// Writes every object's UID, generation and status (atomically: a temporary file renamed).
     fn save(&mut self) -> Result<(), StandaloneError> {
-        fn status_of<T: Serialize>(s: &Option<T>) -> Option<serde_json::Value> {
-            s.as_ref().and_then(|s| serde_json::to_value(s).ok())
-        }
-        let mut put = |key: String, status: Option<serde_json::Value>| {
-            if let Some(saved) = self.state.objects.get_mut(&key) {
-                saved.status = status;
-            }
-        };
+        // the statuses are written from the objects that hold them, straight into the file:
+        // neither a copy of every status nor the whole text is built in memory
+        let mut held = std::collections::HashMap::with_capacity(self.state.objects.len());
         for n in &self.world.nodes {
-            put(key_of("KvmNode", None, &n.name_any()), status_of(&n.status));
+            held.insert(
+                key_of("KvmNode", None, &n.name_any()),
+                (
+                    Part::NodeSpec(&n.spec),
+                    n.status.as_ref().map(Part::NodeStatus),
+                ),
+            );
         }
         for p in &self.world.pools {
-            put(
+            held.insert(
                 key_of("StoragePool", p.namespace().as_deref(), &p.name_any()),
-                status_of(&p.status),
+                (
+                    Part::PoolSpec(&p.spec),
+                    p.status.as_ref().map(Part::PoolStatus),
+                ),
             );
         }
         for v in &self.world.vms {
-            put(
+            held.insert(
                 key_of("VirtualMachine", v.namespace().as_deref(), &v.name_any()),
-                status_of(&v.status),
+                (Part::VmSpec(&v.spec), v.status.as_ref().map(Part::VmStatus)),
             );
         }
         for m in &self.world.migrations {
-            put(
+            held.insert(
                 key_of("Migration", m.namespace().as_deref(), &m.name_any()),
-                status_of(&m.status),
+                (
+                    Part::MigrationSpec(&m.spec),
+                    m.status.as_ref().map(Part::MigrationStatus),
+                ),
             );
         }
         let path = self.opts.state_dir.join("status.yaml");
-        let err = |e: String| StandaloneError::State {
+        write_state(
+            &path,
+            &StateOut {
+                saved: &self.state.objects,
+                held,
+            },
+        )
+        .map_err(|e| StandaloneError::State {
             path: path.display().to_string(),
             cause: e,
-        };
-        let body = serde_saphyr::to_string(&self.state).map_err(|e| err(e.to_string()))?;
-        let text = format!(
-            "# Written by `kvm-operator standalone`: each object's UID (the ownership stamp on its\n# domain), generation and status. Keep it to resume without duplicating anything.\n{body}"
-        );
-        let tmp = path.with_extension("yaml.tmp");
-        std::fs::write(&tmp, text).map_err(|e| err(e.to_string()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))
+        })
     }
 
     /// The status table: nodes, pools, VMs and migrations.
@@ -1089,17 +1280,34 @@ fn stamp(p: &Path, into: &mut BTreeMap<PathBuf, SystemTime>) {
     }
 }
 
+/// Writes the state file atomically (a temporary file renamed over it), streaming the YAML.
+fn write_state(path: &Path, state: &StateOut<'_>) -> Result<(), String> {
+    let tmp = path.with_extension("yaml.tmp");
+    let write = || -> Result<(), String> {
+        let f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, f);
+        w.write_all(
+            b"# Written by `kvm-operator standalone`: each object's UID (the ownership stamp on its\n# domain), generation and status. Keep it to resume without duplicating anything.\n",
+        )
+        .map_err(|e| e.to_string())?;
+        serde_saphyr::to_io_writer(&mut w, state).map_err(|e| e.to_string())?;
+        w.flush().map_err(|e| e.to_string())
+    };
+    write()?;
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+}
+
 fn read_state(path: &Path) -> Result<StateFile, StandaloneError> {
+    let err = |cause: String| StandaloneError::State {
+        path: path.display().to_string(),
+        cause,
+    };
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_saphyr::from_str(&text).map_err(|e| StandaloneError::State {
-            path: path.display().to_string(),
-            cause: e.to_string(),
-        }),
+        // the reader's budgets grow with the file: any number of objects reads back
+        Ok(text) => serde_saphyr::from_str_with_options(&text, manifest::yaml_options(text.len()))
+            .map_err(|e| err(manifest::yaml_message(&e))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
-        Err(e) => Err(StandaloneError::State {
-            path: path.display().to_string(),
-            cause: e.to_string(),
-        }),
+        Err(e) => Err(err(e.to_string())),
     }
 }
 
@@ -1140,6 +1348,56 @@ mod tests {
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "4");
         assert!(matches!(&a[19..20], "8" | "9" | "a" | "b"), "{a}");
+    }
+
+    #[test]
+    fn a_state_file_of_many_thousand_objects_reads_back() {
+        // ~125 YAML nodes per object, as a VM's status has: 3,000 objects are far beyond the
+        // YAML reader's default budget of 250,000 nodes, which refused restarts past ~2,000 VMs
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("status.yaml");
+        let status: serde_json::Value = (0..60)
+            .map(|i| (format!("field{i}"), serde_json::json!(format!("value {i}"))))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        let saved: BTreeMap<String, Saved> = (0..3000)
+            .map(|i| {
+                (
+                    format!("VirtualMachine/default/vm-{i:05}"),
+                    Saved {
+                        uid: format!("uid-{i}"),
+                        generation: 1,
+                        spec_sha256: String::new(),
+                        status: Some(status.clone()),
+                        created: None,
+                    },
+                )
+            })
+            .collect();
+        let spec: crate::api::virtual_machine::VirtualMachineSpec =
+            serde_json::from_value(serde_json::json!({"vcpus": 1, "memory": "64Mi"})).unwrap();
+        let held = [(
+            "VirtualMachine/default/vm-00007".to_string(),
+            (Part::VmSpec(&spec), None),
+        )]
+        .into_iter()
+        .collect();
+        write_state(
+            &p,
+            &StateOut {
+                saved: &saved,
+                held,
+            },
+        )
+        .unwrap();
+        let back = read_state(&p).unwrap();
+        assert_eq!(back.objects.len(), 3000);
+        let one = &back.objects["VirtualMachine/default/vm-02999"];
+        assert_eq!(one.uid, "uid-2999");
+        assert_eq!(one.status.as_ref(), Some(&status));
+        // the spec is written from the object, and read back as the digest it is compared by
+        let seven = &back.objects["VirtualMachine/default/vm-00007"];
+        assert_eq!(seven.spec_sha256, spec_digest(&spec).unwrap());
     }
 
     #[test]

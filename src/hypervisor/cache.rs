@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use super::connection::Connection;
+use super::connection::{Connection, STAMP_INDEX_FRESH};
 use super::{HvError, NodeAccess, connect_node};
 
 /// Concurrent calls allowed on one node.
@@ -49,6 +49,10 @@ struct Node {
     access: NodeAccess,
     state: Mutex<State>,
     slots: Arc<Semaphore>,
+    /// The host's CPU counters at the last host-facts reading: the next one measures CPU use
+    /// since then instead of sampling twice with a wait in between.
+    /// With the CPU use last computed.
+    cpu: Mutex<Option<(Instant, super::host_facts::CpuTimes, Option<u32>)>>,
 }
 
 /// The connections of every known node.
@@ -109,6 +113,7 @@ impl NodePool {
                 access,
                 state: Mutex::new(State::default()),
                 slots: Arc::new(Semaphore::new(MAX_CALLS_PER_NODE)),
+                cpu: Mutex::new(None),
             }),
         );
     }
@@ -260,6 +265,41 @@ impl NodePool {
         }
     }
 
+    /// The node's open connection, if any (without connecting).
+    fn open_connection(&self, name: &str) -> Option<Arc<Connection>> {
+        let n = self.lock_nodes().get(name).cloned()?;
+        let st = n.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.conn.clone()
+    }
+
+    /// Names of the domains on `node` stamped with `uid`: from the connection's stamp index
+    /// when the node was listed within [`STAMP_INDEX_FRESH`] (no call at all), else after
+    /// listing the node (one call). Placing many VMs in a row lists each node once, not once
+    /// per VM.
+    pub async fn stamped(&self, node: &str, uid: &str) -> Result<Vec<String>, HvError> {
+        if let Some(found) = self
+            .open_connection(node)
+            .and_then(|c| c.stamped_from_index(uid, STAMP_INDEX_FRESH))
+        {
+            return Ok(found);
+        }
+        let uid = uid.to_string();
+        self.call(node, "list domains", move |c| {
+            c.refresh_index()?;
+            Ok(c.stamped_from_index(&uid, Duration::MAX)
+                .unwrap_or_default())
+        })
+        .await
+    }
+
+    /// libvirt reported that a domain of `node` was defined or undefined (`uuid`; empty: any):
+    /// the node's stamp index forgets it and lists the node again before it answers.
+    pub fn domain_definition_changed(&self, node: &str, uuid: &str) {
+        if let Some(c) = self.open_connection(node) {
+            c.index_changed(uuid);
+        }
+    }
+
     /// Runs `f` with the connections of two nodes (a migration's source and destination).
     pub async fn call_pair<T, F>(
         &self,
@@ -285,8 +325,10 @@ impl NodePool {
             })?
     }
 
-    /// Host facts: over SSH for SSH transports (with CPU use sampled over `interval`), from
-    /// libvirt otherwise.
+    /// Host facts: over SSH for SSH transports, from libvirt otherwise. CPU use is measured
+    /// since the node's previous reading when that is at least `interval` old (one command, no
+    /// wait: the figure is the average over the resync period); otherwise sampled over
+    /// `interval`.
     pub async fn host_facts(
         &self,
         node: &str,
@@ -301,9 +343,30 @@ impl NodePool {
         }
         let access = n.access.clone();
         let timeout = self.call_timeout + interval;
+        let previous = *n.cpu.lock().unwrap_or_else(|p| p.into_inner());
+        let node_ref = n.clone();
         let task = tokio::task::spawn_blocking(move || {
             let ssh = super::ssh_session(&access, &target)?;
-            super::host_facts::collect(&ssh, Some(interval))
+            match previous {
+                // read again soon after the last time (a burst of changes): one command, and
+                // the last figure stands until enough time has passed to measure a new one
+                Some((at, _, usage)) if at.elapsed() < interval => {
+                    let (facts, _) = super::host_facts::collect(&ssh, None)?;
+                    Ok((facts, usage))
+                }
+                _ => {
+                    let r = super::host_facts::collect_since(
+                        &ssh,
+                        previous.map(|(_, t, _)| t),
+                        interval,
+                    )?;
+                    if let Some(t) = r.0.cpu_times {
+                        *node_ref.cpu.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((Instant::now(), t, r.1));
+                    }
+                    Ok(r)
+                }
+            }
         });
         match tokio::time::timeout(timeout, task).await {
             Ok(Ok(r)) => r,
@@ -372,6 +435,62 @@ mod tests {
         assert_eq!(pool.nodes(), ["b"]);
         let gone = pool.call("a", "list", |c| c.list_domains()).await;
         assert!(matches!(gone, Err(HvError::NotFound { .. })), "{gone:?}");
+    }
+
+    #[tokio::test]
+    async fn placement_finds_stamped_domains_through_the_index() {
+        use crate::hypervisor::domain_xml::{DomainXml, Metadata, Owner};
+        let dir = std::env::temp_dir();
+        let pool = NodePool::new(Duration::from_secs(5));
+        pool.upsert(test_node("a", &dir, "test:///default"));
+        let uid = format!("uid-index-{}", std::process::id());
+        let stamped = |name: &str| {
+            let mut x = DomainXml::minimal(name, "test", 32 * 1024, 1);
+            x.metadata = Some(Metadata {
+                owner: Some(Owner::new(&uid, "ns", name)),
+            });
+            x
+        };
+        // first question: the node is listed
+        let before = calls_made();
+        let none = pool.stamped("a", &uid).await;
+        assert_eq!(none.ok(), Some(vec![]));
+        assert!(calls_made() > before);
+        // a domain the pool's own connection defines is known at once, without a call
+        let mine = format!("idx-mine-{}", std::process::id());
+        let x = stamped(&mine);
+        let r = pool.call("a", "define", move |c| c.define(&x)).await;
+        assert!(r.is_ok(), "{r:?}");
+        let before = calls_made();
+        assert_eq!(pool.stamped("a", &uid).await.ok(), Some(vec![mine.clone()]));
+        assert_eq!(calls_made(), before, "answered from the index");
+        // one defined elsewhere (test:///default is one hypervisor for the whole process) is
+        // found once libvirt reports the definition, or once the index is older than its bound
+        let other = Connection::open("test:///default", "other").unwrap_or_else(|e| panic!("{e}"));
+        let theirs = format!("idx-theirs-{}", std::process::id());
+        let r = other.define(&stamped(&theirs));
+        assert!(r.is_ok(), "{r:?}");
+        pool.domain_definition_changed("a", "");
+        let mut want = vec![mine.clone(), theirs.clone()];
+        want.sort();
+        assert_eq!(pool.stamped("a", &uid).await.ok(), Some(want.clone()));
+        let late = format!("idx-late-{}", std::process::id());
+        let r = other.define(&stamped(&late));
+        assert!(r.is_ok(), "{r:?}");
+        tokio::time::sleep(STAMP_INDEX_FRESH + Duration::from_millis(100)).await;
+        want.push(late.clone());
+        want.sort();
+        assert_eq!(pool.stamped("a", &uid).await.ok(), Some(want));
+        // undefined (the test driver refuses our NVRAM flag: raw calls), and reported: gone
+        for d in [&mine, &theirs, &late] {
+            let r = other
+                .raw()
+                .lookup_domain_by_name(d)
+                .and_then(|d| d.undefine());
+            assert!(r.is_ok(), "{r:?}");
+        }
+        pool.domain_definition_changed("a", "");
+        assert_eq!(pool.stamped("a", &uid).await.ok(), Some(vec![]));
     }
 
     #[tokio::test]

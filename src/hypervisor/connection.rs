@@ -95,6 +95,33 @@ pub struct StateDetail {
     pub guest_shutdown: bool,
 }
 
+/// How long a node's stamp index answers "which domains carry this UID" without listing the
+/// node again. Domains this connection defines, undefines, adopts or migrates are recorded at
+/// once; the bound covers domains someone else defined (and libvirt's Defined/Undefined events
+/// mark the index stale sooner where they are followed).
+pub const STAMP_INDEX_FRESH: Duration = Duration::from_secs(2);
+
+/// What one connection knows of its node's domains and their ownership stamps: filled by every
+/// listing (a stamp is read only for a UUID not seen before), kept current by this connection's
+/// own writes. A reconnect starts from an empty index.
+#[derive(Debug, Default)]
+struct StampIndex {
+    /// By UUID: the domain's name and our stamp (None: not ours).
+    by_uuid: std::collections::HashMap<String, (String, Option<Owner>)>,
+    /// When the node was last listed in full; None: never, or marked stale.
+    listed_at: Option<Instant>,
+}
+
+/// One observation of a domain ([`Connection::read_domain`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DomainReading {
+    /// The persistent definition exactly as libvirt writes it.
+    pub persistent_text: String,
+    pub state: StateDetail,
+    /// The running guest's definition, when it runs (or is paused).
+    pub live: Option<DomainXml>,
+}
+
 /// A domain as listed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DomainSummary {
@@ -118,6 +145,8 @@ pub struct Connection {
     tunnel: Option<super::tunnel::Tunnel>,
     /// Unique per opened connection: tells a reconnect apart from the same connection.
     id: u64,
+    /// The node's domains and their stamps, as far as this connection knows them.
+    stamps: std::sync::Mutex<StampIndex>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -163,6 +192,7 @@ impl Connection {
             node: node.to_string(),
             tunnel: None,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            stamps: Default::default(),
         })
     }
 
@@ -237,34 +267,193 @@ impl Connection {
         })
     }
 
-    /// Every domain on the host, running or defined, with our stamp when present.
+    fn index(&self) -> std::sync::MutexGuard<'_, StampIndex> {
+        // a panic while holding the lock leaves at worst a stale index: recover it
+        self.stamps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Our stamp on `d`, read with `virDomainGetMetadata` (only our element travels, not the
+    /// whole domain XML).
+    fn read_owner(d: &Domain) -> Option<Owner> {
+        d.metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(super::domain_xml::OWNER_NS),
+            0,
+        )
+        .ok()
+        .and_then(|xml| Owner::from_metadata_element(&xml))
+    }
+
+    /// Replaces the index with the domains just listed (`(name, uuid)`), reading the stamp of
+    /// each UUID not seen before with `stamp_of`; returns each listed domain's stamp, in order.
+    fn reindex(
+        &self,
+        listed: &[(String, String)],
+        mut stamp_of: impl FnMut(usize) -> Option<Owner>,
+    ) -> Vec<Option<Owner>> {
+        let known: std::collections::HashMap<String, Option<Owner>> = {
+            let ix = self.index();
+            listed
+                .iter()
+                .filter_map(|(_, u)| ix.by_uuid.get(u).map(|(_, o)| (u.clone(), o.clone())))
+                .collect()
+        };
+        // the reads of new stamps happen without the lock: they are RPCs
+        let owners: Vec<Option<Owner>> = listed
+            .iter()
+            .enumerate()
+            .map(|(i, (_, u))| match known.get(u) {
+                Some(o) => o.clone(),
+                None => stamp_of(i),
+            })
+            .collect();
+        let mut ix = self.index();
+        ix.by_uuid = listed
+            .iter()
+            .zip(&owners)
+            .map(|((n, u), o)| (u.clone(), (n.clone(), o.clone())))
+            .collect();
+        ix.listed_at = Some(Instant::now());
+        owners
+    }
+
+    /// Every domain on the host, running or defined, with our stamp when present. A stamp is
+    /// read only for a domain this connection has not seen before (it changes only when the
+    /// operator adopts the domain, which goes through this connection).
     pub fn list_domains(&self) -> Result<Vec<DomainSummary>, HvError> {
         let doms = self
             .conn
             .list_all_domains(0)
             .map_err(|e| self.err("list domains", e))?;
-        let mut out = Vec::with_capacity(doms.len());
-        for d in doms {
+        let mut listed = Vec::with_capacity(doms.len());
+        let mut states = Vec::with_capacity(doms.len());
+        for d in &doms {
             let name = d.name().map_err(|e| self.err("domain name", e))?;
             let uuid = d.uuid_string().map_err(|e| self.err("domain uuid", e))?;
             let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
-            // only our metadata element travels, not the whole domain XML
-            let owner = d
-                .metadata(
-                    sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                    Some(super::domain_xml::OWNER_NS),
-                    0,
-                )
-                .ok()
-                .and_then(|xml| Owner::from_metadata_element(&xml));
-            out.push(DomainSummary {
+            listed.push((name, uuid));
+            states.push(DomainState::from_virt(st));
+        }
+        let owners = self.reindex(&listed, |i| Self::read_owner(&doms[i]));
+        Ok(listed
+            .into_iter()
+            .zip(states)
+            .zip(owners)
+            .map(|(((name, uuid), state), owner)| DomainSummary {
                 name,
                 uuid,
-                state: DomainState::from_virt(st),
+                state,
                 owner,
-            });
+            })
+            .collect())
+    }
+
+    /// Every domain on the host with its state and our stamp, and the per-domain figures, from
+    /// one bulk stats call (`virConnectGetAllDomainStats`); a stamp is read only for a domain
+    /// this connection has not seen before. What the node resync reads: its cost does not grow
+    /// with the number of domains in steady state.
+    pub fn domains_with_stats(
+        &self,
+    ) -> Result<(Vec<DomainSummary>, Vec<super::stats::DomainStats>), HvError> {
+        let stats: Vec<super::stats::DomainStats> =
+            super::ffi::all_domain_stats(&self.conn, &self.node, super::stats::GROUPS)?
+                .iter()
+                .map(super::stats::DomainStats::from)
+                .collect();
+        let listed: Vec<(String, String)> = stats
+            .iter()
+            .map(|s| (s.domain.clone(), s.uuid.clone()))
+            .collect();
+        let owners = self.reindex(&listed, |i| {
+            // gone since the stats were taken: no stamp to read
+            self.conn
+                .lookup_domain_by_uuid_string(&listed[i].1)
+                .ok()
+                .and_then(|d| Self::read_owner(&d))
+        });
+        let summaries = stats
+            .iter()
+            .zip(owners)
+            .map(|(s, owner)| DomainSummary {
+                name: s.domain.clone(),
+                uuid: s.uuid.clone(),
+                state: s.state.map_or(DomainState::Other, |x| {
+                    DomainState::from_virt(virt::domain::DomainStateEnum::from_raw(
+                        u32::try_from(x).unwrap_or(u32::MAX),
+                    ))
+                }),
+                owner,
+            })
+            .collect();
+        Ok((summaries, stats))
+    }
+
+    /// Names of the domains stamped with `uid`, from the index when the node was listed within
+    /// `fresh`; `None` when the index is older (list the node first, e.g. with
+    /// [`Connection::refresh_index`]).
+    pub fn stamped_from_index(&self, uid: &str, fresh: Duration) -> Option<Vec<String>> {
+        let ix = self.index();
+        if ix.listed_at.is_none_or(|t| t.elapsed() > fresh) {
+            return None;
         }
-        Ok(out)
+        let mut names: Vec<String> = ix
+            .by_uuid
+            .values()
+            .filter(|(_, o)| o.as_ref().is_some_and(|o| o.uid == uid))
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        Some(names)
+    }
+
+    /// Lists the node's domains into the index (names and UUIDs: one RPC, plus a stamp read per
+    /// domain not seen before).
+    pub fn refresh_index(&self) -> Result<(), HvError> {
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| self.err("list domains", e))?;
+        let mut listed = Vec::with_capacity(doms.len());
+        for d in &doms {
+            let name = d.name().map_err(|e| self.err("domain name", e))?;
+            let uuid = d.uuid_string().map_err(|e| self.err("domain uuid", e))?;
+            listed.push((name, uuid));
+        }
+        self.reindex(&listed, |i| Self::read_owner(&doms[i]));
+        Ok(())
+    }
+
+    /// Forgets what the index knows of `uuid` (empty: of every domain) and marks it stale, so
+    /// the next question lists the node again: libvirt reported a definition change made
+    /// elsewhere.
+    pub fn index_changed(&self, uuid: &str) {
+        let mut ix = self.index();
+        if uuid.is_empty() {
+            ix.by_uuid.clear();
+        } else {
+            ix.by_uuid.remove(uuid);
+        }
+        ix.listed_at = None;
+    }
+
+    /// Records a domain this connection defined, adopted or received.
+    fn index_put(&self, name: &str, uuid: &str, owner: Option<Owner>) {
+        let mut ix = self.index();
+        ix.by_uuid.retain(|_, (n, _)| n != name);
+        ix.by_uuid
+            .insert(uuid.to_string(), (name.to_string(), owner));
+    }
+
+    /// Records that the domain `name` is gone from this node.
+    fn index_remove(&self, name: &str) {
+        self.index().by_uuid.retain(|_, (n, _)| n != name);
+    }
+
+    /// Marks the index stale (domains came or went in a way this connection did not record
+    /// one by one, e.g. a migration): the next question lists the node again; stamps of
+    /// UUIDs already seen are kept.
+    pub(crate) fn index_stale(&self) {
+        self.index().listed_at = None;
     }
 
     /// Defines (or redefines) a persistent domain; returns its UUID.
@@ -274,7 +463,9 @@ impl Connection {
             .conn
             .define_domain_xml(&text)
             .map_err(|e| self.err("define domain", e))?;
-        d.uuid_string().map_err(|e| self.err("domain uuid", e))
+        let uuid = d.uuid_string().map_err(|e| self.err("domain uuid", e))?;
+        self.index_put(&xml.name, &uuid, xml.owner().cloned());
+        Ok(uuid)
     }
 
     /// The domain's current state.
@@ -288,7 +479,10 @@ impl Connection {
     /// on_crash=destroy leaves crashed guests shut off). `(Shutoff, false)` with `never_started`
     /// true for a domain defined and not yet run.
     pub fn state_detail(&self, name: &str) -> Result<StateDetail, HvError> {
-        let d = self.lookup(name)?;
+        self.detail_of(&self.lookup(name)?)
+    }
+
+    fn detail_of(&self, d: &Domain) -> Result<StateDetail, HvError> {
         let (st, reason) = d.state().map_err(|e| self.err("domain state", e))?;
         let state = DomainState::from_virt(st);
         use virt::domain::{DomainShutoffReason as R, DomainStateReason};
@@ -303,6 +497,46 @@ impl Connection {
             never_started: state == DomainState::Shutoff && matches!(off, Some(R::Unknown)),
             guest_shutdown: matches!(off, Some(R::Shutdown)),
         })
+    }
+
+    /// What one observation of a domain needs, after one lookup: its persistent definition's
+    /// text, its state, and the running guest's definition when it runs (4 RPCs for a running
+    /// domain, 3 for one that is off). `None` when the domain does not exist.
+    pub fn read_domain(&self, name: &str) -> Result<Option<DomainReading>, HvError> {
+        let d = match self.lookup(name) {
+            Ok(d) => d,
+            Err(HvError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let gone = |e: virt::error::Error| {
+            if e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain) {
+                None
+            } else {
+                Some(e)
+            }
+        };
+        // undefined between the lookup and the reads: as if the lookup had not found it
+        let persistent_text = match d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE) {
+            Ok(x) => x,
+            Err(e) => {
+                return match gone(e) {
+                    None => Ok(None),
+                    Some(e) => Err(self.err("get domain XML", e)),
+                };
+            }
+        };
+        let state = self.detail_of(&d)?;
+        let live = match state.state {
+            DomainState::Shutoff => None,
+            _ => Some(DomainXml::parse(
+                &d.xml_desc(0).map_err(|e| self.err("get domain XML", e))?,
+            )?),
+        };
+        Ok(Some(DomainReading {
+            persistent_text,
+            state,
+            live,
+        }))
     }
 
     /// The domain's live XML, parsed.
@@ -530,7 +764,10 @@ impl Connection {
             Some(super::domain_xml::OWNER_NS),
             flags,
         )
-        .map_err(|e| self.err("set domain metadata", e))
+        .map_err(|e| self.err("set domain metadata", e))?;
+        let uuid = d.uuid_string().map_err(|e| self.err("domain uuid", e))?;
+        self.index_put(name, &uuid, Some(owner.clone()));
+        Ok(())
     }
 
     /// Sets vCPUs and memory in the persistent definition only (they apply at the next start),
@@ -571,7 +808,11 @@ impl Connection {
             Err(e) => return Err(e),
         };
         d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM)
-            .map_err(|e| self.err("undefine domain", e))
+            .map_err(|e| self.err("undefine domain", e))?;
+        // a running domain stays, transient: the next question lists the node again
+        self.index_remove(name);
+        self.index().listed_at = None;
+        Ok(())
     }
 }
 

@@ -156,6 +156,27 @@ pub fn cpu_usage_percent(before: CpuTimes, after: CpuTimes) -> Option<u32> {
     u32::try_from(busy.saturating_mul(100) / total).ok()
 }
 
+/// Reads the facts once; CPU use is measured against `previous` (an earlier reading of the
+/// same host's counters) when there is one, so a periodic resync needs one command and no wait.
+/// Without one, falls back to [`collect`] with `interval`.
+pub fn collect_since(
+    ssh: &SshSession,
+    previous: Option<CpuTimes>,
+    interval: Duration,
+) -> Result<(HostFacts, Option<u32>), HvError> {
+    let Some(before) = previous else {
+        return collect(ssh, Some(interval));
+    };
+    let (facts, _) = collect(ssh, None)?;
+    let usage = facts.cpu_times.and_then(|now| {
+        // counters that went backwards: the host rebooted; no figure this time
+        (now.busy >= before.busy && now.idle >= before.idle)
+            .then(|| cpu_usage_percent(before, now))
+            .flatten()
+    });
+    Ok((facts, usage))
+}
+
 /// Reads the facts. With `interval`, samples `/proc/stat` twice and also returns CPU use.
 pub fn collect(
     ssh: &SshSession,

@@ -116,11 +116,16 @@ impl Connection {
             bandwidth: opts.bandwidth_mib,
             ..Default::default()
         };
-        d.migrate3(dest.raw(), params, opts.flags())
+        let r = d
+            .migrate3(dest.raw(), params, opts.flags())
             .map(|_| ())
             .map_err(|e| {
                 HvError::libvirt("migrate", format!("{} -> {}", self.node(), dest.node()), &e)
-            })
+            });
+        // the domain left one node and arrived on the other (or half did): both list again
+        self.index_stale();
+        dest.index_stale();
+        r
     }
 
     fn job(&self, name: &str, flags: u32) -> Result<JobProgress, HvError> {

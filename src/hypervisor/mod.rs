@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use connection::{
-    Connection, DeviceScope, DomainInfo, DomainState, DomainSummary, ShutdownOutcome, StateDetail,
+    Connection, DeviceScope, DomainInfo, DomainReading, DomainState, DomainSummary,
+    ShutdownOutcome, StateDetail,
 };
 
 use crate::api::kvm_node::KvmNodeSpec;
@@ -77,6 +78,14 @@ pub trait Hypervisor: Send + Sync + 'static {
         node: &str,
         interval: Duration,
     ) -> impl std::future::Future<Output = Result<(host_facts::HostFacts, Option<u32>), HvError>> + Send;
+
+    /// Names of the domains on `node` that carry the ownership stamp `uid`, from the node's
+    /// stamp index while it is fresh (see [`cache::NodePool::stamped`]).
+    fn stamped(
+        &self,
+        node: &str,
+        uid: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<String>, HvError>> + Send;
 }
 
 impl Hypervisor for cache::NodePool {
@@ -114,6 +123,14 @@ impl Hypervisor for cache::NodePool {
     ) -> impl std::future::Future<Output = Result<(host_facts::HostFacts, Option<u32>), HvError>> + Send
     {
         cache::NodePool::host_facts(self, node, interval)
+    }
+
+    fn stamped(
+        &self,
+        node: &str,
+        uid: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<String>, HvError>> + Send {
+        cache::NodePool::stamped(self, node, uid)
     }
 }
 

@@ -20,17 +20,20 @@ pub struct Observed {
 
 /// Reads `node` through the hypervisor layer; CPU use is sampled over `sample`.
 pub async fn observe(hv: &impl Hypervisor, node: &str, sample: Duration) -> Observed {
-    // side by side: a host that stops answering costs one timeout, not the sum of two
-    let (facts, domains) = tokio::join!(
+    // side by side: a host that stops answering costs one timeout, not the sum of two. The
+    // domains, their states and figures come from one bulk stats call; stamps are read only for
+    // domains the connection has not seen before
+    let (facts, listed) = tokio::join!(
         hv.host_facts(node, sample),
-        hv.call(node, "list domains", |c| c.list_domains())
+        hv.call(node, "list domains", |c| match c.domains_with_stats() {
+            Ok(x) => Ok(x),
+            // a daemon without bulk stats: the plain listing (and no figures)
+            Err(_) => c.list_domains().map(|d| (d, Vec::new())),
+        })
     );
-    let stats = if domains.is_ok() {
-        hv.call(node, "domain stats", |c| c.domain_stats())
-            .await
-            .unwrap_or_default()
-    } else {
-        Vec::new()
+    let (domains, stats) = match listed {
+        Ok((d, s)) => (Ok(d), s),
+        Err(e) => (Err(e), Vec::new()),
     };
     Observed {
         facts,

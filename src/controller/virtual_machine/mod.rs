@@ -267,10 +267,13 @@ async fn schedule<H: Hypervisor>(
     let uid = vm.uid().unwrap_or_default();
     let ns = vm.namespace().unwrap_or_default();
     let name = vm.name_any();
+    // every node's stamp index: listed at most once per placement burst, kept current by the
+    // operator's own defines and by libvirt's definition events
     let scans = world.nodes.iter().map(|n| {
         let node = n.name_any();
+        let uid = uid.as_str();
         async move {
-            let r = hv.call(&node, "list domains", |c| c.list_domains()).await;
+            let r = hv.stamped(&node, uid).await;
             (node, r)
         }
     });
@@ -278,9 +281,7 @@ async fn schedule<H: Hypervisor>(
     for (node, r) in futures::future::join_all(scans).await {
         if let Ok(domains) = r {
             for d in domains {
-                if d.owner.as_ref().is_some_and(|o| o.uid == uid) {
-                    found.push((node.clone(), d.name));
-                }
+                found.push((node.clone(), d));
             }
         }
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::hypervisor::domain_xml::DomainXml;
 use crate::hypervisor::storage::VolumeInfo;
-use crate::hypervisor::{DomainState, HvError, Hypervisor, StateDetail};
+use crate::hypervisor::{HvError, Hypervisor, StateDetail};
 
 use super::plan::Resolved;
 
@@ -39,25 +39,21 @@ pub async fn observe(hv: &impl Hypervisor, r: &Resolved) -> Result<Observed, HvE
         .chain(r.seed.iter().map(|s| (s.pool.clone(), s.volume.clone())))
         .collect();
     hv.call(&r.node, "observe VM", move |c| {
-        let domain = match c.persistent_xml_text(&domain) {
-            Ok(text) => {
-                let persistent = DomainXml::parse(&text)?;
-                let persistent_sha256 = crate::controller::backup::sha256_hex(text.as_bytes());
-                let state = c.state_detail(&domain)?;
-                let live = match state.state {
-                    DomainState::Shutoff => None,
-                    _ => Some(c.domain_xml(&domain)?),
-                };
+        // one lookup: the persistent definition, the state, the live definition when it runs
+        let domain = match c.read_domain(&domain)? {
+            Some(r) => {
+                let persistent = DomainXml::parse(&r.persistent_text)?;
+                let persistent_sha256 =
+                    crate::controller::backup::sha256_hex(r.persistent_text.as_bytes());
                 Some(DomainObs {
                     uuid: persistent.uuid.clone(),
-                    state,
+                    state: r.state,
                     persistent,
                     persistent_sha256,
-                    live,
+                    live: r.live,
                 })
             }
-            Err(HvError::NotFound { .. }) => None,
-            Err(e) => return Err(e),
+            None => None,
         };
         let mut volumes = BTreeMap::new();
         for (pool, vol) in vols {
