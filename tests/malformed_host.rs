@@ -111,6 +111,21 @@ impl Hypervisor for Corrupt {
         };
         async move { r }
     }
+
+    fn stamped(
+        &self,
+        node: &str,
+        uid: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<String>, HvError>> + Send {
+        let err = self.error(node);
+        let fut = self.inner.stamped(node, uid);
+        async move {
+            match err {
+                Some(e) => Err(e),
+                None => fut.await,
+            }
+        }
+    }
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {

@@ -709,7 +709,8 @@ pub async fn reconcile_core<H: Hypervisor>(
                 super::now(),
             ),
         );
-    } else {
+    } else if out.status.failover.is_none() {
+        // the node answers again: nothing to recover (after a failover, Recovery=True stays)
         out.status
             .conditions
             .retain(|c| c.type_ != condition::RECOVERY);
