@@ -26,6 +26,8 @@ use kvm_operator::hypervisor::{HvError, NodeAccess};
 const HOSTS: [&str; 2] = ["host1", "host2"];
 /// How long a VM may take to converge after a fault clears.
 const BOUND: Duration = Duration::from_secs(150);
+/// How long a host fault may take to show in the statuses (node not Ready, its VMs Unknown).
+const REPORT_BOUND: Duration = Duration::from_secs(90);
 const TEMPLATE: &str = "fault-template.raw";
 const TEMPLATE_BYTES: usize = 3 << 20;
 
@@ -668,9 +670,11 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
                     ("net", "down", "up")
                 };
                 lab(&["fault", what, stop, &hs]);
-                // held until the operator tells the truth, at most 40 s: the node is not Ready
+                // held until the operator tells the truth, at most REPORT_BOUND: the node is not Ready
                 // and its VMs' power state is Unknown (not Pending, not their last state)
-                let reported = until(&hv, &state, Duration::from_secs(40), &mut duplicates, |l| {
+                // (90 s: grace 5 s, libvirt's keepalive 20 s, and a standalone round whose pool
+                // phase waits out calls on the dead link before the next node pass)
+                let reported = until(&hv, &state, REPORT_BOUND, &mut duplicates, |l| {
                     if node_ready(l, host) != Some(false) {
                         return Some(format!("{host} still Ready"));
                     }
