@@ -53,8 +53,6 @@ struct Node {
     /// since then instead of sampling twice with a wait in between.
     /// With the CPU use last computed.
     cpu: Mutex<Option<(Instant, super::host_facts::CpuTimes, Option<u32>)>>,
-    /// Held while a connection is being opened.
-    connecting: tokio::sync::Mutex<()>,
 }
 
 /// The connections of every known node.
@@ -115,7 +113,6 @@ impl NodePool {
                 access,
                 state: Mutex::new(State::default()),
                 slots: Arc::new(Semaphore::new(MAX_CALLS_PER_NODE)),
-                connecting: tokio::sync::Mutex::new(()),
                 cpu: Mutex::new(None),
             }),
         );
@@ -202,45 +199,27 @@ impl NodePool {
         result
     }
 
-    /// The node's open connection, or the backoff's error; `None`: time to connect.
-    fn ready(n: &Node) -> Option<Result<(Arc<Connection>, u64), HvError>> {
-        let st = n.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = &st.conn {
-            return Some(Ok((c.clone(), st.generation)));
-        }
-        if let Some((at, why, reason)) = &st.retry_at
-            && Instant::now() < *at
-        {
-            return Some(Err(HvError::Unreachable {
-                target: n.access.name.clone(),
-                cause: format!(
-                    "not retrying for {}s after the last failure ({reason}: {why})",
-                    at.saturating_duration_since(Instant::now()).as_secs() + 1
-                ),
-            }));
-        }
-        None
-    }
-
     async fn connection(
         &self,
         n: &Arc<Node>,
         timeout: Duration,
     ) -> Result<(Arc<Connection>, u64), HvError> {
-        if let Some(r) = Self::ready(n) {
-            return r;
-        }
-        // one connection attempt per node at a time: callers that waited use the connection it
-        // opened (or its failure), instead of each opening one and replacing the others'
-        let _one = tokio::time::timeout(timeout, n.connecting.lock())
-            .await
-            .map_err(|_| HvError::Timeout {
-                op: "connect",
-                target: n.access.name.clone(),
-                secs: timeout.as_secs(),
-            })?;
-        if let Some(r) = Self::ready(n) {
-            return r;
+        {
+            let st = n.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = &st.conn {
+                return Ok((c.clone(), st.generation));
+            }
+            if let Some((at, why, reason)) = &st.retry_at
+                && Instant::now() < *at
+            {
+                return Err(HvError::Unreachable {
+                    target: n.access.name.clone(),
+                    cause: format!(
+                        "not retrying for {}s after the last failure ({reason}: {why})",
+                        at.saturating_duration_since(Instant::now()).as_secs() + 1
+                    ),
+                });
+            }
         }
         let access = n.access.clone();
         let name = access.name.clone();
