@@ -365,12 +365,10 @@ impl Standalone {
                 }
             }
             let before = self.standing.clone();
-            let (reconciled, moved) = self.round().await;
+            let reconciled = self.round().await;
             if reconciled > 0 {
-                // statuses carry timestamps; what matters is whether any object moved (its
-                // standing, or its power state, node or phase: a VM rebound after its Migration
-                // is looked at once more before `once` calls it done)
-                let changed = moved || self.standing != before;
+                // statuses carry timestamps; what matters is whether any object moved
+                let changed = self.standing != before;
                 self.save()?;
                 self.print_table();
                 let pending: Vec<String> = self.list(|s| matches!(s, Standing::Pending(_)));
@@ -642,12 +640,10 @@ impl Standalone {
     /// converge them: nodes, pools, VMs, migrations. Within a kind, objects are reconciled side
     /// by side as the cluster's controllers do, so a host that stops answering delays only its
     /// own objects; VMs still to be placed go one after another, each seeing the placements
-    /// before it. Returns how many objects were reconciled, and whether any of them moved
-    /// (standing, power state, node or phase).
-    async fn round(&mut self) -> (usize, bool) {
+    /// before it. Returns how many objects were reconciled.
+    async fn round(&mut self) -> usize {
         let now = Instant::now();
         let mut done = 0;
-        let mut moved_any = false;
         // nodes
         let due: Vec<usize> = (0..self.world.nodes.len())
             .filter(|i| {
@@ -716,7 +712,6 @@ impl Standalone {
                 took,
                 reason.as_deref(),
             );
-            moved_any |= moved;
             self.schedule(&key, moved, out.requeue, self.opts.resync);
             self.world.nodes[i] = Arc::new(n);
         }
@@ -805,7 +800,6 @@ impl Standalone {
                 took,
                 reason.as_deref(),
             );
-            moved_any |= moved;
             self.schedule(&key, moved, out.requeue, self.config.pool_resync);
             self.world.pools[i] = Arc::new(p);
         }
@@ -926,7 +920,6 @@ impl Standalone {
                 took,
                 reason.as_deref(),
             );
-            moved_any |= moved;
             self.schedule(&key, moved, out.requeue, self.config.vm_resync);
             self.world.vms[i] = Arc::new(v);
         }
@@ -983,14 +976,13 @@ impl Standalone {
                 started.elapsed(),
                 reason.as_deref(),
             );
-            moved_any |= moved;
             self.schedule(&key, moved, out.requeue, self.config.vm_resync);
             self.world.migrations[i] = Arc::new(x);
         }
         if done > 0 {
             *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = self.world.clone();
         }
-        (done, moved_any)
+        done
     }
 
     /// Records an object's standing (and the reconcile in the metrics) and prints its Events.

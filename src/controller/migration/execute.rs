@@ -51,26 +51,6 @@ impl Jobs {
         }
     }
 
-    /// Waits until the job of `uid` ends, at most `max` (returns at once when none runs): a
-    /// reconcile that watches a running job notices its end when it happens, not at its next
-    /// poll.
-    pub async fn wait(&self, uid: &str, max: std::time::Duration) {
-        const STEP: std::time::Duration = std::time::Duration::from_millis(20);
-        let deadline = tokio::time::Instant::now() + max;
-        loop {
-            let running = self
-                .map
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(uid)
-                .is_some_and(|h| !h.is_finished());
-            if !running || tokio::time::Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep(STEP).await;
-        }
-    }
-
     /// Starts migrating `domain` from `source` to `target`.
     pub fn start<H: Hypervisor>(
         &self,

@@ -25,10 +25,6 @@ use crate::placement::{self, Decision};
 
 use plan::{Event, RunStep, Task};
 
-/// How long a reconcile of a running Migration waits for its job to end before it reports
-/// progress and looks again (see [`execute::Jobs::wait`]).
-const JOB_WAIT: Duration = Duration::from_secs(1);
-
 /// Field manager of this controller's status writes.
 pub const MANAGER: &str = "kvm-operator-migration";
 
@@ -288,9 +284,6 @@ async fn run<H: Hypervisor>(
     let Some(domain) = vm.status.as_ref().and_then(|st| st.domain_name.clone()) else {
         return s.go(Event::Fail, "NotProvisioned", "the VM has no domain".into());
     };
-    // a job that runs: its end (libvirt's migration returning) is waited for a moment, so the
-    // Migration completes when the job does instead of at its next look
-    jobs.wait(uid, JOB_WAIT).await;
     let observed = match observe::observe(hv.as_ref(), &source, Some(&target), &domain).await {
         Ok(o) => o,
         Err(e) => return s.hold(e.reason(), format!("cannot read the nodes: {e}")),
