@@ -87,14 +87,14 @@ fn real_guest_lifecycle_over_ssh_with_pinned_host_key() {
         !node_dir.join("id").exists(),
         "the private key stays in memory"
     );
-    let mode = std::fs::metadata(node_dir.join("libvirt.sock"))
+    let mode = std::fs::metadata(node_dir.join("libvirt-main.sock"))
         .unwrap_or_else(|e| panic!("{e}"))
         .permissions()
         .mode();
     assert_eq!(
         mode & 0o077,
         0,
-        "libvirt.sock is reachable by others: {mode:o}"
+        "libvirt-main.sock is reachable by others: {mode:o}"
     );
 
     let name = format!("kvmop-lab-{}", std::process::id());

@@ -1,26 +1,35 @@
-//! One cached libvirt connection per node, shared by every reconcile.
+//! The libvirt connections of every node, shared by every reconcile.
 //!
 //! - Every call runs on `spawn_blocking` under a timeout, so a hung host costs the caller at most
 //!   the timeout and never blocks the async runtime or other nodes.
-//! - At most [`MAX_CALLS_PER_NODE`] calls run on one node at once; a node whose calls hang cannot
-//!   exhaust the blocking thread pool.
-//! - A call that fails because the connection broke (or timed out) drops the connection; the
-//!   next call reconnects, no sooner than the node's backoff allows (1 s doubling to 60 s), and
-//!   until then fails fast with the last error.
-//! - Changing a node's access (spec or key) replaces its connection.
+//! - One call at a time per libvirt connection: a node has up to [`MAX_CALLS_PER_NODE`]
+//!   connections ("lanes", opened as calls need them) and a call holds one lane until its
+//!   blocking work really ends, plus one lane of its own for domain events. libvirt's RPC client
+//!   (9.0, Debian 12) leaves a poll source pointing into a finished call's stack when a second
+//!   thread wakes the thread that owns the socket; when that socket later turns readable (a host
+//!   answering again after its link came back) the client writes into that stack and crashed
+//!   the operator in the fault suite. One thread per connection never takes that path.
+//! - A call that fails because the connection broke (or timed out) drops its lane's connection;
+//!   the next call on it reconnects, no sooner than the node's backoff allows (1 s doubling to
+//!   60 s), and until then fails fast with the last error.
+//! - The node's lanes share one stamp index (what each domain's ownership stamp says).
+//! - Changing a node's access (spec or key) replaces its connections.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::connection::{Connection, STAMP_INDEX_FRESH};
-use super::{HvError, NodeAccess, connect_node};
+use super::connection::{Connection, STAMP_INDEX_FRESH, SharedIndex};
+use super::{HvError, NodeAccess, connect_node_as};
 
-/// Concurrent calls allowed on one node.
-pub const MAX_CALLS_PER_NODE: usize = 8;
+/// Concurrent calls allowed on one node: each on a libvirt connection of its own.
+pub const MAX_CALLS_PER_NODE: usize = 4;
+/// The lane that carries domain events (after the call lanes).
+const EVENTS_LANE: usize = MAX_CALLS_PER_NODE;
+const LANE_LABELS: [&str; MAX_CALLS_PER_NODE + 1] = ["0", "1", "2", "3", "events"];
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -34,25 +43,88 @@ pub fn calls_made() -> u64 {
     CALLS.load(Ordering::Relaxed)
 }
 
+/// One libvirt connection of a node, used by one call at a time.
 #[derive(Default)]
-struct State {
+struct Lane {
     conn: Option<Arc<Connection>>,
-    /// When the next connection attempt is allowed, and why the last one failed.
-    retry_at: Option<(Instant, String, &'static str)>,
-    backoff: Option<Duration>,
     /// Bumped whenever the connection is replaced, so a late failure of an old connection does
     /// not drop a new one.
     generation: u64,
 }
 
+/// Why and until when a node is not connected to again.
+#[derive(Default)]
+struct Backoff {
+    /// When the next connection attempt is allowed, and why the last one failed.
+    retry_at: Option<(Instant, String, &'static str)>,
+    backoff: Option<Duration>,
+}
+
 struct Node {
     access: NodeAccess,
-    state: Mutex<State>,
+    /// [`MAX_CALLS_PER_NODE`] call lanes, then the events lane.
+    lanes: Vec<Mutex<Lane>>,
+    /// Which call lanes a call holds right now.
+    busy: Mutex<[bool; MAX_CALLS_PER_NODE]>,
+    /// One permit per call lane.
     slots: Arc<Semaphore>,
+    /// The events lane's one permit.
+    events: Arc<Semaphore>,
+    backoff: Mutex<Backoff>,
+    index: SharedIndex,
     /// The host's CPU counters at the last host-facts reading: the next one measures CPU use
     /// since then instead of sampling twice with a wait in between.
     /// With the CPU use last computed.
     cpu: Mutex<Option<(Instant, super::host_facts::CpuTimes, Option<u32>)>>,
+}
+
+impl Node {
+    fn new(access: NodeAccess) -> Self {
+        Self {
+            access,
+            lanes: (0..=MAX_CALLS_PER_NODE)
+                .map(|_| Mutex::new(Lane::default()))
+                .collect(),
+            busy: Mutex::new([false; MAX_CALLS_PER_NODE]),
+            slots: Arc::new(Semaphore::new(MAX_CALLS_PER_NODE)),
+            events: Arc::new(Semaphore::new(1)),
+            backoff: Mutex::new(Backoff::default()),
+            index: SharedIndex::default(),
+            cpu: Mutex::new(None),
+        }
+    }
+
+    fn lane(&self, i: usize) -> std::sync::MutexGuard<'_, Lane> {
+        self.lanes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Any open connection of the node.
+    fn any_connection(&self) -> Option<Arc<Connection>> {
+        (0..self.lanes.len()).find_map(|i| self.lane(i).conn.clone())
+    }
+}
+
+/// A lane held by one call: given back (after its permit) when dropped, which is when the
+/// blocking work that used it has really ended.
+struct Lease {
+    node: Arc<Node>,
+    lane: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.lane < MAX_CALLS_PER_NODE {
+            self.node.busy.lock().unwrap_or_else(|p| p.into_inner())[self.lane] = false;
+        }
+    }
+}
+
+/// Closes a connection off the async runtime (closing is an RPC to the host).
+fn close_later(conn: Option<Arc<Connection>>) {
+    if let Some(c) = conn {
+        drop(tokio::task::spawn_blocking(move || drop(c)));
+    }
 }
 
 /// The connections of every known node.
@@ -107,15 +179,7 @@ impl NodePool {
         {
             return;
         }
-        nodes.insert(
-            access.name.clone(),
-            Arc::new(Node {
-                access,
-                state: Mutex::new(State::default()),
-                slots: Arc::new(Semaphore::new(MAX_CALLS_PER_NODE)),
-                cpu: Mutex::new(None),
-            }),
-        );
+        nodes.insert(access.name.clone(), Arc::new(Node::new(access)));
     }
 
     /// Forgets a node and closes its connection (once running calls finish).
@@ -142,59 +206,138 @@ impl NodePool {
 
     /// True when the node has an open connection right now.
     pub fn is_connected(&self, name: &str) -> bool {
-        self.lock_nodes().get(name).is_some_and(|n| {
-            n.state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .conn
-                .is_some()
-        })
+        let n = self.lock_nodes().get(name).cloned();
+        n.is_some_and(|n| n.any_connection().is_some())
     }
 
-    /// Runs `f` with the node's connection, connecting first when needed.
+    /// Runs `f` with one of the node's connections (one no other call uses meanwhile),
+    /// connecting first when needed.
     pub async fn call<T, F>(&self, node: &str, op: &'static str, f: F) -> Result<T, HvError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
     {
         let n = self.node(node)?;
+        let lease = self.lease(&n, node, op, false).await?;
+        self.run(n, lease, node, op, f).await
+    }
+
+    /// [`NodePool::call`] on the node's events lane: the connection domain events are followed
+    /// on, which stays the same as long as it works.
+    pub async fn call_events<T, F>(&self, node: &str, op: &'static str, f: F) -> Result<T, HvError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        let n = self.node(node)?;
+        let lease = self.lease(&n, node, op, true).await?;
+        self.run(n, lease, node, op, f).await
+    }
+
+    /// A free lane of `n` (the events lane when `events`), waiting at most the call timeout.
+    async fn lease(
+        &self,
+        n: &Arc<Node>,
+        node: &str,
+        op: &'static str,
+        events: bool,
+    ) -> Result<Lease, HvError> {
         let timeout = self.call_timeout;
         let timeout_err = || HvError::Timeout {
             op,
             target: node.to_string(),
             secs: timeout.as_secs(),
         };
-        let permit = tokio::time::timeout(timeout, n.slots.clone().acquire_owned())
+        let sem = if events { &n.events } else { &n.slots };
+        let permit = tokio::time::timeout(timeout, sem.clone().acquire_owned())
             .await
             .map_err(|_| timeout_err())?
             .map_err(|_| timeout_err())?;
-        let (conn, generation) = self.connection(&n, timeout).await?;
-        let c = conn.clone();
+        let lane = if events {
+            EVENTS_LANE
+        } else {
+            let mut busy = n.busy.lock().unwrap_or_else(|p| p.into_inner());
+            // a permit means a lane is free; the lowest first, so few connections serve a quiet node
+            let i = busy.iter().position(|b| !b).ok_or_else(|| HvError::Local {
+                cause: format!("{op} on {node}: no free connection although a slot was granted"),
+            })?;
+            busy[i] = true;
+            i
+        };
+        Ok(Lease {
+            node: n.clone(),
+            lane,
+            _permit: permit,
+        })
+    }
+
+    /// Runs `f` on the leased lane's connection.
+    async fn run<T, F>(
+        &self,
+        n: Arc<Node>,
+        lease: Lease,
+        node: &str,
+        op: &'static str,
+        f: F,
+    ) -> Result<T, HvError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        let timeout = self.call_timeout;
+        let lane = lease.lane;
+        let (conn, generation) = self.connection(&n, lane, timeout).await?;
         CALLS.fetch_add(1, Ordering::Relaxed);
         let task = tokio::task::spawn_blocking(move || {
-            let _permit = permit; // held until the blocking call really ends
-            f(&c)
+            let r = f(&conn);
+            let alive = r.is_ok() || conn.is_alive();
+            // the connection and then the lane go back only when the blocking work has ended
+            drop(conn);
+            drop(lease);
+            (r, alive)
         });
-        let result = match tokio::time::timeout(timeout, task).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(join)) => Err(HvError::Local {
-                cause: format!("{op} on {node} panicked: {join}"),
-            }),
-            Err(_) => Err(timeout_err()),
+        let (result, alive) = match tokio::time::timeout(timeout, task).await {
+            Ok(Ok((r, alive))) => (r, alive),
+            Ok(Err(join)) => (
+                Err(HvError::Local {
+                    cause: format!("{op} on {node} panicked: {join}"),
+                }),
+                true,
+            ),
+            Err(_) => (
+                Err(HvError::Timeout {
+                    op,
+                    target: node.to_string(),
+                    secs: timeout.as_secs(),
+                }),
+                false,
+            ),
         };
         if let Err(e) = &result
-            && (connection_broken(e) || !conn.is_alive())
+            && (connection_broken(e) || !alive)
         {
-            let mut st = n.state.lock().unwrap_or_else(|p| p.into_inner());
-            if st.generation == generation {
-                st.conn = None;
+            let old = {
+                let mut l = n.lane(lane);
+                if l.generation == generation {
+                    l.conn.take()
+                } else {
+                    None
+                }
+            };
+            if old.is_some() {
                 tracing::warn!(
                     node,
                     op,
                     reason = e.reason(),
                     "dropping the libvirt connection; the next call reconnects"
                 );
+                // what the node holds may have changed unseen while it did not answer
+                n.index
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .mark_stale();
             }
+            close_later(old);
         }
         result
     }
@@ -202,14 +345,18 @@ impl NodePool {
     async fn connection(
         &self,
         n: &Arc<Node>,
+        lane: usize,
         timeout: Duration,
     ) -> Result<(Arc<Connection>, u64), HvError> {
         {
-            let st = n.state.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = &st.conn {
-                return Ok((c.clone(), st.generation));
+            let l = n.lane(lane);
+            if let Some(c) = &l.conn {
+                return Ok((c.clone(), l.generation));
             }
-            if let Some((at, why, reason)) = &st.retry_at
+        }
+        {
+            let b = n.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, why, reason)) = &b.retry_at
                 && Instant::now() < *at
             {
                 return Err(HvError::Unreachable {
@@ -223,9 +370,12 @@ impl NodePool {
         }
         let access = n.access.clone();
         let name = access.name.clone();
+        let index = n.index.clone();
         let attempt = tokio::time::timeout(
             timeout,
-            tokio::task::spawn_blocking(move || connect_node(&access)),
+            tokio::task::spawn_blocking(move || {
+                connect_node_as(&access, LANE_LABELS[lane]).map(|c| c.with_index(index))
+            }),
         )
         .await;
         let result = match attempt {
@@ -239,37 +389,44 @@ impl NodePool {
                 secs: timeout.as_secs(),
             }),
         };
-        let mut st = n.state.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(c) => {
                 let c = Arc::new(c);
-                st.conn = Some(c.clone());
-                st.retry_at = None;
-                st.backoff = None;
-                st.generation += 1;
-                tracing::info!(node = %name, "libvirt connection open");
-                Ok((c, st.generation))
+                let generation = {
+                    let mut l = n.lane(lane);
+                    // only this lane's holder connects it: nothing open is replaced
+                    let old = l.conn.replace(c.clone());
+                    l.generation += 1;
+                    close_later(old);
+                    l.generation
+                };
+                let mut b = n.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                b.retry_at = None;
+                b.backoff = None;
+                tracing::info!(node = %name, lane = LANE_LABELS[lane], "libvirt connection open");
+                Ok((c, generation))
             }
             Err(e) => {
+                let mut b = n.backoff.lock().unwrap_or_else(|p| p.into_inner());
                 // a host key mismatch or a bad spec will not fix itself soon: wait the longest
                 let wait = if e.is_transient() {
-                    st.backoff
-                        .map_or(BACKOFF_START, |b| (b * 2).min(BACKOFF_MAX))
+                    b.backoff
+                        .map_or(BACKOFF_START, |w| (w * 2).min(BACKOFF_MAX))
                 } else {
                     BACKOFF_MAX
                 };
-                st.backoff = Some(wait);
-                st.retry_at = Some((Instant::now() + wait, e.to_string(), e.reason()));
+                b.backoff = Some(wait);
+                b.retry_at = Some((Instant::now() + wait, e.to_string(), e.reason()));
                 Err(e)
             }
         }
     }
 
-    /// The node's open connection, if any (without connecting).
+    /// One of the node's open connections, if any (without connecting): they share the
+    /// node's stamp index.
     fn open_connection(&self, name: &str) -> Option<Arc<Connection>> {
         let n = self.lock_nodes().get(name).cloned()?;
-        let st = n.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.conn.clone()
+        n.any_connection()
     }
 
     /// Names of the domains on `node` stamped with `uid`: from the connection's stamp index
@@ -312,17 +469,29 @@ impl NodePool {
         T: Send + 'static,
         F: FnOnce(&Connection, &Connection) -> Result<T, HvError> + Send + 'static,
     {
+        if a == b {
+            return Err(HvError::Local {
+                cause: format!("{op}: both ends are {a}"),
+            });
+        }
         let (na, nb) = (self.node(a)?, self.node(b)?);
-        let (ca, _) = self.connection(&na, self.call_timeout).await?;
-        let (cb, _) = self.connection(&nb, self.call_timeout).await?;
+        let la = self.lease(&na, a, op, false).await?;
+        let lb = self.lease(&nb, b, op, false).await?;
+        let (ca, _) = self.connection(&na, la.lane, self.call_timeout).await?;
+        let (cb, _) = self.connection(&nb, lb.lane, self.call_timeout).await?;
         // no overall timeout here: a migration runs as long as its own completion timeout says;
-        // callers watch and abort it through `call` on the source
+        // callers watch and abort it through `call` on the source (another lane)
         CALLS.fetch_add(1, Ordering::Relaxed);
-        tokio::task::spawn_blocking(move || f(&ca, &cb))
-            .await
-            .map_err(|join| HvError::Local {
-                cause: format!("{op} between {a} and {b} panicked: {join}"),
-            })?
+        tokio::task::spawn_blocking(move || {
+            let r = f(&ca, &cb);
+            drop((ca, cb));
+            drop((la, lb));
+            r
+        })
+        .await
+        .map_err(|join| HvError::Local {
+            cause: format!("{op} between {a} and {b} panicked: {join}"),
+        })?
     }
 
     /// Host facts: over SSH for SSH transports, from libvirt otherwise. CPU use is measured
@@ -385,9 +554,9 @@ impl NodePool {
     /// operator was told the host is back).
     pub fn reset_backoff(&self, name: &str) {
         if let Some(n) = self.lock_nodes().get(name) {
-            let mut st = n.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.retry_at = None;
-            st.backoff = None;
+            let mut b = n.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            b.retry_at = None;
+            b.backoff = None;
         }
     }
 }
@@ -510,5 +679,66 @@ mod tests {
         assert!(r.is_ok(), "{r:?}");
         // other tests of this process count too: at least ours
         assert!(calls_made() - before >= 4);
+    }
+
+    /// libvirt's RPC client must never be entered by two threads on one connection (see the
+    /// module's comment): concurrent calls on a node each get a connection of their own, at
+    /// most MAX_CALLS_PER_NODE of them, and the events lane is none of those.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_calls_never_share_a_connection() {
+        use std::collections::HashSet;
+        let dir = std::env::temp_dir();
+        let pool = Arc::new(NodePool::new(Duration::from_secs(10)));
+        pool.upsert(test_node("lanes", &dir, "test:///default"));
+        let in_use: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let shared = Arc::new(AtomicU64::new(0));
+        let calls = (0..24).map(|_| {
+            let (pool, in_use, shared) = (pool.clone(), in_use.clone(), shared.clone());
+            async move {
+                pool.call("lanes", "hold", move |c| {
+                    if !in_use
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(c.id())
+                    {
+                        shared.fetch_add(1, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                    let _ = c.list_domains();
+                    in_use
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&c.id());
+                    Ok(c.id())
+                })
+                .await
+            }
+        });
+        let ids: Vec<u64> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        assert_eq!(
+            shared.load(Ordering::SeqCst),
+            0,
+            "a connection was used by two calls at once"
+        );
+        let distinct: HashSet<u64> = ids.iter().copied().collect();
+        assert!(
+            distinct.len() > 1 && distinct.len() <= MAX_CALLS_PER_NODE,
+            "{} connections",
+            distinct.len()
+        );
+        let events = pool
+            .call_events("lanes", "event check", |c| Ok(c.id()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!distinct.contains(&events), "events share a call lane");
+        let again = pool
+            .call_events("lanes", "event check", |c| Ok(c.id()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(events, again, "the events connection stays the same");
     }
 }

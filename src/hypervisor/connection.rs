@@ -101,11 +101,22 @@ pub struct StateDetail {
 /// mark the index stale sooner where they are followed).
 pub const STAMP_INDEX_FRESH: Duration = Duration::from_secs(2);
 
-/// What one connection knows of its node's domains and their ownership stamps: filled by every
-/// listing (a stamp is read only for a UUID not seen before), kept current by this connection's
-/// own writes. A reconnect starts from an empty index.
+/// A node's [`StampIndex`], shared by its connections.
+pub type SharedIndex = std::sync::Arc<std::sync::Mutex<StampIndex>>;
+
+impl StampIndex {
+    /// The next question lists the node again (stamps of UUIDs already seen are kept).
+    pub fn mark_stale(&mut self) {
+        self.listed_at = None;
+    }
+}
+
+/// What the operator knows of a node's domains and their ownership stamps: filled by every
+/// listing (a stamp is read only for a UUID not seen before), kept current by the writes of the
+/// connections that share it ([`Connection::with_index`]: all of one node's connections in the
+/// pool). A connection opened on its own starts from an empty index.
 #[derive(Debug, Default)]
-struct StampIndex {
+pub struct StampIndex {
     /// By UUID: the domain's name and our stamp (None: not ours).
     by_uuid: std::collections::HashMap<String, (String, Option<Owner>)>,
     /// When the node was last listed in full; None: never, or marked stale.
@@ -145,8 +156,9 @@ pub struct Connection {
     tunnel: Option<super::tunnel::Tunnel>,
     /// Unique per opened connection: tells a reconnect apart from the same connection.
     id: u64,
-    /// The node's domains and their stamps, as far as this connection knows them.
-    stamps: std::sync::Mutex<StampIndex>,
+    /// The node's domains and their stamps, as far as this connection knows them (shared with
+    /// the node's other connections in the pool).
+    stamps: SharedIndex,
 }
 
 impl std::fmt::Debug for Connection {
@@ -205,6 +217,13 @@ impl Connection {
 
     pub(crate) fn err(&self, op: &'static str, e: virt::error::Error) -> HvError {
         HvError::libvirt(op, self.node.clone(), &e)
+    }
+
+    /// Shares `index` with the node's other connections: what one of them defines, lists or
+    /// learns from an event, every one of them knows.
+    pub(crate) fn with_index(mut self, index: SharedIndex) -> Self {
+        self.stamps = index;
+        self
     }
 
     /// Keeps `tunnel` alive as long as this connection (libvirt talks through it).
@@ -555,6 +574,14 @@ impl Connection {
         d.create()
             .map(|_| ())
             .map_err(|e| self.err("start domain", e))
+    }
+
+    /// True when the domain has a persistent definition (false: it exists only while it runs,
+    /// such as an incoming migration that libvirt has not finished).
+    pub fn is_persistent(&self, name: &str) -> Result<bool, HvError> {
+        self.lookup(name)?
+            .is_persistent()
+            .map_err(|e| self.err("domain persistence", e))
     }
 
     /// Forces the domain off. A stopped domain is success.

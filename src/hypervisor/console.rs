@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use super::tunnel::{Remote, Tunnel};
-use super::{HvError, NodeAccess, connect_node};
+use super::{HvError, NodeAccess, connect_node_as};
 
 /// An open console tunnel.
 #[derive(Debug)]
@@ -58,7 +58,7 @@ pub fn open(access: &NodeAccess, domain: &str, listen: SocketAddr) -> Result<Con
             ),
         });
     }
-    let conn = connect_node(access)?;
+    let conn = connect_node_as(access, "console")?;
     let ends = conn.console(domain)?;
     let vnc = ends.vnc.ok_or_else(|| HvError::NotFound {
         what: format!(

@@ -39,7 +39,7 @@ pub async fn follow<H: Hypervisor>(
 ) {
     let mut current: Option<(u64, EventSubscription)> = None;
     while !tx.is_closed() {
-        let id = hv.call(&node, "event check", |c| Ok(c.id())).await;
+        let id = hv.call_events(&node, "event check", |c| Ok(c.id())).await;
         let subscribed = current.as_ref().map(|(i, _)| *i);
         match id {
             Ok(id) if subscribed == Some(id) => {}
@@ -47,7 +47,7 @@ pub async fn follow<H: Hypervisor>(
                 release(current.take()).await;
                 let tx2 = tx.clone();
                 match hv
-                    .call(&node, "subscribe to domain events", move |c| {
+                    .call_events(&node, "subscribe to domain events", move |c| {
                         Ok((c.id(), c.subscribe_events(tx2)?))
                     })
                     .await

@@ -60,6 +60,21 @@ pub trait Hypervisor: Send + Sync + 'static {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static;
 
+    /// Runs `f` on the connection `node`'s domain events are followed on (the same one as
+    /// long as it works). By default the same as [`Hypervisor::call`].
+    fn call_events<T, F>(
+        &self,
+        node: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        self.call(node, op, f)
+    }
+
     /// Runs `f` on the connections of two nodes (migration).
     fn call_pair<T, F>(
         &self,
@@ -100,6 +115,19 @@ impl Hypervisor for cache::NodePool {
         F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
     {
         cache::NodePool::call(self, node, op, f)
+    }
+
+    fn call_events<T, F>(
+        &self,
+        node: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        cache::NodePool::call_events(self, node, op, f)
     }
 
     fn call_pair<T, F>(
@@ -282,6 +310,12 @@ impl std::fmt::Debug for NodeAccess {
 /// Connects to a node: checks the pinned host key over SSH, writes the key material into the
 /// node's private directory, and opens libvirt with a URI that pins the same host key.
 pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
+    connect_node_as(access, "main")
+}
+
+/// [`connect_node`] for one of several connections to the same node open at once: `label`
+/// (a short fixed word or number) keeps their local tunnel sockets apart.
+pub fn connect_node_as(access: &NodeAccess, label: &str) -> Result<Connection, HvError> {
     let mut target = NodeTarget::from_spec(&access.spec)?;
     if target.transport.uses_ssh() {
         let (policy, pem) = ssh_credentials(access)?;
@@ -310,7 +344,7 @@ pub fn connect_node(access: &NodeAccess) -> Result<Connection, HvError> {
                 });
             }
             let dir = node_dir(&access.state_dir, &access.name)?;
-            let local = dir.join("libvirt.sock");
+            let local = dir.join(format!("libvirt-{label}.sock"));
             let t = tunnel::Tunnel::start(session, tunnel::Remote::UnixSocket(remote), &local)?;
             let uri = format!("qemu+unix:///system?socket={}", local.display());
             return Connection::open(&uri, &access.name).map(|c| c.with_tunnel(t));

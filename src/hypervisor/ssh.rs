@@ -160,7 +160,10 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), HvError> {
     let io = |e: std::io::Error| HvError::Local {
         cause: format!("cannot write {}: {e}", path.display()),
     };
-    let tmp = path.with_extension("tmp");
+    // a name of its own: two connections to one node may write the same file at once
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
