@@ -2,6 +2,17 @@
 //! moved while it is off), with optional storage copy. The domain ends up defined on the
 //! destination only (persistent there, undefined on the source), so it can never be started on
 //! both. A failed or aborted migration leaves it on the source.
+//!
+//! A live migration leaves the domain paused on the destination (`VIR_MIGRATE_PAUSED`) and
+//! resumes it there only after libvirt has confirmed that the source's copy is gone. libvirt's
+//! own order resumes the destination in its Finish step, before the source is told: when the
+//! caller loses the destination just then (a cut link), libvirt cannot tell a failed Finish from
+//! a lost reply and resumes the source too, so the guest would run on both hosts ("the lock
+//! manager plugins should take care of safety in this scenario", libvirt's
+//! `virDomainMigrateVersion3Full`). Paused, the destination's copy never runs a guest
+//! instruction until the source is known to be stopped; the cost is one resume call of extra
+//! pause at switch-over. Post-copy cannot be combined with it (libvirt refuses), so a
+//! `post_copy` migration keeps libvirt's order and its risk.
 
 use std::time::Duration;
 
@@ -34,6 +45,10 @@ impl MigrateOptions {
         let mut f = sys::VIR_MIGRATE_PERSIST_DEST | sys::VIR_MIGRATE_UNDEFINE_SOURCE;
         if self.live {
             f |= sys::VIR_MIGRATE_LIVE;
+            if !self.post_copy {
+                // resumed by `migrate` once the source is gone (see the module's comment)
+                f |= sys::VIR_MIGRATE_PAUSED;
+            }
             if self.auto_converge {
                 f |= sys::VIR_MIGRATE_AUTO_CONVERGE;
             }
@@ -79,7 +94,10 @@ impl JobProgress {
 impl Connection {
     /// Migrates `name` from this node to `dest`. Blocks until libvirt reports the outcome; watch
     /// it with [`Connection::job_progress`] and stop it with [`Connection::abort_job`] from other
-    /// threads on the same connection.
+    /// threads on the same connection. A live migration of a running domain resumes it on `dest`
+    /// once libvirt reports the source's copy stopped; if that resume cannot be made, the
+    /// migration still succeeded and the domain waits paused on `dest` (the VM's reconcile
+    /// resumes it as its spec says).
     pub fn migrate(
         &self,
         name: &str,
@@ -88,10 +106,8 @@ impl Connection {
     ) -> Result<(), HvError> {
         let d = self.domain(name)?;
         let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
-        let running = matches!(
-            DomainState::from_virt(st),
-            DomainState::Running | DomainState::Paused
-        );
+        let state = DomainState::from_virt(st);
+        let running = matches!(state, DomainState::Running | DomainState::Paused);
         if opts.live && !running {
             return Err(HvError::Local {
                 cause: format!(
@@ -116,16 +132,26 @@ impl Connection {
             bandwidth: opts.bandwidth_mib,
             ..Default::default()
         };
-        let r = d
-            .migrate3(dest.raw(), params, opts.flags())
-            .map(|_| ())
-            .map_err(|e| {
-                HvError::libvirt("migrate", format!("{} -> {}", self.node(), dest.node()), &e)
-            });
+        let flags = opts.flags();
+        let r = d.migrate3(dest.raw(), params, flags).map_err(|e| {
+            HvError::libvirt("migrate", format!("{} -> {}", self.node(), dest.node()), &e)
+        });
         // the domain left one node and arrived on the other (or half did): both list again
         self.index_stale();
         dest.index_stale();
-        r
+        let moved = r?;
+        if flags & sys::VIR_MIGRATE_PAUSED != 0
+            && state == DomainState::Running
+            && let Err(e) = moved.resume()
+        {
+            tracing::warn!(
+                domain = name,
+                node = dest.node(),
+                error = %e,
+                "migrated, but resuming on the target failed; it stays paused there until the VM's reconcile resumes it"
+            );
+        }
+        Ok(())
     }
 
     fn job(&self, name: &str, flags: u32) -> Result<JobProgress, HvError> {
@@ -202,6 +228,15 @@ mod tests {
             assert_ne!(f & want, 0);
         }
         assert_eq!(f & sys::VIR_MIGRATE_OFFLINE, 0);
+        // paused on the target until the source is gone: never running on both
+        assert_ne!(f & sys::VIR_MIGRATE_PAUSED, 0);
+        let post = MigrateOptions {
+            live: true,
+            post_copy: true,
+            ..Default::default()
+        };
+        // libvirt refuses post-copy with PAUSED
+        assert_eq!(post.flags() & sys::VIR_MIGRATE_PAUSED, 0);
         let cold = MigrateOptions {
             auto_converge: true,
             ..Default::default()

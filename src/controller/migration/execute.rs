@@ -106,8 +106,10 @@ pub async fn abort(hv: &impl Hypervisor, source: &str, domain: &str) -> Result<(
     .await
 }
 
-/// Undefines an inactive leftover of `domain` on `node` when it carries `uid`'s stamp. A running
-/// domain is never touched.
+/// Removes a copy of `domain` on `node` that carries `uid`'s stamp and does not run: a shut-off
+/// one is undefined; a paused one without a job (a migration's copy stopped at switch-over) is
+/// destroyed, then undefined. Callers decide that the other node holds the VM first. A running
+/// domain, one with a job, or one not ours is never touched. True when something was removed.
 pub async fn remove_leftover(
     hv: &impl Hypervisor,
     node: &str,
@@ -126,10 +128,30 @@ pub async fn remove_leftover(
             .ok()
             .and_then(|x| x.owner().map(|o| o.uid == u))
             .unwrap_or(false);
-        if state != DomainState::Shutoff || !ours {
+        if !ours {
             return Ok(false);
         }
-        c.undefine(&d).map(|()| true)
+        match state {
+            DomainState::Shutoff => {}
+            DomainState::Paused => {
+                if c.job_progress(&d).map(|j| j.active).unwrap_or(true) {
+                    return Err(HvError::Local {
+                        cause: format!(
+                            "the paused copy of {d} on {node} still has a libvirt job; it is removed once that ends",
+                            node = c.node()
+                        ),
+                    });
+                }
+                tracing::warn!(domain = %d, node = c.node(), "destroying the paused copy a migration left; the VM runs from the other node");
+                c.destroy(&d)?;
+            }
+            _ => return Ok(false),
+        }
+        // a transient copy is gone once destroyed
+        match c.undefine(&d) {
+            Ok(()) | Err(HvError::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
     })
     .await
 }

@@ -306,7 +306,14 @@ async fn run<H: Hypervisor>(
                 copy_storage: m.spec.copy_storage,
             };
             // a leftover definition on the target (an earlier attempt) would make libvirt refuse
-            let _ = execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid).await;
+            if let Err(e) = execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid).await {
+                return s
+                    .hold(
+                        e.reason(),
+                        format!("the copy an earlier attempt left on {target} cannot be removed yet: {e}"),
+                    )
+                    .requeue_after(Duration::from_secs(5));
+            }
             jobs.start(uid, hv, &source, &target, &domain, opts);
             s.note(Note::normal(
                 "MigrationStarted",
@@ -329,7 +336,15 @@ async fn run<H: Hypervisor>(
                 .requeue_after(Duration::from_secs(2))
         }
         RunStep::Complete => {
-            let _ = execute::remove_leftover(hv.as_ref(), &source, &domain, &vm_uid).await;
+            // the source's copy goes first: the VM is never bound where another copy could wake
+            if let Err(e) = execute::remove_leftover(hv.as_ref(), &source, &domain, &vm_uid).await {
+                return s
+                    .hold(
+                        e.reason(),
+                        format!("{domain} is on {target}; its copy on {source} cannot be removed yet: {e}"),
+                    )
+                    .requeue_after(Duration::from_secs(5));
+            }
             if let Some((downtime, took)) = execute::completed(hv.as_ref(), &target, &domain).await
             {
                 s.status.downtime_ms = downtime;
@@ -350,7 +365,14 @@ async fn run<H: Hypervisor>(
             s.go(Event::Complete, "Succeeded", msg)
         }
         RunStep::RollBack(why) => {
-            let _ = execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid).await;
+            if let Err(e) = execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid).await {
+                return s
+                    .hold(
+                        e.reason(),
+                        format!("{domain} stays on {source}; the copy on {target} cannot be removed yet: {e}"),
+                    )
+                    .requeue_after(Duration::from_secs(5));
+            }
             s.status.end_time = Some(super::now());
             let why = s
                 .status
@@ -421,7 +443,29 @@ pub async fn cleanup_core<H: Hypervisor>(
     }
     if let Some(target) = &st.target_node {
         let vm_uid = vm.uid().unwrap_or_default();
-        let _ = execute::remove_leftover(hv.as_ref(), target, &domain, &vm_uid).await;
+        let hv_err = |e: crate::hypervisor::HvError| Error::Hypervisor {
+            object: object.clone(),
+            cause: e.to_string(),
+            reason: e.reason(),
+        };
+        let observed = observe::observe(hv.as_ref(), &source, Some(target), &domain)
+            .await
+            .map_err(hv_err)?;
+        let on_source = observed
+            .source
+            .as_ref()
+            .is_some_and(|d| d.owner_uid.as_deref() == Some(vm_uid.as_str()));
+        if !on_source {
+            // the switch-over happened: the target's copy is the VM; it is never removed here
+            return Ok(vec![Note::normal(
+                "Cancelled",
+                "Delete",
+                format!("{object}: deleted after the switch-over; {domain} is on {target}"),
+            )]);
+        }
+        execute::remove_leftover(hv.as_ref(), target, &domain, &vm_uid)
+            .await
+            .map_err(hv_err)?;
     }
     Ok(vec![Note::normal(
         "Cancelled",

@@ -9,6 +9,9 @@ pub struct DomainAt {
     pub state: DomainState,
     /// UID in our stamp, when stamped.
     pub owner_uid: Option<String>,
+    /// Defined persistently (a target's copy becomes persistent only when libvirt's Finish step
+    /// has taken the whole migration stream; before that it is transient).
+    pub persistent: bool,
     /// The job running on it, when one runs.
     pub job: Option<JobProgress>,
 }
@@ -34,9 +37,15 @@ async fn at(hv: &impl Hypervisor, node: &str, domain: &str) -> Result<Option<Dom
             .or_else(|| c.domain_xml(&d).ok())
             .and_then(|x| x.owner().map(|o| o.uid.clone()));
         let job = c.job_progress(&d).ok().filter(|j| j.active);
+        let persistent = match c.is_persistent(&d) {
+            Ok(p) => p,
+            Err(HvError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         Ok(Some(DomainAt {
             state,
             owner_uid,
+            persistent,
             job,
         }))
     })

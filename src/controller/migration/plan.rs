@@ -98,9 +98,35 @@ pub fn running_step(
                 }
         });
     let on_source = ours(&observed.source);
+    let source = observed.source.as_ref().filter(|_| on_source);
+    let target = observed.target.as_ref().filter(|_| ours(&observed.target));
+    let idle_in = |d: Option<&super::observe::DomainAt>, state: DomainState| {
+        d.is_some_and(|d| d.job.is_none() && d.state == state)
+    };
     match task {
         Task::Running if elapsed > timeout => RunStep::AbortTimeout,
         Task::Running => RunStep::Watch,
+        // never made by this operator (the target stays paused until the source is gone), but
+        // if it is so, nothing is touched and a person is told
+        _ if live
+            && idle_in(source, DomainState::Running)
+            && idle_in(target, DomainState::Running) =>
+        {
+            RunStep::Stuck(
+                "the domain runs on both the source and the target; nothing is changed until a person stops one of them".into(),
+            )
+        }
+        // both stopped at switch-over: libvirt's Finish took the whole stream on the target (its
+        // copy is persistent) but the source was never told the outcome (the link to a node was
+        // lost just then). The target's copy is the complete guest: the source's is removed and
+        // the target's is the one the VM resumes.
+        _ if live
+            && idle_in(source, DomainState::Paused)
+            && idle_in(target, DomainState::Paused)
+            && target.is_some_and(|t| t.persistent) =>
+        {
+            RunStep::Complete
+        }
         Task::Done(Err(e)) if on_source => RunStep::RollBack(e.clone()),
         _ if on_target && !on_source => RunStep::Complete,
         // libvirt undefines the source last: a finished live migration may leave it briefly
@@ -166,8 +192,108 @@ mod tests {
         Some(DomainAt {
             state,
             owner_uid: Some(uid.into()),
+            persistent: true,
             job: job.then(Default::default),
         })
+    }
+
+    /// A target's copy before libvirt's Finish step made it persistent.
+    fn transient(state: DomainState, uid: &str) -> Option<DomainAt> {
+        at(state, uid, false).map(|d| DomainAt {
+            persistent: false,
+            ..d
+        })
+    }
+
+    /// The link to a node lost at switch-over (the target's copy waits paused): whatever the
+    /// job says, exactly one copy is kept and it is never one that another copy could race.
+    #[test]
+    fn a_switch_over_lost_to_a_cut_link_keeps_exactly_one_copy() {
+        use DomainState::*;
+        let m = mig("Live", 60);
+        let s = Duration::from_secs(1);
+        let o = |src, tgt| Observed {
+            source: src,
+            target: tgt,
+        };
+        let failed = Task::Done(Err("unable to connect".into()));
+        for task in [&failed, &Task::Absent] {
+            // the source was told it failed and runs again: the paused copy on the target goes
+            // (with the job gone, the operator restarted, the same)
+            let step = running_step(
+                &m,
+                "u",
+                &o(at(Running, "u", false), at(Paused, "u", false)),
+                task,
+                s,
+            );
+            assert!(
+                matches!(step, RunStep::RollBack(_) | RunStep::StartJob),
+                "{task:?}: {step:?}"
+            );
+            // the source never heard the outcome and both wait paused: the target took the whole
+            // stream (persistent), so it is the VM and the source's copy goes
+            assert_eq!(
+                running_step(
+                    &m,
+                    "u",
+                    &o(at(Paused, "u", false), at(Paused, "u", false)),
+                    task,
+                    s
+                ),
+                RunStep::Complete,
+                "{task:?}"
+            );
+            // ... but a transient target copy never had the whole stream: back to the source
+            assert!(
+                matches!(
+                    running_step(
+                        &m,
+                        "u",
+                        &o(at(Paused, "u", false), transient(Paused, "u")),
+                        task,
+                        s
+                    ),
+                    RunStep::RollBack(_) | RunStep::StartJob
+                ),
+                "{task:?}"
+            );
+            // running on both (libvirt's own order, not ours): nothing is touched
+            assert!(
+                matches!(
+                    running_step(
+                        &m,
+                        "u",
+                        &o(at(Running, "u", false), at(Running, "u", false)),
+                        task,
+                        s
+                    ),
+                    RunStep::Stuck(why) if why.contains("both")
+                ),
+                "{task:?}"
+            );
+        }
+        // while the job runs (or a job still holds a copy) nothing is decided
+        assert_eq!(
+            running_step(
+                &m,
+                "u",
+                &o(at(Paused, "u", true), at(Paused, "u", false)),
+                &Task::Absent,
+                s
+            ),
+            RunStep::Watch
+        );
+        assert_eq!(
+            running_step(
+                &m,
+                "u",
+                &o(at(Running, "u", false), at(Running, "u", false)),
+                &Task::Running,
+                s
+            ),
+            RunStep::Watch
+        );
     }
 
     #[test]
