@@ -8,7 +8,8 @@
 //! must say what the hosts have.
 //!
 //! Randomised with a fixed seed, printed for replay: `FAULT_SEED=<n> FAULT_ROUNDS=<n> cargo test
-//! --test fault_rounds -- --nocapture`. Runs through README's test command (the lab's KVM_LAB_*
+//! --test fault_rounds -- --nocapture`; `FAULT_PICK=net:migrate[:1]` plays one fault and change
+//! every round. Runs through README's test command (the lab's KVM_LAB_*
 //! variables); every fault is undone before the next round.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
@@ -51,6 +52,51 @@ fn lab(args: &[&str]) {
         "lab.sh {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+const SRC: u64 = 101;
+const DST: u64 = 102;
+
+/// `FAULT_PICK`: `libvirtd|sshd|net|operator|space` `:` `toggle|migrate|provision|clone`, then
+/// optionally `:1` or `:2` for the host (with migrate also `:src` or `:dst`, the migration's
+/// source or target host).
+fn parse_pick(p: &str) -> (Fault, &'static str, Option<u64>) {
+    let parts: Vec<&str> = p.split(':').collect();
+    let fault = match parts.first().copied() {
+        Some("libvirtd") => Fault::Libvirtd,
+        Some("sshd") => Fault::Sshd,
+        Some("net") => Fault::Net,
+        Some("operator") => Fault::OperatorKilled,
+        Some("space") => Fault::NoSpace,
+        _ => panic!("FAULT_PICK={p:?}: the fault is one of libvirtd, sshd, net, operator, space"),
+    };
+    let change = match (fault, parts.get(1).copied()) {
+        (Fault::NoSpace, Some("clone") | None) => "clone",
+        (Fault::NoSpace, _) => panic!("FAULT_PICK={p:?}: a space fault goes with clone"),
+        (_, Some("toggle")) => "toggle",
+        (_, Some("migrate")) => "migrate",
+        (_, Some("provision")) => "provision",
+        _ => panic!("FAULT_PICK={p:?}: the change is one of toggle, migrate, provision"),
+    };
+    let host = match (fault, parts.get(2).copied()) {
+        (_, None) => None,
+        (Fault::NoSpace, Some("1")) => Some(1),
+        (Fault::NoSpace, _) => panic!("FAULT_PICK={p:?}: the small file system is on host 1"),
+        (_, Some("1")) => Some(1),
+        (_, Some("2")) => Some(2),
+        // resolved once the round knows where fr-m1 runs
+        (_, Some("src")) if change == "migrate" => Some(SRC),
+        (_, Some("dst")) if change == "migrate" => Some(DST),
+        _ => panic!("FAULT_PICK={p:?}: the host is 1 or 2 (src or dst with migrate)"),
+    };
+    (fault, change, host)
+}
+
+/// The last `n` lines of a file.
+fn tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// xorshift64*: small, deterministic, good enough to pick faults.
@@ -349,6 +395,23 @@ impl Operator {
             .as_mut()
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
+
+    /// How the operator ended, when it did (a signal means it crashed).
+    fn ended(&mut self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
+        let st = self.child.as_mut()?.try_wait().ok().flatten()?;
+        Some(match st.signal() {
+            Some(sig) => format!(
+                "killed by signal {sig}{}",
+                if st.core_dumped() {
+                    " (core dumped)"
+                } else {
+                    ""
+                }
+            ),
+            None => format!("exited with {st}"),
+        })
+    }
 }
 
 impl Drop for Operator {
@@ -471,6 +534,7 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(50);
     println!("fault suite: seed {seed}, {rounds} rounds (replay: FAULT_SEED={seed})");
+    let pick = std::env::var("FAULT_PICK").ok().map(|p| parse_pick(&p));
     let mut rng = Rng(seed.max(1));
 
     let dir = work.join("manifests");
@@ -585,8 +649,6 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
         } else {
             1 + rng.below(2)
         };
-        let host = HOSTS[host_n as usize - 1];
-        let hs = host_n.to_string();
         // the change that is in flight when the fault hits
         let change = match (fault, rng.below(3)) {
             (Fault::NoSpace, _) => "clone",
@@ -594,6 +656,13 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
             (_, 1) => "migrate",
             _ => "provision",
         };
+        // FAULT_PICK=<fault>:<change>[:<host>] replays one combination every round (the random
+        // sequence is still drawn, so the rest of the round stays as the seed says)
+        let (fault, change, host_n) = match pick.as_ref() {
+            Some((f, c, h)) => (*f, *c, h.unwrap_or(host_n)),
+            None => (fault, change, host_n),
+        };
+        let mut host = HOSTS[(host_n as usize).clamp(1, 2) - 1];
         if fault == Fault::NoSpace {
             // fill first, so the clone meets a full file system
             lab(&["fault", "space", "fill", "1"]);
@@ -623,6 +692,11 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
                 )
                 .unwrap();
                 want.migrations.push(m);
+                match host_n {
+                    SRC => host = if from == "host1" { "host1" } else { "host2" },
+                    DST => host = if to == "host1" { "host1" } else { "host2" },
+                    _ => {}
+                }
                 format!("fr-m1 {from} -> {to}")
             }
             "provision" => {
@@ -658,6 +732,7 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
                 name
             }
         };
+        let hs = if host == "host1" { "1" } else { "2" };
         want.write(&dir);
         // let the operation get under way
         tokio::time::sleep(rng.millis(0, 1500)).await;
@@ -669,7 +744,7 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
                 } else {
                     ("net", "down", "up")
                 };
-                lab(&["fault", what, stop, &hs]);
+                lab(&["fault", what, stop, hs]);
                 // held until the operator tells the truth, at most REPORT_BOUND: the node is not Ready
                 // and its VMs' power state is Unknown (not Pending, not their last state)
                 // (90 s: grace 5 s, libvirt's keepalive 20 s, and a standalone round whose pool
@@ -687,16 +762,16 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
                         .map(|(k, (_, st))| format!("{k}: powerState {}", st["powerState"]))
                 })
                 .await;
-                lab(&["fault", what, start, &hs]);
+                lab(&["fault", what, start, hs]);
                 cleared_at = Instant::now();
                 if let Err(why) = reported {
                     panic!("round {round}: {what} {stop} on {host} never reported: {why}");
                 }
             }
             Fault::Sshd => {
-                lab(&["fault", "sshd", "stop", &hs]);
+                lab(&["fault", "sshd", "stop", hs]);
                 tokio::time::sleep(rng.millis(1000, 4000)).await;
-                lab(&["fault", "sshd", "start", &hs]);
+                lab(&["fault", "sshd", "start", hs]);
                 cleared_at = Instant::now();
             }
             Fault::OperatorKilled => {
@@ -739,12 +814,15 @@ async fn suite(hv: Arc<NodePool>, work: PathBuf) {
         .await;
         let took = cleared_at.elapsed();
         let l = look(&hv, &state).await;
+        // the operator must live through every fault (a crash is a finding of its own)
+        if let Some(how) = op.ended() {
+            panic!(
+                "round {round} ({fault:?} on {host}, {change} {note}): the operator {how}\n{}",
+                tail(&op.log, 60)
+            );
+        }
         if let Err(why) = converged {
-            let tail: String = {
-                let log = std::fs::read_to_string(&op.log).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            };
+            let tail = tail(&op.log, 60);
             panic!(
                 "round {round} ({fault:?} on {host}, {change} {note}): not converged within {BOUND:?}: {why}\n{tail}"
             );
