@@ -203,13 +203,37 @@ pub enum HvError {
     },
 }
 
+/// Longest libvirt message kept (QEMU's log can be quoted whole into one).
+const MESSAGE_MAX_CHARS: usize = 2000;
+
+/// A libvirt message as it may go into status, Events and logs: line breaks kept, every other
+/// control character (escape sequences, NUL, carriage returns from a guest's serial output in
+/// QEMU's log) shown as U+FFFD, and at most [`MESSAGE_MAX_CHARS`] characters.
+pub fn clean_message(msg: &str) -> String {
+    let mut out: String = msg
+        .chars()
+        .take(MESSAGE_MAX_CHARS)
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if msg.chars().nth(MESSAGE_MAX_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 impl HvError {
     /// A libvirt error from `op` on `target` (a node name, or `a -> b` for migrations).
     pub fn libvirt(op: &'static str, target: impl Into<String>, e: &virt::error::Error) -> Self {
         HvError::Libvirt {
             op,
             target: target.into(),
-            cause: e.message().to_string(),
+            cause: clean_message(e.message()),
             code: e.code().to_raw() as i32,
         }
     }
@@ -454,6 +478,22 @@ fn node_dir(state_dir: &Path, node: &str) -> Result<PathBuf, HvError> {
 #[cfg(test)]
 mod tests {
     use super::HvError;
+
+    #[test]
+    fn libvirt_messages_lose_control_characters_and_length_but_keep_lines() {
+        let raw = "internal error: qemu unexpectedly closed the monitor:\n\u{1b}[31mboot\u{1b}[0m\r\u{0}done";
+        let clean = super::clean_message(raw);
+        assert_eq!(
+            clean,
+            "internal error: qemu unexpectedly closed the monitor:\n\u{FFFD}[31mboot\u{FFFD}[0m\u{FFFD}\u{FFFD}done"
+        );
+        assert!(!clean.chars().any(|c| c.is_control() && c != '\n'));
+        let long = "x".repeat(10_000);
+        let cut = super::clean_message(&long);
+        assert_eq!(cut.chars().count(), super::MESSAGE_MAX_CHARS + 1);
+        assert!(cut.ends_with('…'));
+        assert_eq!(super::clean_message("short"), "short");
+    }
 
     fn libvirt(code: u32, cause: &str) -> HvError {
         HvError::Libvirt {
