@@ -307,12 +307,11 @@ async fn run<H: Hypervisor>(
             };
             // a leftover definition on the target (an earlier attempt) would make libvirt refuse
             if let Err(e) = execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid).await {
-                return s
-                    .hold(
-                        e.reason(),
-                        format!("the copy an earlier attempt left on {target} cannot be removed yet: {e}"),
-                    )
-                    .requeue_after(Duration::from_secs(5));
+                return held_by_removal(
+                    s,
+                    &e,
+                    format!("the copy an earlier attempt left on {target}"),
+                );
             }
             jobs.start(uid, hv, &source, &target, &domain, opts);
             s.note(Note::normal(
@@ -338,12 +337,11 @@ async fn run<H: Hypervisor>(
         RunStep::Complete => {
             // the source's copy goes first: the VM is never bound where another copy could wake
             if let Err(e) = execute::remove_leftover(hv.as_ref(), &source, &domain, &vm_uid).await {
-                return s
-                    .hold(
-                        e.reason(),
-                        format!("{domain} is on {target}; its copy on {source} cannot be removed yet: {e}"),
-                    )
-                    .requeue_after(Duration::from_secs(5));
+                return held_by_removal(
+                    s,
+                    &e,
+                    format!("{domain} is on {target}; its copy on {source}"),
+                );
             }
             if let Some((downtime, took)) = execute::completed(hv.as_ref(), &target, &domain).await
             {
@@ -366,12 +364,11 @@ async fn run<H: Hypervisor>(
         }
         RunStep::RollBack(why) => {
             if let Err(e) = execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid).await {
-                return s
-                    .hold(
-                        e.reason(),
-                        format!("{domain} stays on {source}; the copy on {target} cannot be removed yet: {e}"),
-                    )
-                    .requeue_after(Duration::from_secs(5));
+                return held_by_removal(
+                    s,
+                    &e,
+                    format!("{domain} stays on {source}; the copy on {target}"),
+                );
             }
             s.status.end_time = Some(super::now());
             let why = s
@@ -391,6 +388,16 @@ async fn run<H: Hypervisor>(
             .hold("NeedsAttention", why)
             .requeue_after(Duration::from_secs(60)),
     }
+}
+
+/// The Migration waits (and looks again soon) while a copy that must go cannot be removed yet.
+fn held_by_removal(
+    s: status::Builder,
+    e: &crate::hypervisor::HvError,
+    copy: String,
+) -> Outcome<MigrationStatus> {
+    s.hold(e.reason(), format!("{copy} cannot be removed yet: {e}"))
+        .requeue_after(Duration::from_secs(5))
 }
 
 /// Deleting a Migration that runs aborts its job and waits for the domain to settle on the
@@ -413,6 +420,11 @@ pub async fn cleanup_core<H: Hypervisor>(
     };
     let uid = m.uid().unwrap_or_default();
     let object = describe(m);
+    let hv_err = |e: crate::hypervisor::HvError| Error::Hypervisor {
+        object: object.clone(),
+        cause: e.to_string(),
+        reason: e.reason(),
+    };
     let d = domain.clone();
     let job_active = hv
         .call(&source, "job", move |c| match c.job_progress(&d) {
@@ -421,20 +433,12 @@ pub async fn cleanup_core<H: Hypervisor>(
             Err(e) => Err(e),
         })
         .await
-        .map_err(|e| Error::Hypervisor {
-            object: object.clone(),
-            cause: e.to_string(),
-            reason: e.reason(),
-        })?;
+        .map_err(hv_err)?;
     let task = jobs.state(&uid);
     if job_active || task == Task::Running {
         execute::abort(hv.as_ref(), &source, &domain)
             .await
-            .map_err(|e| Error::Hypervisor {
-                object: object.clone(),
-                cause: e.to_string(),
-                reason: e.reason(),
-            })?;
+            .map_err(hv_err)?;
         return Err(Error::DeletionBlocked {
             object,
             cause: "aborting the running migration job; the finalizer goes once it has stopped"
@@ -443,11 +447,6 @@ pub async fn cleanup_core<H: Hypervisor>(
     }
     if let Some(target) = &st.target_node {
         let vm_uid = vm.uid().unwrap_or_default();
-        let hv_err = |e: crate::hypervisor::HvError| Error::Hypervisor {
-            object: object.clone(),
-            cause: e.to_string(),
-            reason: e.reason(),
-        };
         let observed = observe::observe(hv.as_ref(), &source, Some(target), &domain)
             .await
             .map_err(hv_err)?;
