@@ -346,7 +346,7 @@ fn host_facts_over_ssh_match_the_host() {
         Duration::from_secs(10),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let (facts, usage) = host_facts::collect(&ssh, Some(Duration::from_millis(300)))
+    let (facts, usage) = host_facts::collect(&ssh, Some(Duration::from_millis(300)), None)
         .unwrap_or_else(|e| panic!("{e}"));
     // the lab's sshd runs on this machine: compare with what this process sees
     let cpus = std::thread::available_parallelism()
@@ -381,6 +381,26 @@ fn host_facts_over_ssh_match_the_host() {
             .is_some_and(|v| v.starts_with(&qemu[..3])),
         "{:?} vs {qemu}",
         facts.qemu_version
+    );
+    // a later reading on the same session with the versions known runs only the /proc part,
+    // reads the host again and carries the versions it was given
+    let known = host_facts::Versions {
+        libvirt: Some("known-libvirt".into()),
+        qemu: Some("known-qemu".into()),
+    };
+    let (again, _) = host_facts::collect_since(
+        &ssh,
+        facts.cpu_times,
+        Duration::from_millis(300),
+        Some(&known),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(host_facts::Versions::of(&again), known);
+    assert_eq!(again.memory_total, facts.memory_total);
+    assert!(
+        again
+            .cpu_times
+            .is_some_and(|t| t.busy + t.idle >= facts.cpu_times.map_or(0, |f| f.busy + f.idle))
     );
 }
 

@@ -76,6 +76,41 @@ struct Node {
     /// since then instead of sampling twice with a wait in between.
     /// With the CPU use last computed.
     cpu: Mutex<Option<(Instant, super::host_facts::CpuTimes, Option<u32>)>>,
+    /// The SSH session host facts were last read on, kept for the next reading (a new session
+    /// is a key exchange and an authentication: hundreds of milliseconds on a busy host). Taken
+    /// out while in use, so a session stuck on a dead host is never waited for by another.
+    /// With the versions read on it and when (see [`VERSIONS_MAX_AGE`]).
+    facts_ssh: Mutex<Option<KeptSession>>,
+    /// The last host facts read over SSH, and when: a node pass within [`FACTS_FRESH`] of it
+    /// (a burst of VM changes) takes them instead of asking the host again.
+    last_facts: Mutex<Option<(Instant, super::host_facts::HostFacts, Option<u32>)>>,
+}
+
+/// How long host facts read over SSH stand for the next node pass. A command over SSH costs a
+/// host-side session (about 0.2 s on the lab's hosts) while the figures change slowly; the
+/// periodic node resync (30 s by default) always reads them anew.
+const FACTS_FRESH: Duration = Duration::from_secs(10);
+
+/// The SSH session a node's host facts are read on, with the libvirt and QEMU versions read on
+/// it and when.
+type KeptSession = (super::ssh::SshSession, super::host_facts::Versions, Instant);
+
+/// How long the libvirt and QEMU versions read on a kept session stand before they are read
+/// again (an upgrade that restarts sshd or the host is seen at once: a new session reads them).
+const VERSIONS_MAX_AGE: Duration = Duration::from_secs(600);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // closing a session can wait on the network: not on the async runtime
+        let ssh = self
+            .facts_ssh
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (Some(ssh), Ok(rt)) = (ssh, tokio::runtime::Handle::try_current()) {
+            drop(rt.spawn_blocking(move || drop(ssh)));
+        }
+    }
 }
 
 impl Node {
@@ -91,6 +126,8 @@ impl Node {
             backoff: Mutex::new(Backoff::default()),
             index: SharedIndex::default(),
             cpu: Mutex::new(None),
+            facts_ssh: Mutex::new(None),
+            last_facts: Mutex::new(None),
         }
     }
 
@@ -510,32 +547,67 @@ impl NodePool {
                 .call(node, "host facts", |c| c.libvirt_facts().map(|f| (f, None)))
                 .await;
         }
+        if let Some((at, facts, usage)) = &*n.last_facts.lock().unwrap_or_else(|p| p.into_inner())
+            && at.elapsed() < FACTS_FRESH
+        {
+            return Ok((facts.clone(), *usage));
+        }
         let access = n.access.clone();
         let timeout = self.call_timeout + interval;
         let previous = *n.cpu.lock().unwrap_or_else(|p| p.into_inner());
         let node_ref = n.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let ssh = super::ssh_session(&access, &target)?;
-            match previous {
-                // read again soon after the last time (a burst of changes): one command, and
-                // the last figure stands until enough time has passed to measure a new one
-                Some((at, _, usage)) if at.elapsed() < interval => {
-                    let (facts, _) = super::host_facts::collect(&ssh, None)?;
-                    Ok((facts, usage))
-                }
-                _ => {
-                    let r = super::host_facts::collect_since(
-                        &ssh,
-                        previous.map(|(_, t, _)| t),
-                        interval,
-                    )?;
-                    if let Some(t) = r.0.cpu_times {
-                        *node_ref.cpu.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some((Instant::now(), t, r.1));
+            let read = |ssh: &super::ssh::SshSession,
+                        known: Option<&super::host_facts::Versions>| {
+                match previous {
+                    // read again soon after the last time (a burst of changes): one command,
+                    // and the last figure stands until enough time has passed to measure anew
+                    Some((at, _, usage)) if at.elapsed() < interval => {
+                        let (facts, _) = super::host_facts::collect(ssh, None, known)?;
+                        Ok((facts, usage))
                     }
-                    Ok(r)
+                    _ => {
+                        let r = super::host_facts::collect_since(
+                            ssh,
+                            previous.map(|(_, t, _)| t),
+                            interval,
+                            known,
+                        )?;
+                        if let Some(t) = r.0.cpu_times {
+                            *node_ref.cpu.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some((Instant::now(), t, r.1));
+                        }
+                        Ok(r)
+                    }
                 }
-            }
+            };
+            let kept = node_ref
+                .facts_ssh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            // a kept session the host closed since (sshd restarted, idle timeout) is replaced
+            let kept = kept.and_then(|(ssh, versions, at)| {
+                let known = (at.elapsed() < VERSIONS_MAX_AGE).then_some(&versions);
+                let r: Result<_, HvError> = read(&ssh, known);
+                let at = if known.is_some() { at } else { Instant::now() };
+                r.ok().map(|r| (ssh, at, r))
+            });
+            let (ssh, at, r) = match kept {
+                Some(k) => k,
+                None => {
+                    let ssh = super::ssh_session(&access, &target)?;
+                    let r = read(&ssh, None)?;
+                    (ssh, Instant::now(), r)
+                }
+            };
+            *node_ref.facts_ssh.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((ssh, super::host_facts::Versions::of(&r.0), at));
+            *node_ref
+                .last_facts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), r.0.clone(), r.1));
+            Ok(r)
         });
         match tokio::time::timeout(timeout, task).await {
             Ok(Ok(r)) => r,

@@ -156,18 +156,37 @@ pub fn cpu_usage_percent(before: CpuTimes, after: CpuTimes) -> Option<u32> {
     u32::try_from(busy.saturating_mul(100) / total).ok()
 }
 
-/// Reads the facts once; CPU use is measured against `previous` (an earlier reading of the
-/// same host's counters) when there is one, so a periodic resync needs one command and no wait.
-/// Without one, falls back to [`collect`] with `interval`.
+/// libvirt's and QEMU's versions as read on a host. Starting the two binaries for their
+/// versions is most of a facts reading's cost, so callers keep them and pass them back as
+/// `known` for a while: the reading then runs [`RemoteCommand::HostLoad`] and fills them in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Versions {
+    pub libvirt: Option<String>,
+    pub qemu: Option<String>,
+}
+
+impl Versions {
+    pub fn of(facts: &HostFacts) -> Self {
+        Self {
+            libvirt: facts.libvirt_version.clone(),
+            qemu: facts.qemu_version.clone(),
+        }
+    }
+}
+
+/// Reads the facts, measuring CPU use against `previous` (the counters of an earlier reading of
+/// the same host's counters) when there is one, so a periodic resync needs one command and no
+/// wait. Without one, falls back to [`collect`] with `interval`.
 pub fn collect_since(
     ssh: &SshSession,
     previous: Option<CpuTimes>,
     interval: Duration,
+    known: Option<&Versions>,
 ) -> Result<(HostFacts, Option<u32>), HvError> {
     let Some(before) = previous else {
-        return collect(ssh, Some(interval));
+        return collect(ssh, Some(interval), known);
     };
-    let (facts, _) = collect(ssh, None)?;
+    let (facts, _) = collect(ssh, None, known)?;
     let usage = facts.cpu_times.and_then(|now| {
         // counters that went backwards: the host rebooted; no figure this time
         (now.busy >= before.busy && now.idle >= before.idle)
@@ -177,13 +196,16 @@ pub fn collect_since(
     Ok((facts, usage))
 }
 
-/// Reads the facts. With `interval`, samples `/proc/stat` twice and also returns CPU use.
+/// Reads the facts. With `interval`, samples `/proc/stat` twice and also returns CPU use. With
+/// `known` versions, reads only the `/proc` files and `/dev/kvm` and takes the versions from
+/// there.
 pub fn collect(
     ssh: &SshSession,
     interval: Option<Duration>,
+    known: Option<&Versions>,
 ) -> Result<(HostFacts, Option<u32>), HvError> {
-    let read = || -> Result<HostFacts, HvError> {
-        let out = ssh.run(RemoteCommand::HostFacts)?;
+    let read = |cmd: RemoteCommand| -> Result<HostFacts, HvError> {
+        let out = ssh.run(cmd)?;
         if out.status != 0 {
             return Err(HvError::Ssh {
                 target: ssh.target().to_string(),
@@ -194,14 +216,25 @@ pub fn collect(
                 ),
             });
         }
-        Ok(parse(&out.stdout))
+        let mut facts = parse(&out.stdout);
+        if let Some(v) = known {
+            facts.libvirt_version = v.libvirt.clone();
+            facts.qemu_version = v.qemu.clone();
+        }
+        Ok(facts)
     };
-    let first = read()?;
+    let (first_cmd, again) = match known {
+        Some(_) => (RemoteCommand::HostLoad, RemoteCommand::HostLoad),
+        None => (RemoteCommand::HostFacts, RemoteCommand::HostLoad),
+    };
+    let first = read(first_cmd)?;
     let Some(interval) = interval else {
         return Ok((first, None));
     };
     std::thread::sleep(interval);
-    let second = read()?;
+    let mut second = read(again)?;
+    second.libvirt_version = first.libvirt_version.clone();
+    second.qemu_version = first.qemu_version.clone();
     let usage = match (first.cpu_times, second.cpu_times) {
         (Some(a), Some(b)) => cpu_usage_percent(a, b),
         _ => None,

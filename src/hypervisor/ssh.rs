@@ -182,6 +182,9 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), HvError> {
 pub enum RemoteCommand {
     /// Everything [`super::host_facts::HostFacts`] needs, in one round trip, with markers.
     HostFacts,
+    /// [`RemoteCommand::HostFacts`] without the versions: the `/proc` files and `/dev/kvm`
+    /// only (starting the libvirt and QEMU binaries for their versions is most of the cost).
+    HostLoad,
     /// Restart the libvirt daemon through systemd.
     RestartDaemon(LibvirtDaemon),
     /// Print the path of the libvirt socket that serves qemu:///system (modular virtqemud
@@ -209,6 +212,11 @@ impl RemoteCommand {
                 "echo '==> kvm'; if [ -c /dev/kvm ]; then echo yes; else echo no; fi; ",
                 "echo '==> libvirtd'; (libvirtd --version || virtqemud --version) 2>/dev/null | head -n 1; ",
                 "echo '==> qemu'; (qemu-system-x86_64 --version || /usr/libexec/qemu-kvm --version) 2>/dev/null | head -n 1"
+            ),
+            RemoteCommand::HostLoad => concat!(
+                "LC_ALL=C; export LC_ALL; ",
+                "for f in /proc/loadavg /proc/meminfo /proc/stat /proc/cpuinfo; do echo \"==> $f\"; cat \"$f\" 2>/dev/null; done; ",
+                "echo '==> kvm'; if [ -c /dev/kvm ]; then echo yes; else echo no; fi"
             ),
             RemoteCommand::LibvirtSocket => concat!(
                 "for s in /var/run/libvirt/virtqemud-sock /var/run/libvirt/libvirt-sock; do ",
