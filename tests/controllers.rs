@@ -1175,14 +1175,37 @@ async fn a_migration_moves_a_running_vm_live_and_the_vm_follows_it() {
         "move-it",
         serde_json::json!({"vmName": name, "targetNode": "host2"}),
     );
-    // Pending, Scheduling, then Running: from then on the VM controller stands aside
-    for _ in 0..3 {
-        lab.step_migration(&mut m, &jobs).await;
-    }
+    // queued, scheduled and the target chosen in one reconcile; the target is written
+    // (Running) before anything touches it, so the job starts in the next one
+    lab.step_migration(&mut m, &jobs).await;
     assert_eq!(phase(&m), Some(MigrationPhase::Running), "{:?}", m.status);
+    assert_eq!(
+        m.status.as_ref().unwrap().target_node.as_deref(),
+        Some("host2")
+    );
+    let uid = m.metadata.uid.clone().unwrap();
+    assert_eq!(
+        jobs.state(&uid),
+        controller::migration::plan::Task::Absent,
+        "no job before the target is recorded"
+    );
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host1", DomainState::Running)]
+    );
+    // from then on the VM controller stands aside
     lab.settle_with(&mut vm, lab.hv.clone().as_ref(), 1).await;
     assert_eq!(st(&vm).power_state, Some(PowerState::Migrating));
-    let notes = lab.finish_migration(&mut m, &jobs, 100).await;
+    let mut notes = lab.step_migration(&mut m, &jobs).await;
+    assert!(reasons(&notes).contains(&"MigrationStarted"), "{notes:?}");
+    // the job's end is signalled (the operator looks at once instead of at its requeue)
+    tokio::time::timeout(Duration::from_secs(120), jobs.ended())
+        .await
+        .expect("the job signals its end");
+    assert!(jobs.has_ended(&uid));
+    assert_eq!(jobs.ended_uids(), vec![uid.clone()]);
+    notes.extend(lab.finish_migration(&mut m, &jobs, 100).await);
+    assert!(!jobs.has_ended(&uid), "the outcome is taken once");
     let ms = m.status.clone().unwrap();
     assert_eq!(
         ms.phase,
@@ -1210,9 +1233,15 @@ async fn a_migration_moves_a_running_vm_live_and_the_vm_follows_it() {
         persistent.owner().map(|o| o.uid.clone()),
         vm.metadata.uid.clone()
     );
-    // the VM follows: bound to host2, Ready, and nothing started on host1
-    let notes = lab.settle(&mut vm).await;
+    // the VM follows in one reconcile: bound to host2 and observed running there
+    let notes = lab.settle_with(&mut vm, lab.hv.clone().as_ref(), 1).await;
     assert!(reasons(&notes).contains(&"Migrated"), "{notes:?}");
+    assert_eq!(
+        (st(&vm).node.as_deref(), st(&vm).power_state),
+        (Some("host2"), Some(PowerState::Running))
+    );
+    // Ready, and nothing started on host1
+    lab.settle(&mut vm).await;
     assert_eq!(st(&vm).node.as_deref(), Some("host2"));
     assert!(
         is_true(&st(&vm).conditions, condition::READY),
@@ -1338,7 +1367,8 @@ async fn deleting_a_running_migration_aborts_it_and_a_restarted_operator_finishe
             "vmName": name, "targetNode": "host2", "bandwidthMibPerSecond": 1,
         }),
     );
-    for _ in 0..4 {
+    // the target chosen, then the job started
+    for _ in 0..2 {
         lab.step_migration(&mut m, &jobs).await;
     }
     assert_eq!(phase(&m), Some(MigrationPhase::Running));
@@ -1380,7 +1410,7 @@ async fn deleting_a_running_migration_aborts_it_and_a_restarted_operator_finishe
         serde_json::json!({"vmName": name, "targetNode": "host2"}),
     );
     let first = controller::migration::execute::Jobs::default();
-    for _ in 0..4 {
+    for _ in 0..2 {
         lab.step_migration(&mut m, &first).await;
     }
     assert_eq!(phase(&m), Some(MigrationPhase::Running));
@@ -1394,5 +1424,60 @@ async fn deleting_a_running_migration_aborts_it_and_a_restarted_operator_finishe
     );
     lab.settle(&mut vm).await;
     assert_eq!(st(&vm).node.as_deref(), Some("host2"));
+    lab.delete(&vm).await;
+}
+
+/// A paused, persistent copy is what libvirt's Finish leaves on a target that took the whole
+/// stream: when a look before starting a job did not see it, the removal of "a leftover of an
+/// earlier attempt" spares it (it may be the only complete guest); a removal decided from a look
+/// that saw it stopped there while the source ran removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_complete_paused_copy_is_spared_unless_the_look_saw_it() {
+    use controller::migration::execute::{Leftover, remove_leftover};
+    let mut lab = Lab::new().await;
+    let name = format!("spare-{}", std::process::id());
+    let mut vm = vm_object(
+        "default",
+        &name,
+        serde_json::json!({
+            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host2"},
+        }),
+    );
+    lab.settle(&mut vm).await;
+    let domain = st(&vm).domain_name.clone().unwrap();
+    let uid = vm.metadata.uid.clone().unwrap();
+    let d = domain.clone();
+    lab.call("host2", move |c| c.suspend(&d)).await;
+    let err = remove_leftover(
+        lab.hv.as_ref(),
+        "host2",
+        &domain,
+        &uid,
+        Leftover::SpareComplete,
+    )
+    .await
+    .expect_err("a complete paused copy is spared");
+    assert!(err.to_string().contains("complete"), "{err}");
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host2", DomainState::Paused)]
+    );
+    // another VM's stamp is never ours to remove, whichever the mode
+    let removed = remove_leftover(
+        lab.hv.as_ref(),
+        "host2",
+        &domain,
+        "someone-else",
+        Leftover::Any,
+    )
+    .await
+    .unwrap();
+    assert!(!removed);
+    assert!(
+        remove_leftover(lab.hv.as_ref(), "host2", &domain, &uid, Leftover::Any)
+            .await
+            .unwrap()
+    );
+    assert!(lab.whereabouts(&domain).await.is_empty());
     lab.delete(&vm).await;
 }

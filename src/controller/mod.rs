@@ -682,7 +682,22 @@ pub async fn run_all(
             ctx.clone(),
         )
         .for_each(log_result);
+    // a migration job that ends has its Migration looked at at once, not at its requeue
+    let job_ends = futures::stream::unfold(ctx.clone(), |ctx| async move {
+        ctx.jobs.ended().await;
+        let uids = ctx.jobs.ended_uids();
+        let refs: Vec<ObjectRef<crate::api::Migration>> = ctx
+            .migrations
+            .state()
+            .iter()
+            .filter(|m| m.uid().is_some_and(|u| uids.contains(&u)))
+            .map(|m| ObjectRef::from_obj(m.as_ref()))
+            .collect();
+        Some((refs, ctx))
+    })
+    .flat_map(futures::stream::iter);
     let migrations = mig_ctl
+        .reconcile_on(job_ends)
         .shutdown_on_signal()
         .run(
             timed!("migration", migration::reconcile),

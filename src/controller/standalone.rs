@@ -393,6 +393,7 @@ impl Standalone {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.jobs.ended() => {}
                 _ = tokio::signal::ctrl_c() => {
                     self.save()?;
                     let _ = writeln!(self.out, "stopped; the VMs keep running; state in {}", self.opts.state_dir.display());
@@ -928,7 +929,9 @@ impl Standalone {
         for i in 0..self.world.migrations.len() {
             let m = self.world.migrations[i].clone();
             let key = key_of("Migration", m.namespace().as_deref(), &m.name_any());
-            if !self.is_due(&key, now) {
+            // a job that ended is looked at at once, not when its requeue comes
+            let job_ended = self.jobs.has_ended(&m.uid().unwrap_or_default());
+            if !self.is_due(&key, now) && !job_ended {
                 continue;
             }
             done += 1;

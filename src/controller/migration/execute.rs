@@ -19,7 +19,12 @@ const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 /// The migration jobs this process runs, by Migration UID.
 #[derive(Default)]
 pub struct Jobs {
-    map: Mutex<HashMap<String, JoinHandle<Result<(), HvError>>>>,
+    map: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Outcomes of the jobs that ended, written by each job's task before it signals `ended`.
+    results: Arc<Mutex<HashMap<String, Result<(), String>>>>,
+    /// Signalled when a job ends, so that its Migration is looked at without waiting for its
+    /// requeue (one waiter: the standalone loop, or the cluster's trigger stream).
+    ended: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -30,25 +35,58 @@ impl std::fmt::Debug for Jobs {
 }
 
 impl Jobs {
+    fn lock_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, JoinHandle<()>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_results(&self) -> std::sync::MutexGuard<'_, HashMap<String, Result<(), String>>> {
+        self.results.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The job's state; a finished job's result is taken (reported once).
     pub fn state(&self, uid: &str) -> Task {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.lock_map();
+        if let Some(r) = self.lock_results().remove(uid) {
+            m.remove(uid);
+            return Task::Done(r);
+        }
         match m.get(uid) {
             None => Task::Absent,
             Some(h) if !h.is_finished() => Task::Running,
+            // ended without writing its outcome: it panicked or was cancelled
             Some(_) => {
-                let r = m
-                    .remove(uid)
-                    .and_then(|h| h.now_or_never())
-                    .map(|r| match r {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(join) => Err(format!("the migration task failed: {join}")),
-                    })
-                    .unwrap_or_else(|| Err("the migration task vanished".into()));
-                Task::Done(r)
+                let why = match m.remove(uid).and_then(|h| h.now_or_never()) {
+                    Some(Err(join)) => format!("the migration task failed: {join}"),
+                    _ => "the migration task ended without an outcome".to_string(),
+                };
+                Task::Done(Err(why))
             }
         }
+    }
+
+    /// True when the job of `uid` has ended and its result is not taken yet.
+    pub fn has_ended(&self, uid: &str) -> bool {
+        let m = self.lock_map();
+        self.lock_results().contains_key(uid) || m.get(uid).is_some_and(JoinHandle::is_finished)
+    }
+
+    /// The UIDs of the jobs that have ended and whose results are not taken yet.
+    pub fn ended_uids(&self) -> Vec<String> {
+        let m = self.lock_map();
+        let mut uids: Vec<String> = self.lock_results().keys().cloned().collect();
+        uids.extend(
+            m.iter()
+                .filter(|(u, h)| h.is_finished() && !uids.contains(u))
+                .map(|(u, _)| u.clone())
+                .collect::<Vec<_>>(),
+        );
+        uids
+    }
+
+    /// Resolves when a job has ended since the last call (a job that ended while nobody waited
+    /// is not missed).
+    pub async fn ended(&self) {
+        self.ended.notified().await;
     }
 
     /// Starts migrating `domain` from `source` to `target`.
@@ -67,7 +105,8 @@ impl Jobs {
             target.to_string(),
             domain.to_string(),
         );
-        let task = tokio::spawn(async move {
+        let (ended, results, key) = (self.ended.clone(), self.results.clone(), uid.to_string());
+        let job = async move {
             // a job that just ended (an abort, a migration before this one) can hold the domain
             // on either host for a moment; libvirt then refuses before anything moves: try again
             let mut waited = std::time::Duration::ZERO;
@@ -85,11 +124,18 @@ impl Jobs {
                     r => return r,
                 }
             }
+        };
+        // the handle is registered before the task can write its outcome
+        let mut map = self.lock_map();
+        let task = tokio::spawn(async move {
+            let r = job.await.map_err(|e| e.to_string());
+            results
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, r);
+            ended.notify_one();
         });
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid.to_string(), task);
+        map.insert(uid.to_string(), task);
     }
 }
 
@@ -106,15 +152,31 @@ pub async fn abort(hv: &impl Hypervisor, source: &str, domain: &str) -> Result<(
     .await
 }
 
+/// Which stopped copies [`remove_leftover`] may remove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leftover {
+    /// Any stopped copy of ours: the caller has just seen the other node hold the VM in a way
+    /// no later step can undo (the source running while the target's copy is paused, or the
+    /// target's copy complete while the source is gone or paused).
+    Any,
+    /// Not a paused copy that is persistent: libvirt's Finish made it so after taking the whole
+    /// stream, and it may be the only complete guest when the source finished its side since the
+    /// caller looked (a job of another process, or a link lost at the switch-over). Such a copy
+    /// makes the call fail, so the Migration holds and its next look decides.
+    SpareComplete,
+}
+
 /// Removes a copy of `domain` on `node` that carries `uid`'s stamp and does not run: a shut-off
 /// one is undefined; a paused one without a job (a migration's copy stopped at switch-over) is
-/// destroyed, then undefined. Callers decide that the other node holds the VM first. A running
-/// domain, one with a job, or one not ours is never touched. True when something was removed.
+/// destroyed, then undefined, unless `which` spares it. Callers decide that the other node holds
+/// the VM first. A running domain, one with a job, or one not ours is never touched. True when
+/// something was removed.
 pub async fn remove_leftover(
     hv: &impl Hypervisor,
     node: &str,
     domain: &str,
     uid: &str,
+    which: Leftover,
 ) -> Result<bool, HvError> {
     let (d, u) = (domain.to_string(), uid.to_string());
     hv.call(node, "remove migration leftover", move |c| {
@@ -138,6 +200,14 @@ pub async fn remove_leftover(
                     return Err(HvError::Local {
                         cause: format!(
                             "the paused copy of {d} on {node} still has a libvirt job; it is removed once that ends",
+                            node = c.node()
+                        ),
+                    });
+                }
+                if which == Leftover::SpareComplete && c.is_persistent(&d)? {
+                    return Err(HvError::Local {
+                        cause: format!(
+                            "the paused copy of {d} on {node} is complete (libvirt made it persistent at the switch-over); both nodes are looked at again before either copy is removed",
                             node = c.node()
                         ),
                     });

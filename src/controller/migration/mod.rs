@@ -9,6 +9,7 @@ pub mod observe;
 pub mod plan;
 pub mod status;
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,10 +20,11 @@ use kube::{Api, Resource, ResourceExt};
 use super::{Config, Context, Error, FINALIZER, Note, Outcome, World, apply_status, describe};
 use crate::api::migration::{Migration, MigrationMode, MigrationPhase, MigrationStatus};
 use crate::api::virtual_machine::VirtualMachine;
-use crate::hypervisor::Hypervisor;
 use crate::hypervisor::migration::MigrateOptions;
+use crate::hypervisor::{DomainState, Hypervisor};
 use crate::placement::{self, Decision};
 
+use execute::Leftover;
 use plan::{Event, RunStep, Task};
 
 /// Field manager of this controller's status writes.
@@ -82,45 +84,67 @@ pub async fn reconcile_core<H: Hypervisor>(
     if let Err(e) = m.spec.validate() {
         return s.go(Event::Fail, "InvalidSpec", format!("{}: {e}", describe(m)));
     }
-    match phase {
-        None => s.go(Event::Queue, "Queued", "waiting to be scheduled".into()),
-        Some(MigrationPhase::Pending) => {
-            let Some(vm) = vm_of(world, m) else {
-                return s.go(
-                    Event::Fail,
-                    "VirtualMachineNotFound",
-                    format!(
-                        "spec.vmName: there is no VirtualMachine {}/{}",
-                        m.namespace().unwrap_or_default(),
-                        m.spec.vm_name
-                    ),
-                );
-            };
-            let Some(source) = vm.status.as_ref().and_then(|st| st.node.clone()) else {
-                return s.hold("NotPlaced", "the VM is not placed on a node yet".into());
-            };
-            let mine = m.metadata.creation_timestamp.clone();
-            if let Some(older) = of_vm(world, vm).find(|o| {
-                o.uid() != m.uid()
-                    && !o
-                        .status
-                        .as_ref()
-                        .and_then(|st| st.phase)
-                        .is_some_and(MigrationPhase::is_terminal)
-                    && o.metadata.creation_timestamp < mine
-            }) {
-                return s.hold(
-                    "Queued",
-                    format!("waits for Migration {} of the same VM", older.name_any()),
-                );
-            }
-            s.status.source_node = Some(source);
-            s.go(Event::Schedule, "Scheduling", "choosing the target".into())
-        }
+    // Queued and Scheduling are decisions on what is known: one reconcile takes the Migration
+    // through them up to the target's choice, which is written (Running) before the job starts
+    if phase.is_none() {
+        s = match s.advance(Event::Queue, "Queued", "waiting to be scheduled".into()) {
+            ControlFlow::Continue(s) => s,
+            ControlFlow::Break(out) => return out,
+        };
+    }
+    if s.status.phase == Some(MigrationPhase::Pending) {
+        s = match pending(m, world, s) {
+            ControlFlow::Continue(s) => s,
+            ControlFlow::Break(out) => return out,
+        };
+    }
+    match s.status.phase {
         Some(MigrationPhase::Scheduling) => schedule(m, world, hv.as_ref(), config, s).await,
         Some(MigrationPhase::Running) => run(m, world, hv, jobs, &uid, s).await,
-        Some(_) => s.wait(None),
+        _ => s.wait(None),
     }
+}
+
+/// Pending: the VM is placed and no older Migration of it is still open, so a target can be
+/// chosen.
+fn pending(
+    m: &Migration,
+    world: &World,
+    mut s: status::Builder,
+) -> ControlFlow<Outcome<MigrationStatus>, status::Builder> {
+    let Some(vm) = vm_of(world, m) else {
+        return ControlFlow::Break(s.go(
+            Event::Fail,
+            "VirtualMachineNotFound",
+            format!(
+                "spec.vmName: there is no VirtualMachine {}/{}",
+                m.namespace().unwrap_or_default(),
+                m.spec.vm_name
+            ),
+        ));
+    };
+    let Some(source) = vm.status.as_ref().and_then(|st| st.node.clone()) else {
+        return ControlFlow::Break(
+            s.hold("NotPlaced", "the VM is not placed on a node yet".into()),
+        );
+    };
+    let mine = m.metadata.creation_timestamp.clone();
+    if let Some(older) = of_vm(world, vm).find(|o| {
+        o.uid() != m.uid()
+            && !o
+                .status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .is_some_and(MigrationPhase::is_terminal)
+            && o.metadata.creation_timestamp < mine
+    }) {
+        return ControlFlow::Break(s.hold(
+            "Queued",
+            format!("waits for Migration {} of the same VM", older.name_any()),
+        ));
+    }
+    s.status.source_node = Some(source);
+    s.advance(Event::Schedule, "Scheduling", "choosing the target".into())
 }
 
 async fn schedule<H: Hypervisor>(
@@ -305,8 +329,22 @@ async fn run<H: Hypervisor>(
                 max_downtime_ms: m.spec.max_downtime_ms,
                 copy_storage: m.spec.copy_storage,
             };
-            // a leftover definition on the target (an earlier attempt) would make libvirt refuse
-            if let Err(e) = execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid).await {
+            // a leftover definition on the target (an earlier attempt) would make libvirt refuse.
+            // A complete (persistent) paused copy goes only when this look saw it while the
+            // source ran without a job; one that appeared since (a switch-over this look did
+            // not see) is kept, and the next look decides
+            let seen_complete = observed
+                .target
+                .as_ref()
+                .is_some_and(|t| t.state == DomainState::Paused && t.persistent);
+            let which = if seen_complete {
+                Leftover::Any
+            } else {
+                Leftover::SpareComplete
+            };
+            if let Err(e) =
+                execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid, which).await
+            {
                 return held_by_removal(
                     s,
                     &e,
@@ -336,7 +374,10 @@ async fn run<H: Hypervisor>(
         }
         RunStep::Complete => {
             // the source's copy goes first: the VM is never bound where another copy could wake
-            if let Err(e) = execute::remove_leftover(hv.as_ref(), &source, &domain, &vm_uid).await {
+            if let Err(e) =
+                execute::remove_leftover(hv.as_ref(), &source, &domain, &vm_uid, Leftover::Any)
+                    .await
+            {
                 return held_by_removal(
                     s,
                     &e,
@@ -363,7 +404,10 @@ async fn run<H: Hypervisor>(
             s.go(Event::Complete, "Succeeded", msg)
         }
         RunStep::RollBack(why) => {
-            if let Err(e) = execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid).await {
+            if let Err(e) =
+                execute::remove_leftover(hv.as_ref(), &target, &domain, &vm_uid, Leftover::Any)
+                    .await
+            {
                 return held_by_removal(
                     s,
                     &e,
@@ -462,9 +506,15 @@ pub async fn cleanup_core<H: Hypervisor>(
                 format!("{object}: deleted after the switch-over; {domain} is on {target}"),
             )]);
         }
-        execute::remove_leftover(hv.as_ref(), target, &domain, &vm_uid)
-            .await
-            .map_err(hv_err)?;
+        execute::remove_leftover(
+            hv.as_ref(),
+            target,
+            &domain,
+            &vm_uid,
+            Leftover::SpareComplete,
+        )
+        .await
+        .map_err(hv_err)?;
     }
     Ok(vec![Note::normal(
         "Cancelled",

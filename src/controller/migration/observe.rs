@@ -59,10 +59,12 @@ pub async fn observe(
     target: Option<&str>,
     domain: &str,
 ) -> Result<Observed, HvError> {
-    let source = at(hv, source, domain).await?;
+    // the target first: a source then seen running has not handed the guest over since, so a
+    // stopped copy seen on the target can be told from one a switch-over just completed
     let target = match target {
         Some(t) => at(hv, t, domain).await?,
         None => None,
     };
+    let source = at(hv, source, domain).await?;
     Ok(Observed { source, target })
 }

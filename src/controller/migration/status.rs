@@ -1,6 +1,7 @@
 //! A Migration's status: phase through the transition function, message, progress, a Ready
 //! condition Argo CD and Flux can read (True once Succeeded).
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use crate::api::condition::{self, set_condition};
@@ -58,26 +59,52 @@ impl Builder {
 
     /// Moves to the next phase through the transition function.
     pub fn go(mut self, ev: Event, reason: &'static str, msg: String) -> Outcome<MigrationStatus> {
-        match transition(self.status.phase, ev) {
+        match self.enter(ev, reason, msg) {
             Ok(next) => {
-                self.status.phase = Some(next);
-                self.status.message = Some(msg.clone());
-                let ok = next == MigrationPhase::Succeeded;
-                self.ready(ok, reason, &msg);
-                if next == MigrationPhase::Failed {
-                    let m = format!("{}: {msg}", self.name);
-                    self.notes.push(Note::warning(reason, "Migrate", m));
-                }
                 let requeue = (!next.is_terminal()).then_some(Duration::from_secs(1));
                 self.finish(requeue)
             }
-            Err(why) => {
-                self.notes
-                    .push(Note::warning("IllegalTransition", "Migrate", why.clone()));
-                self.status.message = Some(why);
-                self.finish(Some(Duration::from_secs(60)))
-            }
+            Err(why) => self.illegal(why),
         }
+    }
+
+    /// Moves to the next phase and lets the same reconcile decide the next step: for phases
+    /// whose decision needs nothing written first (Queued, then Scheduling). An illegal
+    /// transition is reported as [`Builder::go`] reports it.
+    pub fn advance(
+        mut self,
+        ev: Event,
+        reason: &'static str,
+        msg: String,
+    ) -> ControlFlow<Outcome<MigrationStatus>, Self> {
+        match self.enter(ev, reason, msg) {
+            Ok(_) => ControlFlow::Continue(self),
+            Err(why) => ControlFlow::Break(self.illegal(why)),
+        }
+    }
+
+    fn illegal(mut self, why: String) -> Outcome<MigrationStatus> {
+        self.notes
+            .push(Note::warning("IllegalTransition", "Migrate", why.clone()));
+        self.status.message = Some(why);
+        self.finish(Some(Duration::from_secs(60)))
+    }
+
+    fn enter(
+        &mut self,
+        ev: Event,
+        reason: &'static str,
+        msg: String,
+    ) -> Result<MigrationPhase, String> {
+        let next = transition(self.status.phase, ev)?;
+        self.status.phase = Some(next);
+        self.ready(next == MigrationPhase::Succeeded, reason, &msg);
+        if next == MigrationPhase::Failed {
+            let m = format!("{}: {msg}", self.name);
+            self.notes.push(Note::warning(reason, "Migrate", m));
+        }
+        self.status.message = Some(msg);
+        Ok(next)
     }
 
     /// Stays in the phase, saying why.

@@ -661,9 +661,30 @@ pub async fn reconcile_core<H: Hypervisor>(
             requeue: Some(Duration::from_secs(10)),
         };
     }
-    if let Some(out) = rebind_after_migration(vm, world) {
-        return out;
-    }
+    // bound to a Migration's target, the VM is observed there in the same reconcile
+    let rebound = rebind_after_migration(vm, world).map(|out| {
+        let mut moved = vm.clone();
+        moved.status = Some(out.status);
+        (moved, out.notes)
+    });
+    let (vm, mut notes) = match &rebound {
+        Some((moved, notes)) => (moved, notes.clone()),
+        None => (vm, Vec::new()),
+    };
+    let mut out = reconcile_bound(vm, world, hv, config, user_data).await;
+    notes.append(&mut out.notes);
+    out.notes = notes;
+    out
+}
+
+/// The reconcile of a VM no Migration holds.
+async fn reconcile_bound<H: Hypervisor>(
+    vm: &VirtualMachine,
+    world: &World,
+    hv: &H,
+    config: &Config,
+    user_data: Option<&str>,
+) -> Outcome<VirtualMachineStatus> {
     let node = vm
         .status
         .as_ref()
