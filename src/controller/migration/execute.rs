@@ -66,8 +66,7 @@ impl Jobs {
 
     /// True when the job of `uid` has ended and its result is not taken yet.
     pub fn has_ended(&self, uid: &str) -> bool {
-        let m = self.lock_map();
-        self.lock_results().contains_key(uid) || m.get(uid).is_some_and(JoinHandle::is_finished)
+        self.ended_uids().iter().any(|u| u == uid)
     }
 
     /// The UIDs of the jobs that have ended and whose results are not taken yet.
