@@ -13,6 +13,9 @@
 //!   the next call on it reconnects, no sooner than the node's backoff allows (1 s doubling to
 //!   60 s), and until then fails fast with the last error.
 //! - The node's lanes share one stamp index (what each domain's ownership stamp says).
+//! - A node on a file of libvirt's test driver (`test:///<path>`) has one connection, which its
+//!   calls and its events take in turn: the test driver gives every connection opened on a file
+//!   a private hypervisor, so a second lane would be another host.
 //! - Changing a node's access (spec or key) replaces its connections.
 
 use std::collections::HashMap;
@@ -68,8 +71,10 @@ struct Node {
     busy: Mutex<[bool; MAX_CALLS_PER_NODE]>,
     /// One permit per call lane.
     slots: Arc<Semaphore>,
-    /// The events lane's one permit.
+    /// The events lane's one permit (the call lane's when the node has one connection).
     events: Arc<Semaphore>,
+    /// One connection for calls and events (see [`one_connection`]).
+    single: bool,
     backoff: Mutex<Backoff>,
     index: SharedIndex,
     /// The host's CPU counters at the last host-facts reading: the next one measures CPU use
@@ -113,16 +118,31 @@ impl Drop for Node {
     }
 }
 
+/// True when every connection to the node would be a host of its own: libvirt's test driver on
+/// a file (`test:///default` is one hypervisor per process, so it takes lanes like a real host).
+fn one_connection(access: &NodeAccess) -> bool {
+    super::uri::NodeTarget::from_spec(&access.spec)
+        .is_ok_and(|t| t.transport == super::uri::Transport::Test && t.path != "/default")
+}
+
 impl Node {
     fn new(access: NodeAccess) -> Self {
+        let single = one_connection(&access);
+        let slots = Arc::new(Semaphore::new(if single { 1 } else { MAX_CALLS_PER_NODE }));
+        let events = if single {
+            slots.clone()
+        } else {
+            Arc::new(Semaphore::new(1))
+        };
         Self {
             access,
             lanes: (0..=MAX_CALLS_PER_NODE)
                 .map(|_| Mutex::new(Lane::default()))
                 .collect(),
             busy: Mutex::new([false; MAX_CALLS_PER_NODE]),
-            slots: Arc::new(Semaphore::new(MAX_CALLS_PER_NODE)),
-            events: Arc::new(Semaphore::new(1)),
+            slots,
+            events,
+            single,
             backoff: Mutex::new(Backoff::default()),
             index: SharedIndex::default(),
             cpu: Mutex::new(None),
@@ -290,7 +310,7 @@ impl NodePool {
             .await
             .map_err(|_| timeout_err())?
             .map_err(|_| timeout_err())?;
-        let lane = if events {
+        let lane = if events && !n.single {
             EVENTS_LANE
         } else {
             let mut busy = n.busy.lock().unwrap_or_else(|p| p.into_inner());
@@ -812,5 +832,65 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(events, again, "the events connection stays the same");
+    }
+
+    /// libvirt's test driver on a file makes every connection a host of its own: the node's
+    /// calls and events then share one connection, so what one call defines the next one sees.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_test_driver_file_is_one_host_whatever_the_concurrency() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("node.xml");
+        std::fs::write(
+            &file,
+            "<node><cpu><mhz>2000</mhz><model>t</model><active>4</active><nodes>1</nodes>\
+             <sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>\
+             <memory>8388608</memory></node>",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pool = Arc::new(NodePool::new(Duration::from_secs(10)));
+        pool.upsert(test_node(
+            "file",
+            dir.path(),
+            &format!("test://{}", file.display()),
+        ));
+        let calls = (0..8).map(|i| {
+            let pool = pool.clone();
+            async move {
+                pool.call("file", "define", move |c| {
+                    let xml = format!(
+                        "<domain type='test'><name>d{i}</name><memory>65536</memory>\
+                         <os><type>hvm</type></os></domain>"
+                    );
+                    c.raw()
+                        .define_domain_xml(&xml)
+                        .map_err(|e| HvError::Local {
+                            cause: e.to_string(),
+                        })?;
+                    std::thread::sleep(Duration::from_millis(10));
+                    Ok(c.id())
+                })
+                .await
+            }
+        });
+        let ids: std::collections::HashSet<u64> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        assert_eq!(ids.len(), 1, "one connection serves every call");
+        let names = pool
+            .call_events("file", "list", |c| {
+                Ok(c.raw()
+                    .list_all_domains(0)
+                    .map_err(|e| HvError::Local {
+                        cause: e.to_string(),
+                    })?
+                    .iter()
+                    .filter_map(|d| d.name().ok())
+                    .collect::<Vec<_>>())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(names.len(), 8, "every define is on the one host: {names:?}");
     }
 }
