@@ -517,9 +517,11 @@ fn idle_child(dir: &Path) {
     let sink = backup::Files(dir.join("backup"));
     for vm in &world.vms {
         rt.block_on(async {
-            let mut out = virtual_machine::reconcile_core(vm, &world, &pool, &config, None).await;
+            let r = virtual_machine::reconcile_read(vm, &world, &pool, &config, None).await;
+            let mut out = r.outcome;
             if config.definition_backup
-                && let Some(n) = backup::keep(vm, &mut out.status, &pool, &sink).await
+                && let Some(n) =
+                    backup::keep(vm, &mut out.status, &pool, &sink, r.definition.as_deref()).await
             {
                 out.notes.push(n);
             }

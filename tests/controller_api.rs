@@ -1109,7 +1109,7 @@ async fn a_definition_is_copied_to_a_configmap_owned_by_the_vm_once_per_change()
         ],
     ));
     let mut status = vm.status.clone().unwrap();
-    let note = keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client)
+    let note = keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client, None)
         .await
         .unwrap();
     assert_eq!(note.reason, "DefinitionBackedUp");
@@ -1122,7 +1122,7 @@ async fn a_definition_is_copied_to_a_configmap_owned_by_the_vm_once_per_change()
     assert!(def.backup_time.is_some());
     // the same definition again: nothing is written (serve fails on any further request)
     assert!(
-        keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client)
+        keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client, None)
             .await
             .is_none()
     );
@@ -1141,7 +1141,7 @@ async fn a_definition_is_copied_to_a_configmap_owned_by_the_vm_once_per_change()
         }],
     ));
     let mut status = vm.status.clone().unwrap();
-    let note = keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client)
+    let note = keep(&vm, &mut status, ctx.hv.as_ref(), &ctx.client, None)
         .await
         .unwrap();
     assert_eq!(note.reason, "BackupFailed");
@@ -1151,5 +1151,51 @@ async fn a_definition_is_copied_to_a_configmap_owned_by_the_vm_once_per_change()
         note.message
     );
     assert!(status.definition.unwrap().backup.is_none());
+    server.await.unwrap();
+
+    // the definition the reconcile read is kept as it is when it is the one the status names:
+    // no second read from the node (this VM's node is unknown to the pool, a read would fail);
+    // another text is not taken for it
+    let carried = "<domain><name>carried</name></domain>";
+    let mut vm = vm.clone();
+    let st = vm.status.as_mut().unwrap();
+    st.node = Some("unknown-node".into());
+    st.definition.as_mut().unwrap().sha256 = sha256_hex(carried.as_bytes());
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(svc, vec![test_node(json!({}))], vec![], vec![], dir.path());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![
+            not_found(Method::GET, cm),
+            expect(Method::PATCH, cm, move |_, body| {
+                assert_eq!(body["data"]["domain.xml"].as_str(), Some(carried));
+            }),
+        ],
+    ));
+    let mut status = vm.status.clone().unwrap();
+    let other = keep(
+        &vm,
+        &mut status,
+        ctx.hv.as_ref(),
+        &ctx.client,
+        Some("<domain><name>other</name></domain>"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(other.reason, "BackupFailed", "{}", other.message);
+    let note = keep(
+        &vm,
+        &mut status,
+        ctx.hv.as_ref(),
+        &ctx.client,
+        Some(carried),
+    )
+    .await
+    .unwrap();
+    assert_eq!(note.reason, "DefinitionBackedUp", "{}", note.message);
+    assert_eq!(
+        status.definition.unwrap().backup_sha256,
+        Some(sha256_hex(carried.as_bytes()))
+    );
     server.await.unwrap();
 }

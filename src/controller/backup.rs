@@ -127,14 +127,17 @@ impl BackupSink for Files {
             ));
         }
         let dir = self.0.join(&ns);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let path = dir.join(format!("{}.xml", vm.name_any()));
-        let tmp = dir.join(format!(".{}.xml.tmp", vm.name_any()));
-        let write = || -> std::io::Result<()> {
+        let path = dir.join(format!("{name}.xml"));
+        let tmp = dir.join(format!(".{name}.xml.tmp"));
+        let xml = xml.to_string();
+        let shown = path.display().to_string();
+        // writing and syncing wait on the disk: not on the async runtime, and side by side with
+        // the other VMs' copies (the filesystem commits concurrent syncs together)
+        let write = move || -> std::io::Result<()> {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -145,18 +148,25 @@ impl BackupSink for Files {
             f.sync_all()?;
             std::fs::rename(&tmp, &path)
         };
-        write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        Ok(path.display().to_string())
+        match tokio::task::spawn_blocking(write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("cannot write {shown}: {e}")),
+            Err(e) => return Err(format!("writing {shown} panicked: {e}")),
+        }
+        Ok(shown)
     }
 }
 
 /// Copies the VM's definition when the status says the last copy is not of the current one.
-/// Updates `status.definition` and returns the Event to publish (None: nothing to do).
+/// `read` is the definition's text as the reconcile read it, used when it is the one the status
+/// names (else the definition is read from the node). Updates `status.definition` and returns
+/// the Event to publish (None: nothing to do).
 pub async fn keep<H: Hypervisor>(
     vm: &VirtualMachine,
     status: &mut VirtualMachineStatus,
     hv: &H,
     sink: &impl BackupSink,
+    read: Option<&str>,
 ) -> Option<Note> {
     let def = status.definition.as_mut()?;
     if def.backup_sha256.as_deref() == Some(def.sha256.as_str()) || def.sha256.is_empty() {
@@ -166,10 +176,15 @@ pub async fn keep<H: Hypervisor>(
         return None;
     };
     let d = domain.clone();
-    let xml = match hv
-        .call(&node, "read definition", move |c| c.persistent_xml_text(&d))
-        .await
-    {
+    let known = read.filter(|x| sha256_hex(x.as_bytes()) == def.sha256);
+    let fetched = match known {
+        Some(x) => Ok(x.to_string()),
+        None => {
+            hv.call(&node, "read definition", move |c| c.persistent_xml_text(&d))
+                .await
+        }
+    };
+    let xml = match fetched {
         Ok(x) => x,
         Err(e) => {
             return Some(Note::warning(

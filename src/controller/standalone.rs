@@ -834,9 +834,9 @@ impl Standalone {
                 let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
                 let span = object_span(vm.as_ref());
                 let work = async {
-                    let out = match virtual_machine::user_data(&vm, secrets.as_slice()).await {
+                    let r = match virtual_machine::user_data(&vm, secrets.as_slice()).await {
                         Ok(ud) => {
-                            virtual_machine::reconcile_core(
+                            virtual_machine::reconcile_read(
                                 &vm,
                                 &world,
                                 hv.as_ref(),
@@ -850,12 +850,19 @@ impl Standalone {
                             reason,
                             msg,
                             Some(Duration::from_secs(60)),
-                        ),
+                        )
+                        .into(),
                     };
-                    let mut out = out.summarized();
+                    let mut out = r.outcome.summarized();
                     if let Some(sink) = backups
-                        && let Some(n) =
-                            super::backup::keep(&vm, &mut out.status, hv.as_ref(), sink).await
+                        && let Some(n) = super::backup::keep(
+                            &vm,
+                            &mut out.status,
+                            hv.as_ref(),
+                            sink,
+                            r.definition.as_deref(),
+                        )
+                        .await
                     {
                         out.notes.push(n);
                     }
@@ -904,6 +911,7 @@ impl Standalone {
                 (None, _) => Standing::Pending("not observed yet".into()),
             };
             let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
+            let ready = standing == Standing::Done;
             let moved = self.standing.get(&key) != Some(&standing)
                 || vm.status.as_ref().map(|s| (s.power_state, s.node.as_ref()))
                     != Some((out.status.power_state, out.status.node.as_ref()));
@@ -921,7 +929,9 @@ impl Standalone {
                 took,
                 reason.as_deref(),
             );
-            self.schedule(&key, moved, out.requeue, self.config.vm_resync);
+            // a VM that became Ready was observed after its last step: what depends on it moves
+            // now, the VM itself is looked at again when its requeue comes
+            self.schedule(&key, moved && !ready, out.requeue, self.config.vm_resync);
             self.world.vms[i] = Arc::new(v);
         }
         // migrations, one after another: each decides against the limits the ones before it

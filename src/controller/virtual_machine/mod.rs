@@ -440,10 +440,10 @@ async fn converge<H: Hypervisor>(
     hv: &H,
     config: &Config,
     user_data: Option<&str>,
-) -> Outcome<VirtualMachineStatus> {
+) -> Reconciled {
     let resolved = match plan::resolve(vm, node, world, user_data) {
         Ok(r) => r,
-        Err(b) => return blocked_but_observed(vm, node, hv, b).await,
+        Err(b) => return blocked_but_observed(vm, node, hv, b).await.into(),
     };
     let now = super::now();
     let mut notes = Vec::new();
@@ -547,10 +547,13 @@ async fn converge<H: Hypervisor>(
         (None, None, None) if !p.steps.is_empty() => Duration::from_secs(2),
         _ => config.vm_resync,
     };
-    Outcome {
-        status: st,
-        notes,
-        requeue: Some(requeue),
+    Reconciled {
+        outcome: Outcome {
+            status: st,
+            notes,
+            requeue: Some(requeue),
+        },
+        definition: observed.domain.map(|d| d.persistent_text),
     }
 }
 
@@ -617,6 +620,35 @@ pub async fn reconcile_core<H: Hypervisor>(
     config: &Config,
     user_data: Option<&str>,
 ) -> Outcome<VirtualMachineStatus> {
+    reconcile_read(vm, world, hv, config, user_data)
+        .await
+        .outcome
+}
+
+/// A VM's reconcile: its outcome, and the domain's persistent definition as the reconcile last
+/// read it (what the definition backup keeps, so that it is not read a second time).
+pub struct Reconciled {
+    pub outcome: Outcome<VirtualMachineStatus>,
+    pub definition: Option<std::sync::Arc<str>>,
+}
+
+impl From<Outcome<VirtualMachineStatus>> for Reconciled {
+    fn from(outcome: Outcome<VirtualMachineStatus>) -> Self {
+        Reconciled {
+            outcome,
+            definition: None,
+        }
+    }
+}
+
+/// [`reconcile_core`] with the definition it read.
+pub async fn reconcile_read<H: Hypervisor>(
+    vm: &VirtualMachine,
+    world: &World,
+    hv: &H,
+    config: &Config,
+    user_data: Option<&str>,
+) -> Reconciled {
     if let Err(e) = vm.spec.validate() {
         let mut out = problem(
             vm,
@@ -625,7 +657,7 @@ pub async fn reconcile_core<H: Hypervisor>(
             None,
         );
         out.status.observed_generation = vm.metadata.generation;
-        return out;
+        return out.into();
     }
     // during a migration only the Migration controller acts on the VM
     if let Some(m) = super::migration::of_vm(world, vm).find(|m| super::migration::holds_vm(m)) {
@@ -659,7 +691,8 @@ pub async fn reconcile_core<H: Hypervisor>(
             status: st,
             notes: vec![],
             requeue: Some(Duration::from_secs(10)),
-        };
+        }
+        .into();
     }
     // bound to a Migration's target, the VM is observed there in the same reconcile
     let rebound = rebind_after_migration(vm, world).map(|out| {
@@ -671,10 +704,10 @@ pub async fn reconcile_core<H: Hypervisor>(
         Some((moved, notes)) => (moved, notes.clone()),
         None => (vm, Vec::new()),
     };
-    let mut out = reconcile_bound(vm, world, hv, config, user_data).await;
-    notes.append(&mut out.notes);
-    out.notes = notes;
-    out
+    let mut r = reconcile_bound(vm, world, hv, config, user_data).await;
+    notes.append(&mut r.outcome.notes);
+    r.outcome.notes = notes;
+    r
 }
 
 /// The reconcile of a VM no Migration holds.
@@ -684,20 +717,23 @@ async fn reconcile_bound<H: Hypervisor>(
     hv: &H,
     config: &Config,
     user_data: Option<&str>,
-) -> Outcome<VirtualMachineStatus> {
+) -> Reconciled {
     let node = vm
         .status
         .as_ref()
         .and_then(|s| s.node.clone())
         .or_else(|| vm.spec.adopt.as_ref().map(|a| a.node_name.clone()));
     let Some(node) = node else {
-        return schedule(vm, world, hv).await;
+        return schedule(vm, world, hv).await.into();
     };
     if let Some(out) = failover(vm, &node, world, hv).await {
-        return out;
+        return out.into();
     }
     let stale = remove_stale(vm, world, hv).await;
-    let mut out = converge(vm, &node, world, hv, config, user_data).await;
+    let Reconciled {
+        outcome: mut out,
+        definition,
+    } = converge(vm, &node, world, hv, config, user_data).await;
     if let Some((done, note)) = stale {
         if let Some(f) = out.status.failover.as_mut() {
             f.stale_removed |= done;
@@ -736,7 +772,10 @@ async fn reconcile_bound<H: Hypervisor>(
             .conditions
             .retain(|c| c.type_ != condition::RECOVERY);
     }
-    out
+    Reconciled {
+        outcome: out,
+        definition,
+    }
 }
 
 /// True when the node has been observed and is not Ready (past its grace period).
@@ -1154,9 +1193,12 @@ async fn reconcile_in_span(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result
                 } else {
                     None
                 };
-                let outcome = match user_data(&vm, &ctx.client).await {
+                let Reconciled {
+                    mut outcome,
+                    definition,
+                } = match user_data(&vm, &ctx.client).await {
                     Ok(ud) => {
-                        reconcile_core(
+                        reconcile_read(
                             &vm,
                             &ctx.world(),
                             ctx.hv.as_ref(),
@@ -1165,13 +1207,19 @@ async fn reconcile_in_span(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result
                         )
                         .await
                     }
-                    Err((reason, msg)) => problem(&vm, reason, msg, Some(Duration::from_secs(60))),
+                    Err((reason, msg)) => {
+                        problem(&vm, reason, msg, Some(Duration::from_secs(60))).into()
+                    }
                 };
-                let mut outcome = outcome;
                 if ctx.config.definition_backup
-                    && let Some(n) =
-                        super::backup::keep(&vm, &mut outcome.status, ctx.hv.as_ref(), &ctx.client)
-                            .await
+                    && let Some(n) = super::backup::keep(
+                        &vm,
+                        &mut outcome.status,
+                        ctx.hv.as_ref(),
+                        &ctx.client,
+                        definition.as_deref(),
+                    )
+                    .await
                 {
                     outcome.notes.push(n);
                 }

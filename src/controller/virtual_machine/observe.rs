@@ -17,6 +17,8 @@ pub struct DomainObs {
     pub persistent: DomainXml,
     /// SHA-256 (hex) of the persistent definition's text as libvirt gave it.
     pub persistent_sha256: String,
+    /// That text (what the definition backup keeps, without reading it again).
+    pub persistent_text: std::sync::Arc<str>,
     /// The running guest's definition, when it runs (or is paused).
     pub live: Option<DomainXml>,
 }
@@ -50,6 +52,7 @@ pub async fn observe(hv: &impl Hypervisor, r: &Resolved) -> Result<Observed, HvE
                     state: r.state,
                     persistent,
                     persistent_sha256,
+                    persistent_text: r.persistent_text.into(),
                     live: r.live,
                 })
             }

@@ -1042,6 +1042,7 @@ mod tests {
             live: (state != DomainState::Shutoff).then(|| x.clone()),
             persistent: x,
             persistent_sha256: "d1".into(),
+            persistent_text: "<domain/>".into(),
         });
         o
     }
