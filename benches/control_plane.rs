@@ -412,20 +412,28 @@ struct IdleCounts {
     vm_calls: u64,
     vm_rpcs: u64,
     vm_top: BTreeMap<String, u64>,
-    vm_requeue_secs: f64,
+    /// None: a steady VM is not reconciled periodically (the cluster's default).
+    vm_requeue_secs: Option<f64>,
+    /// Standalone mode's periodic VM reconcile (it follows no domain events).
+    standalone_vm_secs: f64,
     /// Events a steady VM reconcile published (none expected).
     vm_notes: Vec<String>,
 }
 
 impl IdleCounts {
+    /// The node rounds, and every VM once per standalone VM period.
     fn standalone_per_min(&self) -> (f64, f64) {
         let k = 60.0 / self.resync_secs;
-        (self.round_calls as f64 * k, self.round_rpcs as f64 * k)
+        let v = 60.0 / self.standalone_vm_secs;
+        (
+            self.round_calls as f64 * k + self.vm_calls as f64 * v,
+            self.round_rpcs as f64 * k + self.vm_rpcs as f64 * v,
+        )
     }
 
     fn cluster_per_min(&self, nodes: usize) -> (f64, f64) {
         let n = 60.0 / self.node_requeue_secs;
-        let v = 60.0 / self.vm_requeue_secs;
+        let v = self.vm_requeue_secs.map_or(0.0, |s| 60.0 / s);
         let checks = nodes as f64 * 60.0 / EVENT_CHECK.as_secs_f64();
         (
             self.node_calls as f64 * n + self.vm_calls as f64 * v + checks,
@@ -525,7 +533,7 @@ fn idle_child(dir: &Path) {
             {
                 out.notes.push(n);
             }
-            vm_requeue.push(out.requeue.unwrap());
+            vm_requeue.push(out.requeue);
             vm_notes.extend(
                 out.notes
                     .iter()
@@ -552,7 +560,11 @@ fn idle_child(dir: &Path) {
         vm_calls,
         vm_rpcs,
         vm_top,
-        vm_requeue_secs: shortest(&vm_requeue),
+        vm_requeue_secs: vm_requeue.iter().flatten().min().map(Duration::as_secs_f64),
+        standalone_vm_secs: config
+            .vm_resync
+            .unwrap_or(kvm_operator::controller::config::STANDALONE_VM_RESYNC)
+            .as_secs_f64(),
         vm_notes,
     };
     println!("IDLE {}", serde_json::to_string(&counts).unwrap());
@@ -592,15 +604,19 @@ fn idle(quick: bool) {
         let (sa_calls, sa_rpcs) = c.standalone_per_min();
         let (cl_calls, cl_rpcs) = c.cluster_per_min(nodes);
         println!(
-            "  idle, {nodes} nodes / {vms} VMs: standalone loop (a round every {:.0} s, {:.2} s each) {sa_calls:.0} calls/min, {sa_rpcs:.0} libvirt RPCs/min [{}]",
+            "  idle, {nodes} nodes / {vms} VMs: standalone loop (a node round every {:.0} s, {:.2} s each; every VM every {:.0} s) {sa_calls:.0} calls/min, {sa_rpcs:.0} libvirt RPCs/min; per node round [{}]",
             c.resync_secs,
             c.round_secs,
+            c.standalone_vm_secs,
             top(&c.round_top)
         );
         println!(
-            "  idle, {nodes} nodes / {vms} VMs: cluster schedule (nodes every {:.0} s, VMs every {:.0} s, event checks every {} s) {cl_calls:.0} calls/min, {cl_rpcs:.0} libvirt RPCs/min; per node pass [{}]; per VM pass [{}]",
+            "  idle, {nodes} nodes / {vms} VMs: cluster schedule (nodes every {:.0} s, VMs {}, event checks every {} s) {cl_calls:.0} calls/min, {cl_rpcs:.0} libvirt RPCs/min; per node pass [{}]; per VM pass [{}]",
             c.node_requeue_secs,
-            c.vm_requeue_secs,
+            c.vm_requeue_secs.map_or_else(
+                || "on events and node-pass hints only".to_string(),
+                |s| format!("every {s:.0} s")
+            ),
             EVENT_CHECK.as_secs(),
             top(&c.node_top),
             top(&c.vm_top)

@@ -489,6 +489,23 @@ fn running_guest_operations_and_hotplug() {
         conn.resume(&name).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(conn.state(&name).ok(), Some(DomainState::Running));
 
+        // a node pass flags a domain whose make-up changed since the last one (a hot-plug
+        // emits no lifecycle event): unchanged twice, then the disk below
+        let reshaped = || {
+            let (domains, _) = conn.domains_with_stats().unwrap_or_else(|e| panic!("{e}"));
+            let flagged: Vec<&str> = domains
+                .iter()
+                .filter(|d| d.reshaped)
+                .map(|d| d.name.as_str())
+                .collect();
+            (
+                domains.iter().any(|d| d.name == name),
+                flagged.contains(&name.as_str()),
+            )
+        };
+        assert_eq!(reshaped(), (true, false), "first reading");
+        assert_eq!(reshaped(), (true, false), "nothing changed");
+
         // hot-plug a SCSI disk: live and persistent
         let img = tmp.path().join("data.qcow2");
         let ok = std::process::Command::new("qemu-img")
@@ -522,6 +539,8 @@ fn running_guest_operations_and_hotplug() {
         });
         conn.attach(&name, &disk, DeviceScope::LiveAndConfig)
             .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reshaped(), (true, true), "a disk was added");
+        assert_eq!(reshaped(), (true, false), "flagged once");
         let has_disk = |x: &DomainXml| x.devices.disk.iter().any(|d| d.target.dev == "sda");
         assert!(
             has_disk(&conn.domain_xml(&name).unwrap_or_else(|e| panic!("{e}"))),

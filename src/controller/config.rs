@@ -5,7 +5,7 @@
 //! silently running on a default the user did not mean.
 //!
 //! ```yaml
-//! resync: {nodeSeconds: 30, vmSeconds: 300, poolSeconds: 120}
+//! resync: {nodeSeconds: 30, vmSeconds: 0, poolSeconds: 120}   # vmSeconds 0: no periodic VM reconcile
 //! shutdownGraceSeconds: 20
 //! connectTimeoutSeconds: 15
 //! placement:
@@ -22,6 +22,10 @@ use serde::Deserialize;
 
 use crate::placement::Weights;
 
+/// The periodic VM reconcile of standalone mode, which follows no libvirt events, when the
+/// configuration sets none (`resync.vmSeconds`).
+pub const STANDALONE_VM_RESYNC: Duration = Duration::from_secs(300);
+
 /// What the controllers are configured with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -31,8 +35,13 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// How often a node is re-read (facts, domain list); also the batched VM resync.
     pub node_resync: Duration,
-    /// How often a VM is reconciled without any event (a safety net).
-    pub vm_resync: Duration,
+    /// How often a VM is reconciled without any event (a safety net); `None`: never (the
+    /// default). A VM is looked at when it changes, on its node's domain events, when a node
+    /// pass finds its domain's state or make-up changed (every `node_resync`, one bulk call per
+    /// node), and when a node's event subscription is made again (events may have been missed):
+    /// the idle cost grows with nodes, not VMs. Standalone mode follows no events and uses
+    /// [`STANDALONE_VM_RESYNC`] when this is `None`.
+    pub vm_resync: Option<Duration>,
     /// How often a pool is refreshed.
     pub pool_resync: Duration,
     /// Graceful shutdown time before a guest is forced off (the call timeout is raised to
@@ -63,7 +72,7 @@ impl Default for Config {
             namespace: "kvm-operator".into(),
             state_dir: PathBuf::from("/run/kvm-operator"),
             node_resync: Duration::from_secs(30),
-            vm_resync: Duration::from_secs(300),
+            vm_resync: None,
             pool_resync: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(15),
@@ -256,13 +265,22 @@ impl Config {
             3600,
             &mut self.node_resync,
         )?;
-        secs(
-            "resync.vmSeconds",
-            r.vm_seconds,
-            10,
-            86_400,
-            &mut self.vm_resync,
-        )?;
+        match r.vm_seconds {
+            None => {}
+            // no periodic VM reconcile
+            Some(0) => self.vm_resync = None,
+            Some(v) if (10..=86_400).contains(&v) => {
+                self.vm_resync = Some(Duration::from_secs(v));
+            }
+            Some(v) => {
+                return Err(invalid(
+                    "resync.vmSeconds",
+                    format!(
+                        "is {v}; use 0 (no periodic VM reconcile) or a whole number of seconds from 10 to 86400"
+                    ),
+                ));
+            }
+        }
         secs(
             "resync.poolSeconds",
             r.pool_seconds,
@@ -451,7 +469,7 @@ mod tests {
             }
         );
         assert_eq!(c.node_resync, Duration::from_secs(45));
-        assert_eq!(c.vm_resync, Duration::from_secs(600));
+        assert_eq!(c.vm_resync, Some(Duration::from_secs(600)));
         assert_eq!(c.pool_resync, Duration::from_secs(60));
         assert_eq!(c.shutdown_grace, Duration::from_secs(5));
         assert_eq!(c.connect_timeout, Duration::from_secs(7));
@@ -513,6 +531,11 @@ mod tests {
                 "leaderElection.leaseSeconds",
                 "from 5",
             ),
+            (
+                "resync: {vmSeconds: 5}",
+                "resync.vmSeconds",
+                "use 0 (no periodic",
+            ),
         ] {
             let e = Config::default().with_yaml("c.yaml", yaml).unwrap_err();
             let text = e.to_string();
@@ -522,6 +545,18 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// No periodic VM reconcile unless asked for; 0 turns a configured one off again.
+    #[test]
+    fn the_periodic_vm_reconcile_is_off_unless_configured() {
+        assert_eq!(Config::default().vm_resync, None);
+        let on = Config::default()
+            .with_yaml("c.yaml", "resync: {vmSeconds: 900}")
+            .unwrap();
+        assert_eq!(on.vm_resync, Some(Duration::from_secs(900)));
+        let off = on.with_yaml("c.yaml", "resync: {vmSeconds: 0}").unwrap();
+        assert_eq!(off.vm_resync, None);
     }
 
     #[test]

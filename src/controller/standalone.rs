@@ -625,6 +625,14 @@ impl Standalone {
         self.due.get(key).is_none_or(|t| *t <= now)
     }
 
+    /// How often a VM is looked at without a change: standalone mode follows no domain events,
+    /// so a VM is reconciled periodically even when the configuration asks for none.
+    fn vm_period(&self) -> Duration {
+        self.config
+            .vm_resync
+            .unwrap_or(super::config::STANDALONE_VM_RESYNC)
+    }
+
     /// When `key` is looked at next: at once while it is pending or just moved, else after its
     /// requeue, at most `period` (the cluster's resync for its kind).
     fn schedule(&mut self, key: &str, moved: bool, requeue: Option<Duration>, period: Duration) {
@@ -931,7 +939,7 @@ impl Standalone {
             );
             // a VM that became Ready was observed after its last step: what depends on it moves
             // now, the VM itself is looked at again when its requeue comes
-            self.schedule(&key, moved && !ready, out.requeue, self.config.vm_resync);
+            self.schedule(&key, moved && !ready, out.requeue, self.vm_period());
             self.world.vms[i] = Arc::new(v);
         }
         // migrations, one after another: each decides against the limits the ones before it
@@ -989,7 +997,7 @@ impl Standalone {
                 started.elapsed(),
                 reason.as_deref(),
             );
-            self.schedule(&key, moved, out.requeue, self.config.vm_resync);
+            self.schedule(&key, moved, out.requeue, self.vm_period());
             self.world.migrations[i] = Arc::new(x);
         }
         if done > 0 {

@@ -121,6 +121,8 @@ pub struct StampIndex {
     by_uuid: std::collections::HashMap<String, (String, Option<Owner>)>,
     /// When the node was last listed in full; None: never, or marked stale.
     listed_at: Option<Instant>,
+    /// By UUID: each domain's make-up at the last bulk stats reading.
+    shapes: std::collections::HashMap<String, u64>,
 }
 
 /// One observation of a domain ([`Connection::read_domain`]).
@@ -141,6 +143,10 @@ pub struct DomainSummary {
     pub state: DomainState,
     /// Our ownership stamp, when present.
     pub owner: Option<Owner>,
+    /// The domain's make-up ([`super::stats::shape`]) differs from the previous bulk reading of
+    /// this node: someone changed it (the operator or not). False on first sight and for plain
+    /// listings.
+    pub reshaped: bool,
 }
 
 static QUIET: Once = Once::new();
@@ -363,6 +369,7 @@ impl Connection {
                 uuid,
                 state,
                 owner,
+                reshaped: false,
             })
             .collect())
     }
@@ -390,10 +397,20 @@ impl Connection {
                 .ok()
                 .and_then(|d| Self::read_owner(&d))
         });
+        let reshaped: Vec<bool> = {
+            let mut ix = self.index();
+            let flags = stats
+                .iter()
+                .map(|s| ix.shapes.get(&s.uuid).is_some_and(|&was| was != s.shape))
+                .collect();
+            ix.shapes = stats.iter().map(|s| (s.uuid.clone(), s.shape)).collect();
+            flags
+        };
         let summaries = stats
             .iter()
             .zip(owners)
-            .map(|(s, owner)| DomainSummary {
+            .zip(reshaped)
+            .map(|((s, owner), reshaped)| DomainSummary {
                 name: s.domain.clone(),
                 uuid: s.uuid.clone(),
                 state: s.state.map_or(DomainState::Other, |x| {
@@ -402,6 +419,7 @@ impl Connection {
                     ))
                 }),
                 owner,
+                reshaped,
             })
             .collect();
         Ok((summaries, stats))

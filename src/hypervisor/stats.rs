@@ -28,6 +28,39 @@ pub struct DomainStats {
     pub block_write_bytes: u64,
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
+    /// What the domain is made of as these figures show it (see [`shape`]).
+    pub shape: u64,
+}
+
+/// A fingerprint of what a domain is made of, as bulk stats show it: vCPUs (current and
+/// maximum), the memory ceiling, and each disk's and NIC's name and source. Counters and the
+/// balloon's current size (which the guest moves) are left out, so two readings differ only when
+/// the domain itself was changed: a CPU or memory change, a device added or removed, a disk given
+/// another source, even when no lifecycle event said so (live changes emit none).
+pub fn shape(raw: &RawDomainStats) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for k in ["vcpu.current", "vcpu.maximum", "balloon.maximum"] {
+        raw.params.get(k).and_then(StatValue::as_u64).hash(&mut h);
+    }
+    for (prefix, fields) in [("block", &["name", "path"][..]), ("net", &["name"][..])] {
+        let count = raw
+            .params
+            .get(&format!("{prefix}.count"))
+            .and_then(StatValue::as_u64)
+            .unwrap_or(0)
+            .min(4096);
+        count.hash(&mut h);
+        for i in 0..count {
+            for f in fields {
+                match raw.params.get(&format!("{prefix}.{i}.{f}")) {
+                    Some(StatValue::Text(t)) => t.hash(&mut h),
+                    other => other.and_then(StatValue::as_u64).hash(&mut h),
+                }
+            }
+        }
+    }
+    h.finish()
 }
 
 fn sum(raw: &RawDomainStats, prefix: &str, count_key: &str, suffix: &str) -> u64 {
@@ -61,6 +94,7 @@ impl From<&RawDomainStats> for DomainStats {
             block_write_bytes: sum(raw, "block", "block.count", "wr.bytes"),
             net_rx_bytes: sum(raw, "net", "net.count", "rx.bytes"),
             net_tx_bytes: sum(raw, "net", "net.count", "tx.bytes"),
+            shape: shape(raw),
         }
     }
 }

@@ -17,7 +17,8 @@ use super::status::Readiness;
 /// A node reconcile's plan.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Plan {
-    /// VMs (namespace, name) whose domain state differs from their status: reconcile them.
+    /// VMs (namespace, name) whose domain state differs from their status, or whose domain's
+    /// make-up changed since the last pass: reconcile them.
     pub resync: Vec<(String, String)>,
     /// VMs (namespace, name) to move away (maintenance): a Migration is created for each.
     pub evacuate: Vec<(String, String)>,
@@ -48,9 +49,13 @@ pub fn plan(
         ..Plan::default()
     };
     if let Ok(domains) = &observed.domains {
-        let by_uid: BTreeMap<&str, DomainState> = domains
+        let by_uid: BTreeMap<&str, (DomainState, bool)> = domains
             .iter()
-            .filter_map(|d| d.owner.as_ref().map(|o| (o.uid.as_str(), d.state)))
+            .filter_map(|d| {
+                d.owner
+                    .as_ref()
+                    .map(|o| (o.uid.as_str(), (d.state, d.reshaped)))
+            })
             .collect();
         for vm in vms {
             let Some(st) = &vm.status else { continue };
@@ -58,9 +63,10 @@ pub fn plan(
                 continue; // not provisioned yet: its own reconcile is under way
             }
             let uid = vm.uid().unwrap_or_default();
-            let want = by_uid.get(uid.as_str()).map(|s| power_state(*s));
-            let stale = match want {
-                Some(w) => st.power_state != Some(w),
+            let stale = match by_uid.get(uid.as_str()) {
+                // changed by someone since the last pass (live changes emit no lifecycle event):
+                // the VM's own reconcile reads it and corrects what differs from the spec
+                Some(&(state, reshaped)) => reshaped || st.power_state != Some(power_state(state)),
                 // the domain is gone from the host
                 None => true,
             };
@@ -209,6 +215,7 @@ mod tests {
             vm("gone", "u3", "Running", true),
             vm("unprovisioned", "u4", "Pending", false),
             vm("was-unknown", "u5", "Unknown", true),
+            vm("changed-live", "u6", "Running", true),
         ];
         let refs: Vec<&VirtualMachine> = vms.iter().collect();
         let dom = |uid: &str, state| DomainSummary {
@@ -216,6 +223,7 @@ mod tests {
             uuid: format!("uuid-{uid}"),
             state,
             owner: Some(Owner::new(uid, "default", "x")),
+            reshaped: uid == "u6",
         };
         let observed = Observed {
             facts: Err(HvError::Local {
@@ -225,11 +233,15 @@ mod tests {
                 dom("u1", DomainState::Running),
                 dom("u2", DomainState::Shutoff),
                 dom("u5", DomainState::Running),
+                dom("u6", DomainState::Running),
             ]),
             stats: vec![],
         };
         let p = plan(&node(), &observed, &refs, &ready(), &[]);
-        assert_eq!(names(&p), ["stopped-outside", "gone", "was-unknown"]);
+        assert_eq!(
+            names(&p),
+            ["stopped-outside", "gone", "was-unknown", "changed-live"]
+        );
     }
 
     #[test]

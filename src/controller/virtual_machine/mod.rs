@@ -540,18 +540,21 @@ async fn converge<H: Hypervisor>(
     }
     let requeue = match (&fail, &p.blocked, p.wait) {
         // a host that may come back is retried soon; an error that needs a person, slowly
-        (Some(_), _, _) if transient => Duration::from_secs(15),
-        (Some(_), _, _) => Duration::from_secs(300),
-        (None, Some(b), _) => b.retry.unwrap_or(config.vm_resync),
-        (None, None, Some(w)) => w,
-        (None, None, None) if !p.steps.is_empty() => Duration::from_secs(2),
+        (Some(_), _, _) if transient => Some(Duration::from_secs(15)),
+        (Some(_), _, _) => Some(Duration::from_secs(300)),
+        // what blocks it may be another object's doing (a pool, a volume): looked at again
+        (None, Some(b), _) => Some(b.retry.or(config.vm_resync).unwrap_or(BLOCKED_RETRY)),
+        (None, None, Some(w)) => Some(w),
+        (None, None, None) if !p.steps.is_empty() => Some(Duration::from_secs(2)),
+        // converged: looked at again on a change, an event or a node pass's hint (and
+        // periodically only when configured)
         _ => config.vm_resync,
     };
     Reconciled {
         outcome: Outcome {
             status: st,
             notes,
-            requeue: Some(requeue),
+            requeue,
         },
         definition: observed.domain.map(|d| d.persistent_text),
     }
@@ -709,6 +712,10 @@ pub async fn reconcile_read<H: Hypervisor>(
     r.outcome.notes = notes;
     r
 }
+
+/// How soon a VM blocked by something outside it (a pool, a volume) is looked at again when the
+/// blocker names no time and no periodic VM reconcile is configured.
+const BLOCKED_RETRY: Duration = Duration::from_secs(300);
 
 /// The reconcile of a VM no Migration holds.
 async fn reconcile_bound<H: Hypervisor>(
