@@ -345,6 +345,7 @@ impl NodePool {
         let lane = lease.lane;
         let (conn, generation) = self.connection(&n, lane, timeout).await?;
         CALLS.fetch_add(1, Ordering::Relaxed);
+        let began = std::time::Instant::now();
         let task = tokio::task::spawn_blocking(move || {
             let r = f(&conn);
             let alive = r.is_ok() || conn.is_alive();
@@ -370,6 +371,14 @@ impl NodePool {
                 false,
             ),
         };
+        tracing::debug!(
+            node,
+            op,
+            lane,
+            ms = began.elapsed().as_secs_f64() * 1e3,
+            ok = result.is_ok(),
+            "libvirt call"
+        );
         if let Err(e) = &result
             && (connection_broken(e) || !alive)
         {
