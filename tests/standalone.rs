@@ -12,7 +12,7 @@ use std::time::Duration;
 use kvm_operator::api::virtual_machine::PowerState;
 use kvm_operator::controller::Config;
 use kvm_operator::controller::standalone::{Options, Standalone};
-use kvm_operator::hypervisor::Connection;
+use kvm_operator::hypervisor::{Connection, DomainState};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kvm-operator"))
@@ -235,6 +235,74 @@ async fn edits_are_picked_up_and_a_restarted_run_binds_to_the_same_domains() {
     let s = state(&state_dir);
     assert!(s["objects"].get("VirtualMachine/default/two").is_none());
     drop(first);
+}
+
+/// A long-running run never returns: it is given half a second at a time.
+async fn run_for(s: &mut Standalone) {
+    let _ = tokio::time::timeout(Duration::from_millis(500), s.run()).await;
+}
+
+/// A long-running run (not `--once`) follows the node's domain events as the cluster does: a
+/// guest paused behind its back is resumed at once, although no VM is reconciled on a timer
+/// (`resync.vmSeconds` unset) and the node pass that would also notice comes only in an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_running_run_resumes_a_guest_paused_behind_its_back_on_the_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("m");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(
+        files.join("vm.yaml"),
+        "apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: evented}\nspec: {vcpus: 1, memory: 64Mi}\n",
+    )
+    .unwrap();
+    let mut s = Standalone::new(
+        Options {
+            files: vec![files.clone()],
+            default_uri: "test:///default".into(),
+            state_dir: dir.path().join("state"),
+            once: false,
+            timeout: Duration::from_secs(60),
+            resync: Duration::from_secs(3600),
+        },
+        Config::default(),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
+    assert_eq!(Config::default().vm_resync, None);
+    let running = |s: &Standalone| {
+        vm(s, "evented")
+            .status
+            .as_ref()
+            .is_some_and(|st| st.power_state == Some(PowerState::Running))
+    };
+    for _ in 0..40 {
+        run_for(&mut s).await;
+        if running(&s) {
+            break;
+        }
+    }
+    assert!(running(&s), "{:?}", vm(&s, "evented").status);
+    let domain = vm(&s, "evented")
+        .status
+        .as_ref()
+        .and_then(|st| st.domain_name.clone())
+        .unwrap();
+    // someone pauses the guest (test:///default is one hypervisor for the whole process)
+    let c = Connection::open("test:///default", "someone").unwrap();
+    c.suspend(&domain).unwrap();
+    assert_eq!(c.state(&domain).unwrap(), DomainState::Paused);
+    let mut resumed = false;
+    for _ in 0..20 {
+        run_for(&mut s).await;
+        if c.state(&domain).unwrap() == DomainState::Running {
+            resumed = true;
+            break;
+        }
+    }
+    assert!(resumed, "the paused guest was not resumed within 10 s");
+    assert!(running(&s), "{:?}", vm(&s, "evented").status);
+    drop(s);
+    c.destroy(&domain).unwrap();
 }
 
 fn var(k: &str) -> String {

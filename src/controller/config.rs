@@ -22,8 +22,8 @@ use serde::Deserialize;
 
 use crate::placement::Weights;
 
-/// The periodic VM reconcile of standalone mode, which follows no libvirt events, when the
-/// configuration sets none (`resync.vmSeconds`).
+/// The periodic VM reconcile of a `standalone --once` run, which follows no libvirt events (it
+/// ends once things converge), when the configuration sets none (`resync.vmSeconds`).
 pub const STANDALONE_VM_RESYNC: Duration = Duration::from_secs(300);
 
 /// What the controllers are configured with.
@@ -39,8 +39,9 @@ pub struct Config {
     /// default). A VM is looked at when it changes, on its node's domain events, when a node
     /// pass finds its domain's state or make-up changed (every `node_resync`, one bulk call per
     /// node), and when a node's event subscription is made again (events may have been missed):
-    /// the idle cost grows with nodes, not VMs. Standalone mode follows no events and uses
-    /// [`STANDALONE_VM_RESYNC`] when this is `None`.
+    /// the idle cost grows with nodes, not VMs. A long-running standalone run follows events the
+    /// same way; a `standalone --once` run follows none and uses [`STANDALONE_VM_RESYNC`] when
+    /// this is `None`.
     pub vm_resync: Option<Duration>,
     /// How often a pool is refreshed.
     pub pool_resync: Duration,

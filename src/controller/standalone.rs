@@ -30,6 +30,14 @@ use tracing::Instrument;
 /// VM reconciles run side by side in one round (each node also limits its own calls).
 const VM_CONCURRENCY: usize = 16;
 
+/// How often each event follower checks that its subscription's connection is still the node's
+/// (as in a cluster).
+const EVENT_CHECK: Duration = Duration::from_secs(5);
+
+/// "Not on a timer": an object with no periodic look waits this long unless something marks it
+/// due (an event, a node pass's hint, a change of its own).
+const UNTIL_MARKED: Duration = Duration::from_secs(365 * 86_400);
+
 use super::{Config, World, condition_of, kvm_node, migration, storage_pool, virtual_machine};
 use crate::api::condition::{self, READY};
 use crate::api::migration::Migration;
@@ -38,6 +46,7 @@ use crate::api::virtual_machine::VirtualMachine;
 use crate::api::{KvmNode, MigrationPhase};
 use crate::controller::object_span;
 use crate::hypervisor::cache::NodePool;
+use crate::hypervisor::ffi::{DomainEvent, LifecycleKind};
 use crate::manifest::{self, ManifestError, Object};
 
 /// How a standalone run is set up.
@@ -246,6 +255,14 @@ pub struct Standalone {
     out: Box<dyn Write + Send>,
     last_table: String,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Domain events of the followed nodes (a long-running run follows each node whose access
+    /// loaded, as the cluster does; `once` follows none: it ends when things converged).
+    events: (
+        tokio::sync::mpsc::UnboundedSender<DomainEvent>,
+        tokio::sync::mpsc::UnboundedReceiver<DomainEvent>,
+    ),
+    /// The event follower of each node, by node name.
+    followers: BTreeMap<String, tokio::task::JoinHandle<()>>,
     /// The objects after the last round, for `/metrics`; kept only while a [`Self::metrics`]
     /// renderer holds it (a second copy of every changed object would otherwise stay alive
     /// through the next round for nobody: a few MiB at 2,000 VMs).
@@ -286,6 +303,15 @@ fn new_uid() -> String {
     )
 }
 
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        // the followers hold the node pool and a libvirt subscription each
+        for (_, f) in std::mem::take(&mut self.followers) {
+            f.abort();
+        }
+    }
+}
+
 impl Standalone {
     /// Reads the state file and the manifests; `out` receives the status table.
     pub fn new(
@@ -319,6 +345,8 @@ impl Standalone {
             out,
             last_table: String::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            events: tokio::sync::mpsc::unbounded_channel(),
+            followers: BTreeMap::new(),
             snapshot: Arc::default(),
         };
         me.load()?;
@@ -395,16 +423,58 @@ impl Standalone {
                     continue;
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = self.jobs.ended() => {}
+            let event = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+                _ = self.jobs.ended() => None,
+                ev = self.events.1.recv() => ev,
                 _ = tokio::signal::ctrl_c() => {
                     self.save()?;
                     let _ = writeln!(self.out, "stopped; the VMs keep running; state in {}", self.opts.state_dir.display());
                     return Ok(());
                 }
+            };
+            if let Some(ev) = event {
+                self.on_event(&ev);
+                // what else arrived meanwhile goes into the same round
+                while let Ok(ev) = self.events.1.try_recv() {
+                    self.on_event(&ev);
+                }
             }
         }
+    }
+
+    /// A domain event (or a node's resync marker after it subscribed again): the VMs it concerns
+    /// are due at once, as the cluster's VM controller is triggered by it.
+    fn on_event(&mut self, ev: &DomainEvent) {
+        if matches!(ev.kind, LifecycleKind::Defined | LifecycleKind::Undefined) {
+            // a definition changed (ours or someone else's): placement's stamp index of that
+            // node reads it again before it answers
+            self.hv.domain_definition_changed(&ev.node, &ev.uuid);
+        }
+        for r in virtual_machine::refs_for_event(ev, &self.world.vms) {
+            self.due
+                .remove(&key_of("VirtualMachine", r.namespace.as_deref(), &r.name));
+        }
+    }
+
+    /// Follows `node`'s domain events from now on (once; never in a `once` run).
+    fn follow(&mut self, node: &str) {
+        if self.opts.once || self.followers.get(node).is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let task = tokio::spawn(crate::hypervisor::events::follow(
+            self.hv.clone(),
+            node.to_string(),
+            self.events.0.clone(),
+            EVENT_CHECK,
+        ));
+        self.followers.insert(node.to_string(), task);
+    }
+
+    /// True while domain events are followed: the VMs' periodic resync is then the
+    /// configuration's own (none by default), as in a cluster.
+    fn follows_events(&self) -> bool {
+        !self.opts.once
     }
 
     fn list(&self, f: impl Fn(&Standing) -> bool) -> Vec<String> {
@@ -564,6 +634,12 @@ impl Standalone {
             self.state.objects.remove(&k);
             self.standing.remove(&k);
             self.due.remove(&k);
+            if let Some(f) = k
+                .strip_prefix("KvmNode/")
+                .and_then(|n| self.followers.remove(n))
+            {
+                f.abort();
+            }
         }
         self.world = world;
         self.secrets = secrets;
@@ -629,24 +705,45 @@ impl Standalone {
         self.due.get(key).is_none_or(|t| *t <= now)
     }
 
-    /// How often a VM is looked at without a change: standalone mode follows no domain events,
-    /// so a VM is reconciled periodically even when the configuration asks for none.
-    fn vm_period(&self) -> Duration {
-        self.config
-            .vm_resync
-            .unwrap_or(super::config::STANDALONE_VM_RESYNC)
+    /// How often a VM is looked at without a change (`None`: only on changes, events, node
+    /// passes' hints and its own requeues). A `once` run follows no domain events, so there a
+    /// VM is reconciled periodically even when the configuration asks for none.
+    fn vm_period(&self) -> Option<Duration> {
+        if self.follows_events() {
+            self.config.vm_resync
+        } else {
+            Some(
+                self.config
+                    .vm_resync
+                    .unwrap_or(super::config::STANDALONE_VM_RESYNC),
+            )
+        }
     }
 
     /// When `key` is looked at next: at once while it is pending or just moved, else after its
-    /// requeue, at most `period` (the cluster's resync for its kind).
-    fn schedule(&mut self, key: &str, moved: bool, requeue: Option<Duration>, period: Duration) {
+    /// requeue, at most `period` (the cluster's resync for its kind; `None`: no periodic look,
+    /// only what marks it due again).
+    fn schedule(
+        &mut self,
+        key: &str,
+        moved: bool,
+        requeue: Option<Duration>,
+        period: impl Into<Option<Duration>>,
+    ) {
         let pending = matches!(self.standing.get(key), Some(Standing::Pending(_)));
         let wait = if moved || pending {
-            Duration::ZERO
+            Some(Duration::ZERO)
         } else {
-            requeue.map_or(period, |r| r.min(period))
+            match (requeue, period.into()) {
+                (Some(r), Some(p)) => Some(r.min(p)),
+                (r, p) => r.or(p),
+            }
         };
-        self.due.insert(key.to_string(), Instant::now() + wait);
+        let now = Instant::now();
+        let at = wait
+            .and_then(|w| now.checked_add(w))
+            .unwrap_or_else(|| now + UNTIL_MARKED);
+        self.due.insert(key.to_string(), at);
     }
 
     /// One pass over the objects that are due, kind by kind in the order the cluster would
@@ -670,30 +767,41 @@ impl Standalone {
                 let started = Instant::now();
                 let node = world.nodes[i].clone();
                 let span = object_span(node.as_ref());
+                // the node's access loaded: its domain events can be followed
                 let work = async {
+                    let mut loaded = false;
                     if node.spec.validate().is_ok() {
                         match kvm_node::load_access(&node, secrets.as_slice(), config).await {
                             Err((reason, msg)) => {
                                 return (
                                     kvm_node::not_ready(&node, reason, msg),
                                     kvm_node::Side::default(),
+                                    false,
                                 );
                             }
-                            Ok(access) => hv.upsert(access),
+                            Ok(access) => {
+                                hv.upsert(access);
+                                loaded = true;
+                            }
                         }
                     }
-                    kvm_node::reconcile_core(&node, world, hv.as_ref(), config).await
+                    let (out, side) =
+                        kvm_node::reconcile_core(&node, world, hv.as_ref(), config).await;
+                    (out, side, loaded)
                 };
-                let (out, side) = work.instrument(span).await;
-                (i, out.summarized(), side, started.elapsed())
+                let (out, side, loaded) = work.instrument(span).await;
+                (i, out.summarized(), side, loaded, started.elapsed())
             }))
             .await
         };
         let mut moved_nodes = Vec::new();
-        for (i, out, side, took) in results {
+        for (i, out, side, loaded, took) in results {
             done += 1;
             let node = self.world.nodes[i].clone();
             let name = node.name_any();
+            if loaded {
+                self.follow(&name);
+            }
             for (ns, vm) in side.evacuate {
                 self.evacuate(&name, &ns, &vm);
             }
@@ -1001,7 +1109,13 @@ impl Standalone {
                 started.elapsed(),
                 reason.as_deref(),
             );
-            self.schedule(&key, moved, out.requeue, self.vm_period());
+            self.schedule(
+                &key,
+                moved,
+                out.requeue,
+                self.vm_period()
+                    .unwrap_or(super::config::STANDALONE_VM_RESYNC),
+            );
             self.world.migrations[i] = Arc::new(x);
         }
         if done > 0 && Arc::strong_count(&self.snapshot) > 1 {
