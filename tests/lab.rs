@@ -489,19 +489,35 @@ fn running_guest_operations_and_hotplug() {
         conn.resume(&name).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(conn.state(&name).ok(), Some(DomainState::Running));
 
-        // a node pass flags a domain whose make-up changed since the last one (a hot-plug
-        // emits no lifecycle event): unchanged twice, then the disk below
-        let reshaped = || {
-            let (domains, _) = conn.domains_with_stats().unwrap_or_else(|e| panic!("{e}"));
-            let flagged: Vec<&str> = domains
+        // a node pass flags a domain whose make-up changed since the last full reading (a
+        // hot-plug emits no lifecycle event): unchanged twice, then the disk below; a reading
+        // within `window` of the last full one reads states only and flags nothing
+        let reading = |window: Duration| {
+            let l = conn
+                .domains_with_stats(window)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let flagged: Vec<&str> = l
+                .domains
                 .iter()
                 .filter(|d| d.reshaped)
                 .map(|d| d.name.as_str())
                 .collect();
+            let vcpus = l
+                .stats
+                .iter()
+                .find(|s| s.domain == name)
+                .and_then(|s| s.vcpus);
             (
-                domains.iter().any(|d| d.name == name),
+                l.domains.iter().any(|d| d.name == name),
                 flagged.contains(&name.as_str()),
+                l.fresh,
+                vcpus,
             )
+        };
+        let reshaped = || {
+            let (present, flagged, fresh, _) = reading(Duration::ZERO);
+            assert!(fresh, "a zero window reads every group");
+            (present, flagged)
         };
         assert_eq!(reshaped(), (true, false), "first reading");
         assert_eq!(reshaped(), (true, false), "nothing changed");
@@ -539,6 +555,12 @@ fn running_guest_operations_and_hotplug() {
         });
         conn.attach(&name, &disk, DeviceScope::LiveAndConfig)
             .unwrap_or_else(|e| panic!("{e}"));
+        // states only: the size is the last full reading's, the change waits for a full one
+        assert_eq!(
+            reading(Duration::from_secs(3600)),
+            (true, false, false, Some(1)),
+            "a states-only reading"
+        );
         assert_eq!(reshaped(), (true, true), "a disk was added");
         assert_eq!(reshaped(), (true, false), "flagged once");
         let has_disk = |x: &DomainXml| x.devices.disk.iter().any(|d| d.target.dev == "sda");

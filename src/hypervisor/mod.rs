@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use connection::{
-    Connection, DeviceScope, DomainInfo, DomainReading, DomainState, DomainSummary,
+    BulkListing, Connection, DeviceScope, DomainInfo, DomainReading, DomainState, DomainSummary,
     ShutdownOutcome, StateDetail,
 };
 

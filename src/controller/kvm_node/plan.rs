@@ -236,6 +236,7 @@ mod tests {
                 dom("u6", DomainState::Running),
             ]),
             stats: vec![],
+            fresh: true,
         };
         let p = plan(&node(), &observed, &refs, &ready(), &[]);
         assert_eq!(
@@ -261,6 +262,7 @@ mod tests {
                 cause: "no route to host".into(),
             }),
             stats: vec![],
+            fresh: true,
         };
         let p = plan(&node(), &observed, &refs, &ready(), &[]);
         assert_eq!(names(&p), ["running"]);

@@ -21,25 +21,32 @@ pub const EVACUATED: &str = "Evacuated";
 /// Condition type: deletion waits for the node's VMs.
 pub const DELETING: &str = "Deleting";
 
-/// CPUs and bytes a VM takes on its node: from its spec, or from the domain's figures when
-/// the spec leaves them to an adopted domain.
+/// CPUs and bytes a VM takes on its node: from its spec, or, when the spec leaves them to an
+/// adopted domain, from the node's figures of the domain, else from the domain as the VM's own
+/// last reading described it (`status.observed`).
 pub fn vm_request(vm: &VirtualMachine, stats: &BTreeMap<&str, (u64, u64)>) -> (u32, u64) {
-    let observed = vm
-        .status
-        .as_ref()
+    let status = vm.status.as_ref();
+    let figures = status
         .and_then(|s| s.domain_name.as_deref())
         .and_then(|d| stats.get(d).copied());
+    let described = status.and_then(|s| s.observed.as_ref());
     let cpus = vm
         .spec
         .vcpus
-        .or_else(|| observed.and_then(|(c, _)| u32::try_from(c).ok()))
+        .or_else(|| figures.and_then(|(c, _)| u32::try_from(c).ok().filter(|&c| c > 0)))
+        .or_else(|| described.map(|d| d.vcpus))
         .unwrap_or(0);
     let mem = vm
         .spec
         .memory
         .as_ref()
         .map(|m| m.bytes())
-        .or_else(|| observed.map(|(_, kib)| kib.saturating_mul(1024)))
+        .or_else(|| {
+            figures
+                .map(|(_, kib)| kib.saturating_mul(1024))
+                .filter(|&b| b > 0)
+        })
+        .or_else(|| described.and_then(|d| d.memory.as_ref()).map(|m| m.bytes()))
         .unwrap_or(0);
     (cpus, mem)
 }
@@ -361,9 +368,47 @@ mod tests {
                 facts,
                 domains,
                 stats: vec![],
+                fresh: true,
             };
             assert_eq!(ready_reason(&o), want);
         }
+    }
+
+    #[test]
+    fn an_adopted_vm_without_sizes_takes_the_node_figures_else_its_own_reading() {
+        let vm = |status: serde_json::Value| -> VirtualMachine {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+                "metadata": {"name": "old", "namespace": "ns"},
+                "spec": {"adopt": {"nodeName": "n1", "domain": "legacy"}},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let described = vm(serde_json::json!({
+            "domainName": "legacy",
+            "observed": {"vcpus": 3, "memory": "2Gi"},
+        }));
+        let figures = BTreeMap::from([("legacy", (4, 1024 * 1024))]);
+        assert_eq!(
+            vm_request(&described, &figures),
+            (4, 1 << 30),
+            "node figures first"
+        );
+        // a states-only node pass has no figures for a domain it never read in full
+        let unknown = BTreeMap::from([("legacy", (0, 0))]);
+        assert_eq!(vm_request(&described, &unknown), (3, 2 << 30));
+        assert_eq!(vm_request(&described, &BTreeMap::new()), (3, 2 << 30));
+        let unread = vm(serde_json::json!({"domainName": "legacy"}));
+        assert_eq!(vm_request(&unread, &BTreeMap::new()), (0, 0));
+        let sized: VirtualMachine = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": "new", "namespace": "ns"},
+            "spec": {"vcpus": 2, "memory": "1Gi"},
+            "status": {"domainName": "legacy", "observed": {"vcpus": 3, "memory": "2Gi"}},
+        }))
+        .unwrap();
+        assert_eq!(vm_request(&sized, &figures), (2, 1 << 30), "the spec first");
     }
 
     #[test]
@@ -396,6 +441,7 @@ mod tests {
                 },
             ]),
             stats: vec![],
+            fresh: true,
         };
         let vm: VirtualMachine = serde_json::from_value(serde_json::json!({
             "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
@@ -436,11 +482,13 @@ mod tests {
             facts: Ok((facts(Some(true)), None)),
             domains: Ok(vec![]),
             stats: vec![],
+            fresh: true,
         };
         let down = || Observed {
             facts: Err(unreachable()),
             domains: Err(unreachable()),
             stats: vec![],
+            fresh: true,
         };
         let t0 = crate::controller::now();
         let grace = Duration::from_secs(40);
