@@ -525,7 +525,7 @@ fn idle_child(dir: &Path) {
     let c0 = calls_made();
     let mut vm_requeue = vec![];
     let mut vm_notes = vec![];
-    let sink = backup::Files(dir.join("backup"));
+    let sink = backup::Files::new(dir.join("backup"));
     for vm in &world.vms {
         rt.block_on(async {
             let r = virtual_machine::reconcile_read(vm, &world, &pool, &config, None).await;
@@ -545,6 +545,10 @@ fn idle_child(dir: &Path) {
         });
     }
     let vm_calls = calls_made() - c0;
+    assert!(
+        rt.block_on(sink.commit()).is_empty(),
+        "the copies were kept"
+    );
     let (vm_rpcs, vm_top) = api_calls(&log);
 
     // every object of a kind asks for the same interval here; the shortest is used if not

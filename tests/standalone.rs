@@ -83,6 +83,51 @@ fn the_quickstart_reaches_running_on_the_embedded_default_and_exits_zero() {
 }
 
 #[test]
+fn a_definition_copy_that_cannot_take_its_place_is_reported_and_not_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    // a directory where hello's copy goes: its copy is written, then cannot be renamed there
+    let blocked = dir.path().join("definitions/default/hello.xml");
+    std::fs::create_dir_all(&blocked).unwrap();
+    let out = bin()
+        .args(["standalone", "-f"])
+        .arg(root().join("examples/quickstart"))
+        .args(["--once", "--timeout", "120", "--state-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // a lost copy is a warning: the VMs themselves run
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let warning = stdout
+        .lines()
+        .find(|l| l.contains("BackupFailed") && l.contains("hello") && !l.contains("hello-2"))
+        .unwrap_or_else(|| panic!("no BackupFailed for hello in {stdout}"));
+    assert!(
+        warning.contains(&blocked.display().to_string()) && warning.contains("retried"),
+        "{warning}"
+    );
+    let s = state(dir.path());
+    let def = &s["objects"]["VirtualMachine/default/hello"]["status"]["definition"];
+    assert!(def["backupSha256"].is_null(), "not recorded as kept: {def}");
+    assert!(!def["sha256"].is_null(), "{def}");
+    assert!(blocked.is_dir(), "what was there is untouched");
+    assert!(
+        !dir.path()
+            .join("definitions/default/.hello.xml.tmp")
+            .exists(),
+        "no temporary file left"
+    );
+    // the other VMs' copies were kept
+    let other = &s["objects"]["VirtualMachine/default/hello-2"]["status"]["definition"];
+    let xml = std::fs::read_to_string(dir.path().join("definitions/default/hello-2.xml")).unwrap();
+    assert_eq!(
+        other["backupSha256"],
+        kvm_operator::controller::backup::sha256_hex(xml.as_bytes())
+    );
+}
+
+#[test]
 fn a_failure_exits_non_zero_naming_the_object_and_the_cause() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("big.yaml");

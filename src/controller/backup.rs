@@ -102,8 +102,105 @@ impl BackupSink for Client {
     }
 }
 
-/// In standalone mode: `<dir>/<namespace>/<vm>.xml`, written atomically, mode 0600.
-pub struct Files(pub PathBuf);
+/// In standalone mode: `<dir>/<namespace>/<vm>.xml`, mode 0600, each replaced atomically.
+///
+/// A copy is written beside its place at once (`.<vm>.xml.tmp`) and takes its place when the
+/// round that wrote it commits ([`Files::commit`]): one sync of the filesystem makes every copy
+/// of the round durable together, then each is renamed over the previous one and the
+/// directories are synced. A copy is never left half-written in place, and the round's state
+/// file, which records the copies' digests, is written after the commit. (Syncing each copy on
+/// its own cost 0.4 s for 500 copies on this machine's ext4, against 0.05 s for writing them
+/// and one sync.)
+pub struct Files {
+    dir: PathBuf,
+    /// Written and not committed yet: (namespace, VM, temporary file, its place).
+    staged: std::sync::Mutex<Vec<Staged>>,
+}
+
+struct Staged {
+    namespace: String,
+    vm: String,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl Files {
+    /// Copies under `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        Files {
+            dir,
+            staged: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn staged(&self) -> std::sync::MutexGuard<'_, Vec<Staged>> {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the copies written since the last commit durable and puts each in its place.
+    /// Returns the copies that were not kept, by `(namespace, VM)`, with the cause: their
+    /// previous copy (if any) is untouched, their temporary file removed.
+    pub async fn commit(&self) -> Vec<((String, String), String)> {
+        let staged = std::mem::take(&mut *self.staged());
+        if staged.is_empty() {
+            return Vec::new();
+        }
+        let names: Vec<(String, String)> = staged
+            .iter()
+            .map(|s| (s.namespace.clone(), s.vm.clone()))
+            .collect();
+        let dir = self.dir.clone();
+        let work = move || -> Vec<((String, String), String)> {
+            let failed = |staged: Vec<Staged>, cause: &str| {
+                staged
+                    .into_iter()
+                    .map(|s| {
+                        let _ = std::fs::remove_file(&s.tmp);
+                        ((s.namespace, s.vm), cause.to_string())
+                    })
+                    .collect()
+            };
+            // the data of every copy (and of anything else on that filesystem) reaches the disk
+            let synced = std::fs::File::open(&dir)
+                .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+            if let Err(e) = synced {
+                return failed(
+                    staged,
+                    &format!("cannot sync the filesystem of {}: {e}", dir.display()),
+                );
+            }
+            let mut out = Vec::new();
+            let mut dirs = std::collections::BTreeSet::new();
+            for s in staged {
+                match std::fs::rename(&s.tmp, &s.path) {
+                    Ok(()) => {
+                        if let Some(d) = s.path.parent() {
+                            dirs.insert(d.to_path_buf());
+                        }
+                    }
+                    Err(e) => {
+                        let cause = format!("cannot put {} in place: {e}", s.path.display());
+                        out.extend(failed(vec![s], &cause));
+                    }
+                }
+            }
+            // the renames themselves are durable once their directories are
+            for d in dirs {
+                if let Err(e) = std::fs::File::open(&d).and_then(|f| f.sync_all()) {
+                    tracing::warn!(dir = %d.display(), error = %e, "definition backups: cannot sync the directory");
+                }
+            }
+            out
+        };
+        match tokio::task::spawn_blocking(work).await {
+            Ok(failed) => failed,
+            Err(e) => names
+                .into_iter()
+                .map(|n| (n, format!("committing the copies panicked: {e}")))
+                .collect(),
+        }
+    }
+}
 
 impl BackupSink for Files {
     async fn put(
@@ -126,13 +223,13 @@ impl BackupSink for Files {
                 "{ns:?}/{name:?} cannot name a file: namespace and name must be Kubernetes names"
             ));
         }
-        let dir = self.0.join(&ns);
+        let dir = self.dir.join(&ns);
         let path = dir.join(format!("{name}.xml"));
         let tmp = dir.join(format!(".{name}.xml.tmp"));
         let xml = xml.to_string();
         let shown = path.display().to_string();
-        // writing and syncing wait on the disk: not on the async runtime, and side by side with
-        // the other VMs' copies (the filesystem commits concurrent syncs together)
+        // writing waits on the filesystem: not on the async runtime
+        let tmp_ = tmp.clone();
         let write = move || -> std::io::Result<()> {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -143,15 +240,23 @@ impl BackupSink for Files {
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(xml.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+                .open(&tmp_)?;
+            f.write_all(xml.as_bytes())
         };
         match tokio::task::spawn_blocking(write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(format!("cannot write {shown}: {e}")),
             Err(e) => return Err(format!("writing {shown} panicked: {e}")),
+        }
+        let mut staged = self.staged();
+        // written twice before a commit: the later text is in the one temporary file
+        if !staged.iter().any(|s| s.path == path) {
+            staged.push(Staged {
+                namespace: ns,
+                vm: name,
+                tmp,
+                path,
+            });
         }
         Ok(shown)
     }
@@ -231,5 +336,71 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    fn vm(ns: &str, name: &str) -> VirtualMachine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"vcpus": 1, "memory": "64Mi"},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn copies_take_their_place_when_the_round_commits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let files = Files::new(dir.path().to_path_buf());
+        let at = |ns: &str, n: &str| dir.path().join(ns).join(format!("{n}.xml"));
+        std::fs::create_dir_all(dir.path().join("a")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(at("a", "one"), "<domain>old</domain>").unwrap_or_else(|e| panic!("{e}"));
+        // a directory in the way of b/two's copy
+        std::fs::create_dir_all(at("b", "two")).unwrap_or_else(|e| panic!("{e}"));
+        for (ns, n, xml) in [
+            ("a", "one", "<domain>first</domain>"),
+            ("a", "one", "<domain>new</domain>"),
+            ("b", "two", "<domain>2</domain>"),
+            ("b", "three", "<domain>3</domain>"),
+        ] {
+            let shown = files
+                .put(&vm(ns, n), "node", "dom", xml)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(shown, at(ns, n).display().to_string());
+        }
+        // nothing is in place before the commit: the previous copy stands
+        assert_eq!(
+            std::fs::read_to_string(at("a", "one")).unwrap_or_default(),
+            "<domain>old</domain>"
+        );
+        assert!(!at("b", "three").exists());
+        let unkept = files.commit().await;
+        assert_eq!(unkept.len(), 1, "{unkept:?}");
+        assert_eq!(unkept[0].0, ("b".to_string(), "two".to_string()));
+        assert!(unkept[0].1.contains("cannot put"), "{}", unkept[0].1);
+        assert_eq!(
+            std::fs::read_to_string(at("a", "one")).unwrap_or_default(),
+            "<domain>new</domain>",
+            "the later of two copies"
+        );
+        assert_eq!(
+            std::fs::read_to_string(at("b", "three")).unwrap_or_default(),
+            "<domain>3</domain>"
+        );
+        let mode = std::fs::metadata(at("b", "three"))
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        assert_eq!(mode, 0o600);
+        assert!(at("b", "two").is_dir(), "what was in the way is untouched");
+        let left: Vec<String> = ["a", "b"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(dir.path().join(d)).into_iter().flatten())
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(files.commit().await.is_empty(), "nothing staged twice");
     }
 }

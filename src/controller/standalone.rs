@@ -946,7 +946,7 @@ impl Standalone {
             let backups = self
                 .config
                 .definition_backup
-                .then(|| super::backup::Files(self.opts.state_dir.join("definitions")));
+                .then(|| super::backup::Files::new(self.opts.state_dir.join("definitions")));
             let backups = &backups;
             let one = move |i: usize, world: World| async move {
                 let started = Instant::now();
@@ -1015,12 +1015,38 @@ impl Standalone {
             let (mut a, b) = futures::future::join(bound_work, placing_work).await;
             a.extend(b);
             a.sort_by_key(|r| r.0);
-            a
+            // the round's copies become durable together, before the state that records them
+            let unkept: BTreeMap<(String, String), String> = match backups {
+                Some(b) => b.commit().await.into_iter().collect(),
+                None => BTreeMap::new(),
+            };
+            (a, unkept)
         };
-        for (i, out, took) in results {
+        let (results, unkept) = results;
+        for (i, mut out, took) in results {
             done += 1;
             let vm = self.world.vms[i].clone();
             let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
+            let id = (vm.namespace().unwrap_or_default(), vm.name_any());
+            if let Some(cause) = unkept.get(&id) {
+                // as if the copy had failed to be written: the status keeps the previous copy's
+                // record, and the next reconcile writes it again
+                let before = vm.status.as_ref().and_then(|s| s.definition.as_ref());
+                if let Some(d) = out.status.definition.as_mut() {
+                    d.backup = before.and_then(|b| b.backup.clone());
+                    d.backup_sha256 = before.and_then(|b| b.backup_sha256.clone());
+                    d.backup_time = before.and_then(|b| b.backup_time.clone());
+                }
+                out.notes.retain(|n| n.reason != "DefinitionBackedUp");
+                out.notes.push(super::Note::warning(
+                    "BackupFailed",
+                    "Backup",
+                    format!(
+                        "{}: the domain definition could not be kept: {cause}; retried at the next reconcile",
+                        super::describe(vm.as_ref())
+                    ),
+                ));
+            }
             let ready = condition_of(&out.status.conditions, READY);
             let standing = match (ready, out.requeue) {
                 (Some((true, _, _)), _) => Standing::Done,
@@ -1430,10 +1456,24 @@ fn write_state(path: &Path, state: &StateOut<'_>) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
         serde_saphyr::to_io_writer(&mut w, state).map_err(|e| e.to_string())?;
-        w.flush().map_err(|e| e.to_string())
+        w.flush().map_err(|e| e.to_string())?;
+        // the UIDs in it are the domains' ownership stamps: a state lost in a crash would
+        // have the next run create every VM anew
+        w.get_ref().sync_all().map_err(|e| e.to_string())
     };
     write()?;
-    std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+    std::fs::rename(&tmp, path).map_err(|e| e.to_string())?;
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+    }
+    Ok(())
 }
 
 fn read_state(path: &Path) -> Result<StateFile, StandaloneError> {
