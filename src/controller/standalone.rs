@@ -948,7 +948,7 @@ impl Standalone {
                 .definition_backup
                 .then(|| super::backup::Files::new(self.opts.state_dir.join("definitions")));
             let backups = &backups;
-            let one = move |i: usize, world: World| async move {
+            let one = async move |i: usize, world: &World| {
                 let started = Instant::now();
                 let vm = world.vms[i].clone();
                 let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
@@ -958,7 +958,7 @@ impl Standalone {
                         Ok(ud) => {
                             virtual_machine::reconcile_read(
                                 &vm,
-                                &world,
+                                world,
                                 hv.as_ref(),
                                 config,
                                 ud.as_deref(),
@@ -994,7 +994,7 @@ impl Standalone {
                 (i, o, started.elapsed())
             };
             let bound_work = futures::stream::iter(bound)
-                .map(|i| one(i, world.clone()))
+                .map(|i| one(i, world))
                 .buffer_unordered(VM_CONCURRENCY)
                 .collect::<Vec<_>>();
             let placing_work = async {
@@ -1002,7 +1002,7 @@ impl Standalone {
                 let mut w = world.clone();
                 let mut results = Vec::new();
                 for i in placing {
-                    let r = one(i, w.clone()).await;
+                    let r = one(i, &w).await;
                     if let Some(node) = r.1.status.node.as_deref() {
                         let (cpus, bytes) =
                             super::kvm_node::status::vm_request(&world.vms[i], &Default::default());

@@ -101,9 +101,11 @@ pub async fn reconcile_core<H: Hypervisor>(
             Side::default(),
         );
     }
-    // a pass soon after a full reading (one a VM's change asked for, e.g. in a burst of starts)
-    // reads the domains' states only; the timed resync always reads every figure
-    let figures_fresh = config.node_resync.saturating_mul(2) / 3;
+    // a pass within the resync period of a full reading (one a VM's change asked for, e.g.
+    // after a burst of starts) reads the domains' states only. The timed pass comes a whole
+    // period after the last pass ended, so it always reads every figure; the tenth spared is
+    // a margin, not a choice
+    let figures_fresh = config.node_resync.mul_f64(0.9);
     let observed = observe::observe(hv, &name, CPU_SAMPLE, figures_fresh).await;
     let vms = vms_on(world, &name);
     let (mut status, readiness) =
