@@ -276,3 +276,191 @@ fn malformed_xml_gives_typed_errors() {
         }
     }
 }
+
+/// Records every call's operation; fails the calls named in `fail` (once each) with a
+/// connection error, as a host that drops the connection mid-call would.
+struct Recording {
+    inner: NodePool,
+    ops: std::sync::Mutex<Vec<&'static str>>,
+    fail: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl Hypervisor for Recording {
+    fn call<T, F>(
+        &self,
+        node: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        self.ops.lock().unwrap().push(op);
+        let failing = {
+            let mut fail = self.fail.lock().unwrap();
+            let hit = fail.iter().position(|o| *o == op);
+            hit.map(|i| fail.remove(i))
+        };
+        let target = node.to_string();
+        let fut = self.inner.call(node, op, f);
+        async move {
+            match failing {
+                Some(_) => Err(HvError::Unreachable {
+                    target,
+                    cause: "connection reset by peer".into(),
+                }),
+                None => fut.await,
+            }
+        }
+    }
+
+    fn call_pair<T, F>(
+        &self,
+        a: &str,
+        b: &str,
+        op: &'static str,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, HvError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Connection) -> Result<T, HvError> + Send + 'static,
+    {
+        self.inner.call_pair(a, b, op, f)
+    }
+
+    fn host_facts(
+        &self,
+        node: &str,
+        interval: Duration,
+    ) -> impl std::future::Future<Output = Result<(HostFacts, Option<u32>), HvError>> + Send {
+        self.inner.host_facts(node, interval)
+    }
+
+    fn stamped(
+        &self,
+        node: &str,
+        uid: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<String>, HvError>> + Send {
+        self.inner.stamped(node, uid)
+    }
+}
+
+/// A new VM is defined, started and read back in one call after the first look (two calls in
+/// all, as many as a direct define + start); a connection lost in that call is reported as
+/// the define step's failure and the next reconcile finishes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_vm_is_defined_started_and_read_in_one_call_after_the_first_look() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.xml");
+    std::fs::write(
+        &file,
+        "<node><cpu><active>8</active><nodes>1</nodes><sockets>1</sockets><cores>8</cores>\
+         <threads>1</threads></cpu><memory>16777216</memory></node>",
+    )
+    .unwrap();
+    let config = Config {
+        state_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let node: KvmNode = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+        "metadata": {"name": "one-call", "uid": "uid-one-call", "generation": 1},
+        "spec": {"address": "localhost", "libvirtUri": format!("test://{}", file.display())},
+    }));
+    let inner = NodePool::new(Duration::from_secs(10));
+    inner.upsert(NodeAccess {
+        name: "one-call".into(),
+        spec: node.spec.clone(),
+        private_key: None,
+        state_dir: dir.path().to_path_buf(),
+        tls: None,
+        timeout: Duration::from_secs(5),
+    });
+    let hv = Recording {
+        inner,
+        ops: Default::default(),
+        fail: std::sync::Mutex::new(vec!["define and start domain"]),
+    };
+    let mut world = World::default();
+    let (out, _) = controller::kvm_node::reconcile_core(&node, &world, &hv, &config).await;
+    let mut node = node;
+    node.status = Some(out.status);
+    world.nodes.push(Arc::new(node));
+    let vm: VirtualMachine = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+        "metadata": {"name": "vm", "namespace": "default", "uid": "vm-one-call", "generation": 1},
+        "spec": {"vcpus": 1, "memory": "64Mi"},
+        "status": {"node": "one-call", "domainName": "default_vm"},
+    }));
+    world.vms.push(Arc::new(vm.clone()));
+
+    // the connection drops during the combined call: the define step is named, retried soon
+    hv.ops.lock().unwrap().clear();
+    let out = controller::virtual_machine::reconcile_core(&vm, &world, &hv, &config, None).await;
+    let text = all_text(&out.status, &out.notes);
+    assert_eq!(
+        *hv.ops.lock().unwrap(),
+        ["observe VM", "define and start domain", "observe VM"],
+        "{text}"
+    );
+    let ready = condition::find(&out.status.conditions, condition::READY).unwrap();
+    assert_eq!(ready.status, "False", "{text}");
+    assert!(
+        ready
+            .message
+            .contains("define domain on KvmNode one-call failed")
+            && ready.message.contains("connection reset by peer"),
+        "{text}"
+    );
+    assert_eq!(
+        out.requeue,
+        Some(Duration::from_secs(15)),
+        "transient: {text}"
+    );
+
+    // the next reconcile: one look, one call that defines, starts and reads back
+    hv.ops.lock().unwrap().clear();
+    let out = controller::virtual_machine::reconcile_core(&vm, &world, &hv, &config, None).await;
+    let text = all_text(&out.status, &out.notes);
+    assert_eq!(
+        *hv.ops.lock().unwrap(),
+        ["observe VM", "define and start domain"],
+        "{text}"
+    );
+    let ready = condition::find(&out.status.conditions, condition::READY).unwrap();
+    assert_eq!(ready.status, "True", "{text}");
+    assert_eq!(
+        out.status.power_state,
+        Some(kvm_operator::api::virtual_machine::PowerState::Running),
+        "{text}"
+    );
+    let reasons: Vec<&str> = out.notes.iter().map(|n| n.reason).collect();
+    assert_eq!(reasons, ["Defined", "Started"], "{text}");
+    assert!(
+        out.status
+            .definition
+            .as_ref()
+            .is_some_and(|d| d.sha256.len() == 64),
+        "the definition as read back: {text}"
+    );
+
+    // stopped behind the operator's back: started and read back in one call
+    hv.inner
+        .call("one-call", "test", |c| c.destroy("default_vm"))
+        .await
+        .unwrap();
+    hv.ops.lock().unwrap().clear();
+    let out = controller::virtual_machine::reconcile_core(&vm, &world, &hv, &config, None).await;
+    let text = all_text(&out.status, &out.notes);
+    assert_eq!(
+        *hv.ops.lock().unwrap(),
+        ["observe VM", "start domain"],
+        "{text}"
+    );
+    assert_eq!(
+        out.status.power_state,
+        Some(kvm_operator::api::virtual_machine::PowerState::Running),
+        "{text}"
+    );
+}

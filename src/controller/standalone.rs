@@ -1014,7 +1014,7 @@ impl Standalone {
             };
             let (mut a, b) = futures::future::join(bound_work, placing_work).await;
             a.extend(b);
-            a.sort_by_key(|r| r.0);
+            a.sort_unstable_by_key(|r| r.0);
             // the round's copies become durable together, before the state that records them
             let unkept: BTreeMap<(String, String), String> = match backups {
                 Some(b) => b.commit().await.into_iter().collect(),

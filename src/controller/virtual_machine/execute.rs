@@ -19,6 +19,8 @@ pub struct Executed {
     pub restarted: bool,
     /// Steps that ran.
     pub ran: usize,
+    /// The VM as read right after the last step, in the same call (see [`execute`]).
+    pub observed: Option<super::observe::Observed>,
 }
 
 fn label(s: &Step) -> &'static str {
@@ -59,6 +61,25 @@ fn device_name(d: &crate::hypervisor::domain_xml::Device) -> String {
         .strip_prefix(crate::hypervisor::domain_spec::ALIAS_PREFIX)
         .map(str::to_string)
         .unwrap_or(alias)
+}
+
+fn defined(r: &Resolved, uuid: &str) -> Note {
+    Note::normal(
+        "Defined",
+        "Provision",
+        format!(
+            "domain {} (uuid {uuid}) defined on KvmNode {}",
+            r.domain, r.node
+        ),
+    )
+}
+
+fn started(r: &Resolved) -> Note {
+    Note::normal(
+        "Started",
+        "Start",
+        format!("domain {} started on KvmNode {}", r.domain, r.node),
+    )
 }
 
 async fn run_step(
@@ -139,11 +160,7 @@ async fn run_step(
             let uuid = hv
                 .call(&node, "define domain", move |c| c.define(&xml))
                 .await?;
-            Ok(Note::normal(
-                "Defined",
-                "Provision",
-                format!("domain {dom} (uuid {uuid}) defined {on}"),
-            ))
+            Ok(defined(r, &uuid))
         }
         Step::Stamp(owner) => {
             let d = dom.clone();
@@ -228,11 +245,7 @@ async fn run_step(
         Step::Start | Step::Restart => {
             let d = dom.clone();
             hv.call(&node, "start domain", move |c| c.start(&d)).await?;
-            Ok(Note::normal(
-                "Started",
-                "Start",
-                format!("domain {dom} started {on}"),
-            ))
+            Ok(started(r))
         }
         Step::Shutdown => {
             let d = dom.clone();
@@ -273,7 +286,10 @@ async fn run_step(
     }
 }
 
-/// Runs `steps` in order; stops at the first failure.
+/// Runs `steps` in order; stops at the first failure. A plan that ends by defining and
+/// starting the domain (a new VM), or by starting it, does that in one call on the connection
+/// and reads the VM in the same call ([`Executed::observed`]): one lane taken instead of three,
+/// which matters most when the node's lanes are busy with other guests' starts.
 pub async fn execute(
     hv: &impl Hypervisor,
     r: &Resolved,
@@ -281,7 +297,21 @@ pub async fn execute(
     grace: Duration,
 ) -> Executed {
     let mut out = Executed::default();
-    for step in steps {
+    let mut steps = std::collections::VecDeque::from(steps);
+    while let Some(step) = steps.pop_front() {
+        let tail = match (&step, steps.front(), steps.len()) {
+            (Step::Define { plan, uuid }, Some(Step::Start), 1) => {
+                let mut xml = plan.to_xml();
+                xml.uuid = uuid.clone();
+                Some(Some(xml))
+            }
+            (Step::Start, None, 0) => Some(None),
+            _ => None,
+        };
+        if let Some(define) = tail {
+            start_and_read(hv, r, define, &mut out).await;
+            break;
+        }
         let what = label(&step);
         let restart = step == Step::Restart;
         match run_step(hv, r, step, grace).await {
@@ -301,4 +331,59 @@ pub async fn execute(
         }
     }
     out
+}
+
+/// Defines the domain (when `define` is given), starts it, and reads the VM, in one call.
+async fn start_and_read(
+    hv: &impl Hypervisor,
+    r: &Resolved,
+    define: Option<crate::hypervisor::domain_xml::DomainXml>,
+    out: &mut Executed,
+) {
+    let dom = r.domain.clone();
+    let read = super::observe::reader(r);
+    let op = if define.is_some() {
+        "define and start domain"
+    } else {
+        "start domain"
+    };
+    let defining = define.is_some();
+    // each part's own result: which step failed names it in the status
+    let done = hv
+        .call(&r.node, op, move |c| {
+            let uuid = match define {
+                Some(xml) => match c.define(&xml) {
+                    Ok(u) => Some(u),
+                    Err(e) => return Ok((None, Err(e), None)),
+                },
+                None => None,
+            };
+            if let Err(e) = c.start(&dom) {
+                return Ok((uuid, Err(e), None));
+            }
+            Ok((uuid, Ok(()), Some(read(c))))
+        })
+        .await;
+    let first = if defining { "define domain" } else { "start" };
+    match done {
+        // the call itself failed (node unreachable, timeout): every step is idempotent, the
+        // next round looks again
+        Err(e) => out.failed = Some((first, e)),
+        Ok((uuid, started_, read)) => {
+            if let Some(u) = &uuid {
+                out.notes.push(defined(r, u));
+                out.ran += 1;
+            }
+            match started_ {
+                Ok(()) => {
+                    out.notes.push(started(r));
+                    out.ran += 1;
+                    // a failed read is made again by the caller's own observation
+                    out.observed = read.and_then(Result::ok);
+                }
+                Err(e) if defining && uuid.is_none() => out.failed = Some(("define domain", e)),
+                Err(e) => out.failed = Some(("start", e)),
+            }
+        }
+    }
 }

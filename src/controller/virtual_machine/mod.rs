@@ -451,8 +451,14 @@ async fn converge<H: Hypervisor>(
     let mut fail = None;
     let mut transient = true;
     let mut last = (observe::Observed::default(), plan::Plan::default());
+    // what the last round's final call read right after its steps, when it did
+    let mut read_after = None;
     for _ in 0..MAX_ROUNDS {
-        let observed = match observe::observe(hv, &resolved).await {
+        let read = match read_after.take() {
+            Some(o) => Ok(o),
+            None => observe::observe(hv, &resolved).await,
+        };
+        let observed = match read {
             Ok(o) => o,
             Err(e) => {
                 transient = e.is_transient();
@@ -480,6 +486,7 @@ async fn converge<H: Hypervisor>(
         let ex = execute::execute(hv, &resolved, p.steps.clone(), config.shutdown_grace).await;
         notes.extend(ex.notes);
         restarted |= ex.restarted;
+        read_after = ex.observed;
         last = (observed, p);
         if let Some((what, e)) = ex.failed {
             transient = e.is_transient();
@@ -491,10 +498,15 @@ async fn converge<H: Hypervisor>(
         }
     }
     // the last round may have run steps: describe the node as it is now
-    if !last.1.steps.is_empty()
-        && fail.is_none()
-        && let Ok(o) = observe::observe(hv, &resolved).await
-    {
+    let now_read = if !last.1.steps.is_empty() && fail.is_none() {
+        match read_after.take() {
+            Some(o) => Some(o),
+            None => observe::observe(hv, &resolved).await.ok(),
+        }
+    } else {
+        None
+    };
+    if let Some(o) = now_read {
         last.1 = plan::plan(vm, &resolved, &o, &now);
         last.0 = o;
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::hypervisor::domain_xml::DomainXml;
 use crate::hypervisor::storage::VolumeInfo;
-use crate::hypervisor::{HvError, Hypervisor, StateDetail};
+use crate::hypervisor::{Connection, HvError, Hypervisor, StateDetail};
 
 use super::plan::Resolved;
 
@@ -33,6 +33,15 @@ pub struct Observed {
 
 /// Reads the domain and every volume the VM uses.
 pub async fn observe(hv: &impl Hypervisor, r: &Resolved) -> Result<Observed, HvError> {
+    let read = reader(r);
+    hv.call(&r.node, "observe VM", read).await
+}
+
+/// The blocking read [`observe`] makes, for a call that reads the VM right after changing it
+/// (one call on the connection instead of two).
+pub fn reader(
+    r: &Resolved,
+) -> impl FnOnce(&Connection) -> Result<Observed, HvError> + Send + 'static {
     let domain = r.domain.clone();
     let vols: Vec<(String, String)> = r
         .disks
@@ -40,7 +49,7 @@ pub async fn observe(hv: &impl Hypervisor, r: &Resolved) -> Result<Observed, HvE
         .map(|d| (d.pool.clone(), d.volume.clone()))
         .chain(r.seed.iter().map(|s| (s.pool.clone(), s.volume.clone())))
         .collect();
-    hv.call(&r.node, "observe VM", move |c| {
+    move |c| {
         // one lookup: the persistent definition, the state, the live definition when it runs
         let domain = match c.read_domain(&domain)? {
             Some(r) => {
@@ -68,6 +77,5 @@ pub async fn observe(hv: &impl Hypervisor, r: &Resolved) -> Result<Observed, HvE
             volumes.insert((pool, vol), info);
         }
         Ok(Observed { domain, volumes })
-    })
-    .await
+    }
 }
