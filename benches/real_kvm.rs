@@ -162,6 +162,18 @@ fn real_kvm(rt: &tokio::runtime::Runtime, reps: usize) {
     let dir = tempfile::tempdir().unwrap();
     let lab = access(None, dir.path());
     let direct = connect_node(&lab).unwrap();
+    // guests of an earlier run that was stopped before its cleanup carry that run's stamps: the
+    // operator rightly leaves them alone (DomainOwnedElsewhere), so they are removed first, and
+    // this run's names carry its process id
+    let stale: Vec<String> = direct
+        .list_domains()
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .filter(|n| n.starts_with("default_kb"))
+        .collect();
+    cleanup(&direct, &stale);
+    let run = std::process::id();
     let mut rep_no = 0;
     // the operator: standalone mode with the node already registered and Ready, then the VMs'
     // manifests appear; timed until every VM runs (the loop returns once nothing moves)
@@ -173,7 +185,9 @@ fn real_kvm(rt: &tokio::runtime::Runtime, reps: usize) {
         std::fs::write(m.join("node.yaml"), node_manifests(&[&lab])).unwrap();
         let mut s = standalone(&m, &state);
         rt.block_on(s.run()).unwrap();
-        let names: Vec<String> = (0..GUESTS).map(|i| format!("kb{rep_no}-{i:02}")).collect();
+        let names: Vec<String> = (0..GUESTS)
+            .map(|i| format!("kb{run}-{rep_no}-{i:02}"))
+            .collect();
         let docs: Vec<String> = names.iter().map(|n| vm_manifest(n, "32Mi", None)).collect();
         std::fs::write(m.join("vms.yaml"), docs.join("---\n")).unwrap();
         let t = Instant::now();
