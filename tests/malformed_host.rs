@@ -464,3 +464,93 @@ async fn a_new_vm_is_defined_started_and_read_in_one_call_after_the_first_look()
         "{text}"
     );
 }
+
+/// A domain of the VM's name that another object owns, or nobody does, is left alone and not
+/// described as the VM's own: Pending, no definition recorded, nothing copied as its backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_of_the_same_name_owned_by_another_object_is_not_described_as_the_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.xml");
+    std::fs::write(
+        &file,
+        "<node><cpu><active>8</active><nodes>1</nodes><sockets>1</sockets><cores>8</cores>\
+         <threads>1</threads></cpu><memory>16777216</memory></node>",
+    )
+    .unwrap();
+    let uri = format!("test://{}", file.display());
+    let config = Config {
+        state_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let node: KvmNode = from_json(json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+        "metadata": {"name": "shared", "uid": "uid-shared", "generation": 1},
+        "spec": {"address": "localhost", "libvirtUri": uri},
+    }));
+    let hv = NodePool::new(Duration::from_secs(10));
+    hv.upsert(NodeAccess {
+        name: "shared".into(),
+        spec: node.spec.clone(),
+        private_key: None,
+        state_dir: dir.path().to_path_buf(),
+        tls: None,
+        timeout: Duration::from_secs(5),
+    });
+    for (domain, owner) in [
+        (
+            "default_taken",
+            Some(kvm_operator::hypervisor::domain_xml::Owner::new(
+                "11111111-2222-4333-8444-555555555555",
+                "default",
+                "taken",
+            )),
+        ),
+        ("default_unmanaged", None),
+    ] {
+        let mut xml = DomainXml::minimal(domain, "test", 64 * 1024, 1);
+        xml.metadata = Some(kvm_operator::hypervisor::domain_xml::Metadata { owner });
+        hv.call("shared", "test", move |c| {
+            c.define(&xml)?;
+            c.start(&xml.name)
+        })
+        .await
+        .unwrap();
+    }
+    let mut world = World::default();
+    world.nodes.push(Arc::new(node));
+    for (name, reason) in [
+        ("taken", "DomainOwnedElsewhere"),
+        ("unmanaged", "DomainExists"),
+    ] {
+        let vm: VirtualMachine = from_json(json!({
+            "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+            "metadata": {"name": name, "namespace": "default", "uid": format!("vm-{name}"), "generation": 1},
+            "spec": {"vcpus": 1, "memory": "64Mi"},
+            "status": {"node": "shared", "domainName": format!("default_{name}")},
+        }));
+        let out =
+            controller::virtual_machine::reconcile_core(&vm, &world, &hv, &config, None).await;
+        let text = all_text(&out.status, &out.notes);
+        let ready = condition::find(&out.status.conditions, condition::READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason),
+            "{text}"
+        );
+        assert_eq!(
+            out.status.power_state,
+            Some(kvm_operator::api::virtual_machine::PowerState::Pending),
+            "the running guest is not this VM's: {text}"
+        );
+        assert!(out.status.definition.is_none(), "{text}");
+        assert!(out.status.observed.is_none(), "{text}");
+        assert!(out.status.domain_uuid.is_none(), "{text}");
+        // and it is left running
+        let name = format!("default_{name}");
+        let state = hv.call("shared", "test", move |c| c.state(&name)).await;
+        assert_eq!(
+            state.unwrap(),
+            kvm_operator::hypervisor::DomainState::Running
+        );
+    }
+}

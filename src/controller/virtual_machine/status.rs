@@ -25,12 +25,16 @@ pub struct Round<'a> {
     pub restarted: bool,
 }
 
-fn power(observed: &Observed) -> PowerState {
-    match &observed.domain {
+fn power(domain: Option<&super::observe::DomainObs>) -> PowerState {
+    match domain {
         None => PowerState::Pending,
         Some(d) => super::super::kvm_node::plan::power_state(d.state.state),
     }
 }
+
+/// Blocked reasons that mean the domain of the VM's name is not the VM's (another object's,
+/// or nobody's): it is not described as the VM's own, nor copied as its definition.
+const NOT_ITS_DOMAIN: [&str; 2] = ["DomainOwnedElsewhere", "DomainExists"];
 
 /// What the failure of the first read of a round is called (`Round::failure.0`).
 pub const READING_THE_DOMAIN: &str = "reading the domain";
@@ -103,6 +107,13 @@ pub fn status(
     st.observed_generation = gen_;
     st.node = Some(round.resolved.node.clone());
     st.domain_name = Some(round.resolved.domain.clone());
+    let domain = round.observed.domain.as_ref().filter(|_| {
+        !round
+            .plan
+            .blocked
+            .as_ref()
+            .is_some_and(|b| NOT_ITS_DOMAIN.contains(&b.reason))
+    });
     // a node that could not be read says nothing about the guest: Unknown, not Pending
     let unread = round.observed.domain.is_none()
         && round
@@ -112,10 +123,10 @@ pub fn status(
     let p = if unread {
         PowerState::Unknown
     } else {
-        power(round.observed)
+        power(domain)
     };
     st.power_state = Some(p);
-    if let Some(d) = &round.observed.domain {
+    if let Some(d) = domain {
         st.domain_uuid = d.uuid.clone();
         let obs = ObservedVm::from_xml(&d.persistent);
         st.observed = Some(observed_domain(&obs));
