@@ -27,16 +27,21 @@ fn state(dir: &Path) -> serde_json::Value {
     serde_saphyr::from_str(&text).unwrap()
 }
 
-#[test]
-fn the_quickstart_reaches_running_on_the_embedded_default_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = bin()
+/// `kvm-operator standalone --once` on the quickstart manifests, state in `state_dir`.
+fn quickstart_once(state_dir: &std::path::Path) -> std::process::Output {
+    bin()
         .args(["standalone", "-f"])
         .arg(root().join("examples/quickstart"))
         .args(["--once", "--timeout", "120", "--state-dir"])
-        .arg(dir.path())
+        .arg(state_dir)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn the_quickstart_reaches_running_on_the_embedded_default_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = quickstart_once(dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -88,13 +93,7 @@ fn a_definition_copy_that_cannot_take_its_place_is_reported_and_not_recorded() {
     // a directory where hello's copy goes: its copy is written, then cannot be renamed there
     let blocked = dir.path().join("definitions/default/hello.xml");
     std::fs::create_dir_all(&blocked).unwrap();
-    let out = bin()
-        .args(["standalone", "-f"])
-        .arg(root().join("examples/quickstart"))
-        .args(["--once", "--timeout", "120", "--state-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = quickstart_once(dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // a lost copy is a warning: the VMs themselves run
