@@ -383,7 +383,7 @@ mod tests {
                 "spec": {"adopt": {"nodeName": "n1", "domain": "legacy"}},
                 "status": status,
             }))
-            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}"))
         };
         let described = vm(serde_json::json!({
             "domainName": "legacy",
@@ -407,7 +407,7 @@ mod tests {
             "spec": {"vcpus": 2, "memory": "1Gi"},
             "status": {"domainName": "legacy", "observed": {"vcpus": 3, "memory": "2Gi"}},
         }))
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(vm_request(&sized, &figures), (2, 1 << 30), "the spec first");
     }
 
