@@ -315,15 +315,38 @@ pub async fn keep<H: Hypervisor>(
             def.backup_time = Some(now());
             Some(Note::normal("DefinitionBackedUp", "Backup", msg))
         }
-        Err(e) => Some(Note::warning(
-            "BackupFailed",
-            "Backup",
-            format!(
-                "{}: the domain definition could not be kept: {e}; retried at the next reconcile",
-                describe(vm)
-            ),
-        )),
+        Err(e) => Some(failed(vm, &e)),
     }
+}
+
+fn failed(vm: &VirtualMachine, cause: &str) -> Note {
+    Note::warning(
+        "BackupFailed",
+        "Backup",
+        format!(
+            "{}: the domain definition could not be kept: {cause}; retried at the next reconcile",
+            describe(vm)
+        ),
+    )
+}
+
+/// A copy [`keep`] recorded in `status` did not take its place ([`Files::commit`]): as if it
+/// had failed to be written, the status keeps the previous copy's record (so the next reconcile
+/// writes it again) and the round's notes say BackupFailed instead of DefinitionBackedUp.
+pub fn not_kept(
+    vm: &VirtualMachine,
+    status: &mut VirtualMachineStatus,
+    notes: &mut Vec<Note>,
+    cause: &str,
+) {
+    let before = vm.status.as_ref().and_then(|s| s.definition.as_ref());
+    if let Some(d) = status.definition.as_mut() {
+        d.backup = before.and_then(|b| b.backup.clone());
+        d.backup_sha256 = before.and_then(|b| b.backup_sha256.clone());
+        d.backup_time = before.and_then(|b| b.backup_time.clone());
+    }
+    notes.retain(|n| n.reason != "DefinitionBackedUp");
+    notes.push(failed(vm, cause));
 }
 
 #[cfg(test)]

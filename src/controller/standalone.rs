@@ -1029,23 +1029,7 @@ impl Standalone {
             let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
             let id = (vm.namespace().unwrap_or_default(), vm.name_any());
             if let Some(cause) = unkept.get(&id) {
-                // as if the copy had failed to be written: the status keeps the previous copy's
-                // record, and the next reconcile writes it again
-                let before = vm.status.as_ref().and_then(|s| s.definition.as_ref());
-                if let Some(d) = out.status.definition.as_mut() {
-                    d.backup = before.and_then(|b| b.backup.clone());
-                    d.backup_sha256 = before.and_then(|b| b.backup_sha256.clone());
-                    d.backup_time = before.and_then(|b| b.backup_time.clone());
-                }
-                out.notes.retain(|n| n.reason != "DefinitionBackedUp");
-                out.notes.push(super::Note::warning(
-                    "BackupFailed",
-                    "Backup",
-                    format!(
-                        "{}: the domain definition could not be kept: {cause}; retried at the next reconcile",
-                        super::describe(vm.as_ref())
-                    ),
-                ));
+                super::backup::not_kept(&vm, &mut out.status, &mut out.notes, cause);
             }
             let ready = condition_of(&out.status.conditions, READY);
             let standing = match (ready, out.requeue) {
