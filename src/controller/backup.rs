@@ -7,7 +7,7 @@
 //! In a cluster the copy is a ConfigMap `<vm>-domain-definition` beside the VM (owned by it, so
 //! it goes when the VM is deleted); in standalone mode a file under the state directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams};
@@ -184,7 +184,12 @@ impl Files {
                     }
                 }
             }
-            // the renames themselves are durable once their directories are
+            // the renames themselves are durable once their directories are, and a directory
+            // the round created (a new namespace's, or `definitions/` itself) once its parent is
+            if !dirs.is_empty() {
+                dirs.insert(dir.clone());
+                dirs.extend(dir.parent().map(Path::to_path_buf));
+            }
             for d in dirs {
                 if let Err(e) = std::fs::File::open(&d).and_then(|f| f.sync_all()) {
                     tracing::warn!(dir = %d.display(), error = %e, "definition backups: cannot sync the directory");
