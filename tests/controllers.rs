@@ -1261,6 +1261,132 @@ async fn a_migration_moves_a_running_vm_live_and_the_vm_follows_it() {
     assert!(lab.whereabouts(&domain).await.is_empty());
 }
 
+/// The link to the source cut right after libvirt's Finish: the target's copy took the whole
+/// stream and was resumed, the source never got its Confirm and waits paused, and the process
+/// that ran the job has lost its outcome (the look that took it had to wait). The next look
+/// completes the move: the running target is the guest, the source's paused copy is removed,
+/// and no job starts onto the running copy (which libvirt would refuse, and a failed Migration
+/// would hand the VM back to the paused source, to be resumed: the guest twice). Deleting the
+/// Migration meanwhile never releases the VM to the source either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switch_over_whose_confirm_was_lost_completes_on_the_running_target() {
+    use kvm_operator::api::MigrationPhase;
+    let mut lab = Lab::new().await;
+    let name = format!("confirm-{}", std::process::id());
+    let mut vm = vm_object(
+        "default",
+        &name,
+        serde_json::json!({
+            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"},
+        }),
+    );
+    lab.settle(&mut vm).await;
+    let domain = st(&vm).domain_name.clone().unwrap();
+    let jobs = controller::migration::execute::Jobs::default();
+    let mut m = migration_object(
+        "default",
+        "confirm-lost",
+        serde_json::json!({"vmName": name, "targetNode": "host2"}),
+    );
+    lab.step_migration(&mut m, &jobs).await;
+    assert_eq!(phase(&m), Some(MigrationPhase::Running), "{:?}", m.status);
+    // what the lost Confirm leaves: the same domain (UUID, stamp) running on the target, paused
+    // on the source
+    let d = domain.clone();
+    let xml = lab.call("host1", move |c| c.persistent_xml(&d)).await;
+    lab.call("host2", move |c| c.define(&xml).map(|_| ())).await;
+    let d = domain.clone();
+    lab.call("host2", move |c| c.start(&d)).await;
+    let d = domain.clone();
+    lab.call("host1", move |c| c.suspend(&d)).await;
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [
+            ("host1", DomainState::Paused),
+            ("host2", DomainState::Running)
+        ]
+    );
+    // deleting the Migration now would release the VM to its paused source: it waits
+    let err = controller::migration::cleanup_core(&m, &lab.world, &lab.hv, &jobs)
+        .await
+        .expect_err("no release while the target's copy runs");
+    assert!(err.to_string().contains("Running"), "{err}");
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [
+            ("host1", DomainState::Paused),
+            ("host2", DomainState::Running)
+        ]
+    );
+    // the next look (no job in this process) completes the move
+    let notes = lab.finish_migration(&mut m, &jobs, 20).await;
+    assert_eq!(
+        phase(&m),
+        Some(MigrationPhase::Succeeded),
+        "{:?} {notes:?}",
+        m.status
+    );
+    assert!(!reasons(&notes).contains(&"MigrationStarted"), "{notes:?}");
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host2", DomainState::Running)]
+    );
+    // the VM follows, and nothing runs on host1
+    lab.settle(&mut vm).await;
+    assert_eq!(
+        (st(&vm).node.as_deref(), st(&vm).power_state),
+        (Some("host2"), Some(PowerState::Running))
+    );
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host2", DomainState::Running)]
+    );
+    lab.delete(&vm).await;
+    assert!(lab.whereabouts(&domain).await.is_empty());
+}
+
+/// A domain moved to another node outside the operator (a person's `virsh migrate`, or a
+/// Migration deleted after its switch-over, which leaves the VM bound to its source): the VM's
+/// reconcile finds it by its stamp and follows it, instead of defining and starting the guest a
+/// second time on the node it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_moved_behind_the_operator_is_followed_not_made_again() {
+    let mut lab = Lab::new().await;
+    let name = format!("moved-{}", std::process::id());
+    let mut vm = vm_object(
+        "default",
+        &name,
+        serde_json::json!({"vcpus": 1, "memory": "32Mi"}),
+    );
+    lab.settle(&mut vm).await;
+    let domain = st(&vm).domain_name.clone().unwrap();
+    let from = st(&vm).node.clone().unwrap();
+    let to = if from == "host1" { "host2" } else { "host1" };
+    let uuid = st(&vm).domain_uuid.clone();
+    // moved by hand: defined and started on the other node, gone from its own
+    let d = domain.clone();
+    let xml = lab.call(&from, move |c| c.persistent_xml(&d)).await;
+    lab.call(to, move |c| c.define(&xml).map(|_| ())).await;
+    let d = domain.clone();
+    lab.call(&from, move |c| {
+        c.destroy(&d)?;
+        c.undefine(&d)
+    })
+    .await;
+    let d = domain.clone();
+    lab.call(to, move |c| c.start(&d)).await;
+    let notes = lab.settle(&mut vm).await;
+    assert!(reasons(&notes).contains(&"Recovered"), "{notes:?}");
+    assert_eq!(
+        (st(&vm).node.as_deref(), st(&vm).power_state),
+        (Some(to), Some(PowerState::Running))
+    );
+    assert_eq!(st(&vm).domain_uuid, uuid, "the same domain, not a new one");
+    assert_eq!(lab.whereabouts(&domain).await, [(to, DomainState::Running)]);
+    lab.delete(&vm).await;
+    assert!(lab.whereabouts(&domain).await.is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn maintenance_evacuates_every_vm_and_the_node_reports_empty() {
     use kvm_operator::api::MigrationPhase;

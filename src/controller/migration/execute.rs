@@ -168,8 +168,9 @@ pub enum Leftover {
 /// Removes a copy of `domain` on `node` that carries `uid`'s stamp and does not run: a shut-off
 /// one is undefined; a paused one without a job (a migration's copy stopped at switch-over) is
 /// destroyed, then undefined, unless `which` spares it. Callers decide that the other node holds
-/// the VM first. A running domain, one with a job, or one not ours is never touched. True when
-/// something was removed.
+/// the VM first. A running domain, one with a job, or one not ours is never touched; a copy of
+/// ours that runs (or one with a job, or a spared one) is an error, so that no caller goes on
+/// as if the node were clear of the VM. True when something was removed.
 pub async fn remove_leftover(
     hv: &impl Hypervisor,
     node: &str,
@@ -214,7 +215,16 @@ pub async fn remove_leftover(
                 tracing::warn!(domain = %d, node = c.node(), "destroying the paused copy a migration left; the VM runs from the other node");
                 c.destroy(&d)?;
             }
-            _ => return Ok(false),
+            // a copy of ours that runs may be the guest: it is never touched, and the caller
+            // does not go on as if the node were clear of it
+            other => {
+                return Err(HvError::Local {
+                    cause: format!(
+                        "the copy of {d} on {node} is {other:?}, not stopped; a running copy may be the guest, so it is left alone and both nodes are looked at again",
+                        node = c.node()
+                    ),
+                });
+            }
         }
         // a transient copy is gone once destroyed
         match c.undefine(&d) {

@@ -103,19 +103,26 @@ pub fn running_step(
     let idle_in = |d: Option<&super::observe::DomainAt>, state: DomainState| {
         d.is_some_and(|d| d.job.is_none() && d.state == state)
     };
+    let runs =
+        |d: Option<&super::observe::DomainAt>| d.is_some_and(|d| d.state == DomainState::Running);
     match task {
         Task::Running if elapsed > timeout => RunStep::AbortTimeout,
         Task::Running => RunStep::Watch,
         // never made by this operator (the target stays paused until the source is gone), but
         // if it is so, nothing is touched and a person is told
-        _ if live
-            && idle_in(source, DomainState::Running)
-            && idle_in(target, DomainState::Running) =>
-        {
-            RunStep::Stuck(
-                "the domain runs on both the source and the target; nothing is changed until a person stops one of them".into(),
-            )
+        _ if live && runs(source) && runs(target) => RunStep::Stuck(
+            "the domain runs on both the source and the target; nothing is changed until a person stops one of them".into(),
+        ),
+        // the target's copy runs: this operator resumed it after libvirt's Finish took the
+        // whole stream (or a post-copy switch-over ran it), so it is the guest, whatever the job
+        // reported and whether that report was seen (a look that took the job's outcome and
+        // then waited on a removal has lost it). The source's copy, paused at the switch-over
+        // (its Confirm lost with the link) or off, is what the move left: it is removed and
+        // never resumed, and no job starts again onto the running copy
+        _ if live && runs(target) && target.is_some_and(|t| t.job.is_some()) => {
+            RunStep::Watch
         }
+        _ if live && runs(target) => RunStep::Complete,
         // both stopped at switch-over: libvirt's Finish took the whole stream on the target (its
         // copy is persistent) but the source was never told the outcome (the link to a node was
         // lost just then). The target's copy is the complete guest: the source's is removed and
@@ -294,6 +301,70 @@ mod tests {
             ),
             RunStep::Watch
         );
+    }
+
+    /// The link to the source cut after libvirt's Finish: the job reported success (the source's
+    /// Confirm was lost), the operator resumed the target's copy, and the source's copy waits
+    /// paused. Whether the look sees the job's outcome, lost it (taken by a look that then had
+    /// to wait), or sees a later attempt's failure, the running target is the guest: the move
+    /// completes, and neither a new job onto it nor a roll-back to the paused source is chosen.
+    #[test]
+    fn a_running_target_is_the_guest_whatever_the_job_reported() {
+        use DomainState::*;
+        let m = mig("Live", 60);
+        let o = |src, tgt| Observed {
+            source: src,
+            target: tgt,
+        };
+        let failed = Task::Done(Err("domain is already active".into()));
+        for task in [&Task::Absent, &Task::Done(Ok(())), &failed] {
+            for elapsed in [Duration::from_secs(1), Duration::from_secs(61)] {
+                for source in [
+                    at(Paused, "u", false),
+                    at(Paused, "u", true),
+                    at(Shutoff, "u", false),
+                    None,
+                ] {
+                    assert_eq!(
+                        running_step(
+                            &m,
+                            "u",
+                            &o(source.clone(), at(Running, "u", false)),
+                            task,
+                            elapsed
+                        ),
+                        RunStep::Complete,
+                        "{task:?} {elapsed:?} source {source:?}"
+                    );
+                }
+                // a post-copy target still pulls pages: nothing is decided yet
+                assert_eq!(
+                    running_step(
+                        &m,
+                        "u",
+                        &o(at(Paused, "u", true), at(Running, "u", true)),
+                        task,
+                        elapsed
+                    ),
+                    RunStep::Watch,
+                    "{task:?}"
+                );
+                // both run, with or without a job: a person decides
+                assert!(
+                    matches!(
+                        running_step(
+                            &m,
+                            "u",
+                            &o(at(Running, "u", true), at(Running, "u", false)),
+                            task,
+                            elapsed
+                        ),
+                        RunStep::Stuck(why) if why.contains("both")
+                    ),
+                    "{task:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -257,6 +257,96 @@ pub fn request_for_move(vm: &VirtualMachine) -> Request {
     r
 }
 
+/// The domains stamped with `vm`'s UID on every node but `except`, as `(node, domain)`, and the
+/// nodes that could not be read. Each node's stamp index is listed at most once per burst and
+/// kept current by the operator's own defines and by libvirt's definition events.
+async fn stamped_on_nodes<H: Hypervisor>(
+    vm: &VirtualMachine,
+    world: &World,
+    hv: &H,
+    except: Option<&str>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let uid = vm.uid().unwrap_or_default();
+    let scans = world
+        .nodes
+        .iter()
+        .map(|n| n.name_any())
+        .filter(|n| Some(n.as_str()) != except)
+        .map(|node| {
+            let uid = uid.as_str();
+            async move {
+                let r = hv.stamped(&node, uid).await;
+                (node, r)
+            }
+        });
+    let (mut found, mut unread) = (Vec::new(), Vec::new());
+    for (node, r) in futures::future::join_all(scans).await {
+        match r {
+            Ok(domains) => found.extend(domains.into_iter().map(|d| (node.clone(), d))),
+            Err(_) => unread.push(node),
+        }
+    }
+    (found, unread)
+}
+
+/// A VM whose domain is gone from its node but was defined before: when a domain stamped with
+/// its UID is on another node (moved outside this operator, or by a Migration deleted after its
+/// switch-over), the VM is bound to it rather than defined again, which would run the guest
+/// twice. `None`: no other node has it, and it may be defined again.
+async fn found_elsewhere<H: Hypervisor>(
+    vm: &VirtualMachine,
+    node: &str,
+    world: &World,
+    hv: &H,
+) -> Option<Outcome<VirtualMachineStatus>> {
+    let (mut found, unread) = stamped_on_nodes(vm, world, hv, Some(node)).await;
+    if found.len() > 1 {
+        let list: Vec<String> = found.iter().map(|(n, d)| format!("{d} on {n}")).collect();
+        return Some(problem(
+            vm,
+            "DuplicateDomains",
+            format!(
+                "its domain is gone from KvmNode {node} and domains stamped for this VM exist on several other nodes ({}); nothing is defined or started until only one remains: remove the extra ones by hand",
+                list.join(", ")
+            ),
+            Some(Duration::from_secs(60)),
+        ));
+    }
+    let Some((to, domain)) = found.pop() else {
+        if unread.is_empty() {
+            return None;
+        }
+        return Some(problem(
+            vm,
+            "DomainWhereaboutsUnknown",
+            format!(
+                "its domain is gone from KvmNode {node}, and KvmNode {} cannot be read to rule out that it runs there; it is not defined again until every node answers",
+                unread.join(", ")
+            ),
+            Some(Duration::from_secs(30)),
+        ));
+    };
+    let msg = format!(
+        "its domain {domain} is on KvmNode {to}, no longer on {node} (moved outside this operator, or by a Migration deleted after its switch-over); bound to it instead of defining it again"
+    );
+    let mut st = with_condition(vm, condition::SCHEDULED, true, "Recovered", msg.clone());
+    st.node = Some(to.clone());
+    st.domain_name = Some(domain);
+    st.placement = Some(PlacementStatus {
+        node: to,
+        score: None,
+        runner_up: None,
+        message: msg.clone(),
+        filtered: vec![],
+        time: Some(super::now()),
+    });
+    Some(Outcome {
+        status: st,
+        notes: vec![Note::normal("Recovered", "Reconcile", msg)],
+        requeue: Some(Duration::from_secs(1)),
+    })
+}
+
 /// First phase of a new VM: find a domain already stamped with its UID (a placement whose
 /// status write was lost), else choose a node. Only status changes; nothing is created.
 async fn schedule<H: Hypervisor>(
@@ -264,27 +354,9 @@ async fn schedule<H: Hypervisor>(
     world: &World,
     hv: &H,
 ) -> Outcome<VirtualMachineStatus> {
-    let uid = vm.uid().unwrap_or_default();
     let ns = vm.namespace().unwrap_or_default();
     let name = vm.name_any();
-    // every node's stamp index: listed at most once per placement burst, kept current by the
-    // operator's own defines and by libvirt's definition events
-    let scans = world.nodes.iter().map(|n| {
-        let node = n.name_any();
-        let uid = uid.as_str();
-        async move {
-            let r = hv.stamped(&node, uid).await;
-            (node, r)
-        }
-    });
-    let mut found = Vec::new();
-    for (node, r) in futures::future::join_all(scans).await {
-        if let Ok(domains) = r {
-            for d in domains {
-                found.push((node.clone(), d));
-            }
-        }
-    }
+    let (mut found, _) = stamped_on_nodes(vm, world, hv, None).await;
     if found.len() > 1 {
         let list: Vec<String> = found.iter().map(|(n, d)| format!("{d} on {n}")).collect();
         return problem(
@@ -467,6 +539,16 @@ async fn converge<H: Hypervisor>(
             }
         };
         let p = plan::plan(vm, &resolved, &observed, &now);
+        // a domain it had is gone from the node: before anything is made again, the other nodes
+        // are asked whether they have it
+        let had_domain = vm.status.as_ref().is_some_and(|s| s.domain_uuid.is_some());
+        if observed.domain.is_none()
+            && had_domain
+            && !p.steps.is_empty()
+            && let Some(out) = found_elsewhere(vm, node, world, hv).await
+        {
+            return out.into();
+        }
         let done = p.steps.is_empty() || p.blocked.is_some() || restarted;
         if !p.drift.is_empty() {
             notes.push(Note::normal(
