@@ -454,6 +454,21 @@ fn node_ready(l: &Look, host: &str) -> Option<bool> {
         })
 }
 
+/// Undoes any fault a round may have left: links up, libvirtd and sshd running, space free.
+fn undo_faults() {
+    for n in ["1", "2"] {
+        let _ = Command::new(root().join("hack/lab.sh"))
+            .args(["fault", "net", "up", n])
+            .output();
+        for what in ["libvirtd", "sshd"] {
+            let _ = Command::new(root().join("hack/lab.sh"))
+                .args(["fault", what, "start", n])
+                .output();
+        }
+    }
+    lab(&["fault", "space", "free", "1"]);
+}
+
 /// Removes what this suite makes on the hosts (`fr-` names), before and after it runs.
 async fn cleanup(hv: &Arc<NodePool>) {
     for host in HOSTS {
@@ -503,21 +518,13 @@ async fn faults_are_survived_with_nothing_run_twice_lost_or_leaked() {
         });
     }
 
+    // a run killed mid-round (not one that failed: that undoes its fault below) may have left
+    // a host cut off or stopped
+    undo_faults();
     cleanup(&hv).await;
     // the suite runs as a task so that whatever happens, the hosts are cleaned afterwards
     let r = tokio::spawn(suite(hv.clone(), work.path().to_path_buf())).await;
-    for n in ["1", "2"] {
-        // undo a fault a failed round may have left
-        let _ = Command::new(root().join("hack/lab.sh"))
-            .args(["fault", "net", "up", n])
-            .output();
-        for what in ["libvirtd", "sshd"] {
-            let _ = Command::new(root().join("hack/lab.sh"))
-                .args(["fault", what, "start", n])
-                .output();
-        }
-    }
-    lab(&["fault", "space", "free", "1"]);
+    undo_faults();
     cleanup(&hv).await;
     if let Err(e) = r {
         std::panic::resume_unwind(e.into_panic());
