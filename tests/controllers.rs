@@ -1135,6 +1135,25 @@ impl Lab {
         notes
     }
 
+    /// A running VM of `memory` pinned to `node`, settled there; with its domain's name.
+    async fn running_on(
+        &mut self,
+        name: &str,
+        memory: &str,
+        node: &str,
+    ) -> (VirtualMachine, String) {
+        let mut vm = vm_object(
+            "default",
+            name,
+            serde_json::json!({
+                "vcpus": 1, "memory": memory, "placement": {"nodeName": node},
+            }),
+        );
+        self.settle(&mut vm).await;
+        let domain = st(&vm).domain_name.clone().unwrap();
+        (vm, domain)
+    }
+
     async fn whereabouts(&self, domain: &str) -> Vec<(&'static str, DomainState)> {
         let mut out = Vec::new();
         for h in ["host1", "host2"] {
@@ -1156,15 +1175,7 @@ async fn a_migration_moves_a_running_vm_live_and_the_vm_follows_it() {
     use kvm_operator::api::MigrationPhase;
     let mut lab = Lab::new().await;
     let name = format!("mover-{}", std::process::id());
-    let mut vm = vm_object(
-        "default",
-        &name,
-        serde_json::json!({
-            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"},
-        }),
-    );
-    lab.settle(&mut vm).await;
-    let domain = st(&vm).domain_name.clone().unwrap();
+    let (mut vm, domain) = lab.running_on(&name, "32Mi", "host1").await;
     assert_eq!(
         lab.whereabouts(&domain).await,
         [("host1", DomainState::Running)]
@@ -1273,15 +1284,7 @@ async fn a_switch_over_whose_confirm_was_lost_completes_on_the_running_target() 
     use kvm_operator::api::MigrationPhase;
     let mut lab = Lab::new().await;
     let name = format!("confirm-{}", std::process::id());
-    let mut vm = vm_object(
-        "default",
-        &name,
-        serde_json::json!({
-            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"},
-        }),
-    );
-    lab.settle(&mut vm).await;
-    let domain = st(&vm).domain_name.clone().unwrap();
+    let (mut vm, domain) = lab.running_on(&name, "32Mi", "host1").await;
     let jobs = controller::migration::execute::Jobs::default();
     let mut m = migration_object(
         "default",
@@ -1476,15 +1479,7 @@ async fn deleting_a_running_migration_aborts_it_and_a_restarted_operator_finishe
     let mut lab = Lab::new().await;
     let name = format!("slow-{}", std::process::id());
     // 1 GiB at 1 MiB/s: long enough to abort
-    let mut vm = vm_object(
-        "default",
-        &name,
-        serde_json::json!({
-            "vcpus": 1, "memory": "1Gi", "placement": {"nodeName": "host1"},
-        }),
-    );
-    lab.settle(&mut vm).await;
-    let domain = st(&vm).domain_name.clone().unwrap();
+    let (mut vm, domain) = lab.running_on(&name, "1Gi", "host1").await;
     let jobs = controller::migration::execute::Jobs::default();
     let mut m = migration_object(
         "default",
@@ -1573,15 +1568,7 @@ async fn a_complete_paused_copy_is_spared_unless_the_look_saw_it() {
     use controller::migration::execute::{Leftover, remove_leftover};
     let mut lab = Lab::new().await;
     let name = format!("spare-{}", std::process::id());
-    let mut vm = vm_object(
-        "default",
-        &name,
-        serde_json::json!({
-            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host2"},
-        }),
-    );
-    lab.settle(&mut vm).await;
-    let domain = st(&vm).domain_name.clone().unwrap();
+    let (vm, domain) = lab.running_on(&name, "32Mi", "host2").await;
     let uid = vm.metadata.uid.clone().unwrap();
     let d = domain.clone();
     lab.call("host2", move |c| c.suspend(&d)).await;
