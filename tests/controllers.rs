@@ -1390,6 +1390,46 @@ async fn a_domain_moved_behind_the_operator_is_followed_not_made_again() {
     assert!(lab.whereabouts(&domain).await.is_empty());
 }
 
+/// A domain removed by hand from its node is defined again only once every node has been read
+/// and none has a domain stamped for the VM: while one cannot be read (here a KvmNode the
+/// operator has no access to) the VM waits and says which node it waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vm_whose_domain_is_gone_waits_while_a_node_cannot_be_read() {
+    let mut lab = Lab::new().await;
+    let name = format!("gone-{}", std::process::id());
+    let (mut vm, domain) = lab.running_on(&name, "32Mi", "host1").await;
+    let uuid = st(&vm).domain_uuid.clone();
+    let d = domain.clone();
+    lab.call("host1", move |c| {
+        c.destroy(&d)?;
+        c.undefine(&d)
+    })
+    .await;
+    let ghost: KvmNode = from_json(serde_json::json!({
+        "apiVersion": "kvm-operator.io/v1alpha1", "kind": "KvmNode",
+        "metadata": {"name": "ghost", "uid": uid(), "generation": 1},
+        "spec": {"address": "192.0.2.1", "sshKeySecretRef": {"name": "lab-key"}},
+    }));
+    lab.world.nodes.push(Arc::new(ghost));
+    let hv = lab.hv.clone();
+    lab.settle_with(&mut vm, hv.as_ref(), 1).await;
+    let ready = cond(&vm, condition::READY);
+    assert_eq!(ready.reason, "DomainWhereaboutsUnknown", "{ready:?}");
+    assert!(ready.message.contains("ghost"), "{ready:?}");
+    assert!(lab.whereabouts(&domain).await.is_empty(), "nothing defined");
+    // every node answers and none has it: made again (a new domain)
+    lab.world
+        .nodes
+        .retain(|n| n.metadata.name.as_deref() != Some("ghost"));
+    lab.settle(&mut vm).await;
+    assert_eq!(
+        lab.whereabouts(&domain).await,
+        [("host1", DomainState::Running)]
+    );
+    assert_ne!(st(&vm).domain_uuid, uuid);
+    lab.delete(&vm).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn maintenance_evacuates_every_vm_and_the_node_reports_empty() {
     use kvm_operator::api::MigrationPhase;
