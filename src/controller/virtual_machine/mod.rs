@@ -289,6 +289,34 @@ async fn stamped_on_nodes<H: Hypervisor>(
     (found, unread)
 }
 
+/// `found` as a list for a message: "domain on node, ...".
+fn found_list(found: &[(String, String)]) -> String {
+    let list: Vec<String> = found.iter().map(|(n, d)| format!("{d} on {n}")).collect();
+    list.join(", ")
+}
+
+/// `vm`'s status bound to the stamped `domain` found on `node` (Scheduled=True, `Recovered`).
+fn bound_to_found(
+    vm: &VirtualMachine,
+    node: String,
+    domain: String,
+    why: String,
+    placement: String,
+) -> VirtualMachineStatus {
+    let mut st = with_condition(vm, condition::SCHEDULED, true, "Recovered", why);
+    st.node = Some(node.clone());
+    st.domain_name = Some(domain);
+    st.placement = Some(PlacementStatus {
+        node,
+        score: None,
+        runner_up: None,
+        message: placement,
+        filtered: vec![],
+        time: Some(super::now()),
+    });
+    st
+}
+
 /// A VM whose domain is gone from its node but was defined before: when a domain stamped with
 /// its UID is on another node (moved outside this operator, or by a Migration deleted after its
 /// switch-over), the VM is bound to it rather than defined again, which would run the guest
@@ -301,13 +329,12 @@ async fn found_elsewhere<H: Hypervisor>(
 ) -> Option<Outcome<VirtualMachineStatus>> {
     let (mut found, unread) = stamped_on_nodes(vm, world, hv, Some(node)).await;
     if found.len() > 1 {
-        let list: Vec<String> = found.iter().map(|(n, d)| format!("{d} on {n}")).collect();
         return Some(problem(
             vm,
             "DuplicateDomains",
             format!(
                 "its domain is gone from KvmNode {node} and domains stamped for this VM exist on several other nodes ({}); nothing is defined or started until only one remains: remove the extra ones by hand",
-                list.join(", ")
+                found_list(&found)
             ),
             Some(Duration::from_secs(60)),
         ));
@@ -329,19 +356,8 @@ async fn found_elsewhere<H: Hypervisor>(
     let msg = format!(
         "its domain {domain} is on KvmNode {to}, no longer on {node} (moved outside this operator, or by a Migration deleted after its switch-over); bound to it instead of defining it again"
     );
-    let mut st = with_condition(vm, condition::SCHEDULED, true, "Recovered", msg.clone());
-    st.node = Some(to.clone());
-    st.domain_name = Some(domain);
-    st.placement = Some(PlacementStatus {
-        node: to,
-        score: None,
-        runner_up: None,
-        message: msg.clone(),
-        filtered: vec![],
-        time: Some(super::now()),
-    });
     Some(Outcome {
-        status: st,
+        status: bound_to_found(vm, to, domain, msg.clone(), msg.clone()),
         notes: vec![Note::normal("Recovered", "Reconcile", msg)],
         requeue: Some(Duration::from_secs(1)),
     })
@@ -358,38 +374,27 @@ async fn schedule<H: Hypervisor>(
     let name = vm.name_any();
     let (mut found, _) = stamped_on_nodes(vm, world, hv, None).await;
     if found.len() > 1 {
-        let list: Vec<String> = found.iter().map(|(n, d)| format!("{d} on {n}")).collect();
         return problem(
             vm,
             "DuplicateDomains",
             format!(
                 "domains stamped for this VM exist on several nodes ({}); nothing is started until only one remains: remove the extra ones by hand",
-                list.join(", ")
+                found_list(&found)
             ),
             Some(Duration::from_secs(60)),
         );
     }
     let now = super::now();
     if let Some((node, domain)) = found.pop() {
-        let mut st = with_condition(
-            vm,
-            condition::SCHEDULED,
-            true,
-            "Recovered",
-            format!("found its domain {domain} on KvmNode {node}; bound to it"),
-        );
-        st.node = Some(node.clone());
-        st.domain_name = Some(domain);
-        st.placement = Some(PlacementStatus {
-            node,
-            score: None,
-            runner_up: None,
-            message: "recovered: its domain already existed there".into(),
-            filtered: vec![],
-            time: Some(now),
-        });
+        let why = format!("found its domain {domain} on KvmNode {node}; bound to it");
         return Outcome {
-            status: st,
+            status: bound_to_found(
+                vm,
+                node,
+                domain,
+                why,
+                "recovered: its domain already existed there".into(),
+            ),
             notes: vec![],
             requeue: Some(Duration::from_secs(1)),
         };
