@@ -34,6 +34,10 @@ const VM_CONCURRENCY: usize = 16;
 /// (as in a cluster).
 const EVENT_CHECK: Duration = Duration::from_secs(5);
 
+/// While rounds follow one another at once (what moved is looked at again without waiting), the
+/// state file is written when they settle, and at least this often while they last.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
 /// "Not on a timer": an object with no periodic look waits this long unless something marks it
 /// due (an event, a node pass's hint, a change of its own).
 const UNTIL_MARKED: Duration = Duration::from_secs(365 * 86_400);
@@ -267,6 +271,11 @@ pub struct Standalone {
     /// renderer holds it (a second copy of every changed object would otherwise stay alive
     /// through the next round for nobody: a few MiB at 2,000 VMs).
     snapshot: Arc<std::sync::Mutex<World>>,
+    /// The state file lacks a UID that a host may come to carry (a new object's, stamped on
+    /// its domain; an evacuation Migration's): it is written before the next round runs.
+    must_save: bool,
+    /// When the state file was last written.
+    saved_at: Option<Instant>,
 }
 
 fn key_of(kind: &str, ns: Option<&str>, name: &str) -> String {
@@ -348,6 +357,8 @@ impl Standalone {
             events: tokio::sync::mpsc::unbounded_channel(),
             followers: BTreeMap::new(),
             snapshot: Arc::default(),
+            must_save: false,
+            saved_at: None,
         };
         me.load()?;
         Ok(me)
@@ -396,12 +407,25 @@ impl Standalone {
                     }
                 }
             }
+            // a UID is in the file before any host can carry it: a run that crashed would
+            // otherwise give the object a new one, and its domain would look foreign
+            if self.must_save {
+                self.save()?;
+            }
             let before = self.standing.clone();
             let reconciled = self.round().await;
             if reconciled > 0 {
                 // statuses carry timestamps; what matters is whether any object moved
                 let changed = self.standing != before;
-                self.save()?;
+                // rounds that follow one another at once are written when they settle (and
+                // every SAVE_EVERY while they last): a status a crash loses meanwhile is read
+                // again from the hosts, as after a lost state file
+                if !changed
+                    || self.must_save
+                    || self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY)
+                {
+                    self.save()?;
+                }
                 self.print_table();
                 let pending: Vec<String> = self.list(|s| matches!(s, Standing::Pending(_)));
                 if self.opts.once && pending.is_empty() && !changed {
@@ -413,6 +437,7 @@ impl Standalone {
                     };
                 }
                 if self.opts.once && started.elapsed() > self.opts.timeout {
+                    self.save()?;
                     return Err(StandaloneError::Timeout {
                         secs: self.opts.timeout.as_secs(),
                         pending: pending.join("\n"),
@@ -671,6 +696,9 @@ impl Standalone {
             path: key.clone(),
             cause: e.to_string(),
         })?;
+        if !self.state.objects.contains_key(&key) {
+            self.must_save = true;
+        }
         let saved = self
             .state
             .objects
@@ -1189,6 +1217,7 @@ impl Standalone {
             created: serde_json::to_value(&m).ok(),
         };
         self.state.objects.insert(key, saved);
+        self.must_save = true;
         m.status = None;
         self.world.migrations.push(Arc::new(m));
     }
@@ -1242,7 +1271,10 @@ impl Standalone {
         .map_err(|e| StandaloneError::State {
             path: path.display().to_string(),
             cause: e,
-        })
+        })?;
+        self.must_save = false;
+        self.saved_at = Some(Instant::now());
+        Ok(())
     }
 
     /// The status table: nodes, pools, VMs and migrations.
