@@ -423,16 +423,16 @@ impl Standalone {
             if reconciled > 0 {
                 // statuses carry timestamps; what matters is whether any object moved
                 let changed = self.standing != before;
-                // rounds that follow one another at once are written when they settle (and
-                // every SAVE_EVERY while they last): a status a crash loses meanwhile is read
-                // again from the hosts, as after a lost state file
+                // rounds that follow one another at once are written (and the table printed)
+                // when they settle, and every SAVE_EVERY while they last: a status a crash
+                // loses meanwhile is read again from the hosts, as after a lost state file
                 if !changed
                     || self.must_save
                     || self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY)
                 {
                     self.save()?;
+                    self.print_table();
                 }
-                self.print_table();
                 let pending: Vec<String> = self.list(|s| matches!(s, Standing::Pending(_)));
                 if self.opts.once && pending.is_empty() && !changed {
                     let failed = self.list(|s| matches!(s, Standing::Failed(_)));
