@@ -279,6 +279,9 @@ pub struct Standalone {
     must_save: bool,
     /// When the state file was last written.
     saved_at: Option<Instant>,
+    /// A round's statuses are not in the state file yet (its write waits for the rounds to
+    /// settle).
+    unsaved: bool,
     /// Bound VMs reconciled and applied at a time ([`VM_CHUNK`]).
     vm_chunk: usize,
 }
@@ -364,6 +367,7 @@ impl Standalone {
             snapshot: Arc::default(),
             must_save: false,
             saved_at: None,
+            unsaved: false,
             vm_chunk: VM_CHUNK,
         };
         me.load()?;
@@ -432,6 +436,8 @@ impl Standalone {
                 {
                     self.save()?;
                     self.print_table();
+                } else {
+                    self.unsaved = true;
                 }
                 let pending: Vec<String> = self.list(|s| matches!(s, Standing::Pending(_)));
                 if self.opts.once && pending.is_empty() && !changed {
@@ -453,6 +459,10 @@ impl Standalone {
                 if changed {
                     continue;
                 }
+            } else if self.unsaved {
+                // the rounds settled with nothing left to look at
+                self.save()?;
+                self.print_table();
             }
             let event = tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => None,
@@ -1310,6 +1320,7 @@ impl Standalone {
             cause: e,
         })?;
         self.must_save = false;
+        self.unsaved = false;
         self.saved_at = Some(Instant::now());
         Ok(())
     }
