@@ -1132,6 +1132,9 @@ impl Standalone {
                 .buffer_unordered(VM_CONCURRENCY)
                 .collect::<Vec<_>>();
             let placing_work = async {
+                if placing.is_empty() {
+                    return Vec::new();
+                }
                 // each placement sees the ones decided before it in this round
                 let mut w = world.clone();
                 let mut results = Vec::new();
@@ -1156,7 +1159,7 @@ impl Standalone {
             let (mut a, b) = futures::future::join(bound_work, placing_work).await;
             a.extend(b);
             a.sort_unstable_by_key(|r| r.0);
-            // the round's copies become durable together, before the state that records them
+            // the chunk's copies become durable together, before the state that records them
             let unkept: BTreeMap<(String, String), String> = match backups {
                 Some(b) => b.commit().await.into_iter().collect(),
                 None => BTreeMap::new(),
