@@ -105,10 +105,10 @@ impl BackupSink for Client {
 /// In standalone mode: `<dir>/<namespace>/<vm>.xml`, mode 0600, each replaced atomically.
 ///
 /// A copy is written beside its place at once (`.<vm>.xml.tmp`) and takes its place when the
-/// round that wrote it commits ([`Files::commit`]): one sync of the filesystem makes every copy
-/// of the round durable together, then each is renamed over the previous one and the
-/// directories are synced. A copy is never left half-written in place, and the round's state
-/// file, which records the copies' digests, is written after the commit. (Syncing each copy on
+/// round (or the chunk of the round's VMs) that wrote it commits ([`Files::commit`]): one sync
+/// of the filesystem makes every copy of it durable together, then each is renamed over the
+/// previous one and the directories are synced. A copy is never left half-written in place, and
+/// the state file, which records the copies' digests, is written after the commit. (Syncing each copy on
 /// its own cost 0.4 s for 500 copies on this machine's ext4, against 0.05 s for writing them
 /// and one sync.)
 pub struct Files {

@@ -981,13 +981,12 @@ impl Standalone {
         let unplaced = |v: &VirtualMachine| {
             v.status.as_ref().and_then(|s| s.node.as_ref()).is_none() && v.spec.adopt.is_none()
         };
-        let (placing, bound): (Vec<usize>, Vec<usize>) =
+        let (mut placing, bound): (Vec<usize>, Vec<usize>) =
             due.into_iter().partition(|&i| unplaced(&self.world.vms[i]));
         // the bound ones go in chunks, each applied as it ends: a VM's previous object is let go
         // then, not held with every other one until the whole round ends (thousands of VMs
         // would hold two versions of each at the round's peak); the placements go beside the
         // first chunk
-        let mut placing = Some(placing);
         let mut chunks = bound
             .chunks(self.vm_chunk.max(1))
             .map(<[usize]>::to_vec)
@@ -996,8 +995,7 @@ impl Standalone {
             chunks.push(vec![]);
         }
         for bound in chunks {
-            let placing = placing.take().unwrap_or_default();
-            done += self.vm_chunk(placing, bound).await;
+            done += self.vm_chunk(std::mem::take(&mut placing), bound).await;
         }
         // migrations, one after another: each decides against the limits the ones before it
         // took (they are few, and their long work runs in jobs of its own)
