@@ -9,7 +9,7 @@
 //!
 //! Randomised with a fixed seed, printed for replay: `FAULT_SEED=<n> FAULT_ROUNDS=<n> cargo test
 //! --test fault_rounds -- --nocapture`; `FAULT_PICK=net:migrate[:1]` plays one fault and change
-//! every round. Runs through README's test command (the lab's KVM_LAB_*
+//! every round; `FAULT_KEEP=1` leaves a failed run's domains and files. Runs through README's test command (the lab's KVM_LAB_*
 //! variables); every fault is undone before the next round.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
@@ -189,6 +189,8 @@ struct Look {
     volumes: BTreeMap<(String, String), BTreeSet<String>>,
     /// hosts that did not answer
     unreachable: BTreeSet<String>,
+    /// domain name → [(host, owner uid if stamped, state)]: what a failure message shows
+    named: BTreeMap<String, Vec<(String, Option<String>, DomainState)>>,
 }
 
 impl Look {
@@ -246,6 +248,11 @@ async fn look(hv: &Arc<NodePool>, state: &Path) -> Look {
         match listed {
             Ok((domains, vols)) => {
                 for d in domains {
+                    l.named.entry(d.name.clone()).or_default().push((
+                        host.to_string(),
+                        d.owner.as_ref().map(|o| o.uid.clone()),
+                        d.state,
+                    ));
                     if let Some(o) = d.owner {
                         l.domains.entry(o.uid).or_default().push((
                             host.to_string(),
@@ -277,7 +284,12 @@ fn not_converged(want: &Desired, l: &Look) -> Option<String> {
         };
         let ds = l.domains.get(uid).cloned().unwrap_or_default();
         let [(host, _, state)] = ds.as_slice() else {
-            return Some(format!("{name}: {} domains {ds:?}", ds.len()));
+            // what the hosts have under that name, stamped or not, says where it went
+            let named = l.named.get(&format!("default_{name}"));
+            return Some(format!(
+                "{name}: {} domains {ds:?} stamped with the state file's uid {uid}; by name: {named:?}",
+                ds.len()
+            ));
         };
         let want_state = if vm.running {
             DomainState::Running
@@ -525,10 +537,20 @@ async fn faults_are_survived_with_nothing_run_twice_lost_or_leaked() {
     // the suite runs as a task so that whatever happens, the hosts are cleaned afterwards
     let r = tokio::spawn(suite(hv.clone(), work.path().to_path_buf())).await;
     undo_faults();
-    cleanup(&hv).await;
     if let Err(e) = r {
+        // FAULT_KEEP=1 leaves a failed run's domains, volumes and work directory to look at
+        if std::env::var_os("FAULT_KEEP").is_some() {
+            let kept = work.keep();
+            println!(
+                "FAULT_KEEP: the hosts' fr- domains and {} are kept",
+                kept.display()
+            );
+        } else {
+            cleanup(&hv).await;
+        }
         std::panic::resume_unwind(e.into_panic());
     }
+    cleanup(&hv).await;
 }
 
 async fn suite(hv: Arc<NodePool>, work: PathBuf) {

@@ -321,24 +321,39 @@ impl Connection {
     }
 
     /// Our stamp on `d`, read with `virDomainGetMetadata` (only our element travels, not the
-    /// whole domain XML).
-    fn read_owner(d: &Domain) -> Option<Owner> {
-        d.metadata(
+    /// whole domain XML): `Ok(Some(None))` when the domain carries none (libvirt's "no such
+    /// metadata", or an element that is not a stamp of ours), `Ok(None)` when the domain is gone
+    /// (undefined, or an incoming migration that was aborted, since it was listed).
+    fn read_owner(&self, d: &Domain) -> Result<Option<Option<Owner>>, HvError> {
+        use virt::error::{ErrorNumber, ErrorNumberEnum};
+        match d.metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
             Some(super::domain_xml::OWNER_NS),
             0,
-        )
-        .ok()
-        .and_then(|xml| Owner::from_metadata_element(&xml))
+        ) {
+            Ok(xml) => Ok(Some(Owner::from_metadata_element(&xml))),
+            Err(e) if e.code() == ErrorNumberEnum::Known(ErrorNumber::NoDomainMetadata) => {
+                Ok(Some(None))
+            }
+            Err(e) if Self::is_gone(&e) => Ok(None),
+            Err(e) => Err(self.err("read ownership stamp", e)),
+        }
     }
 
     /// Replaces the index with the domains just listed (`(name, uuid)`), reading the stamp of
-    /// each UUID not seen before with `stamp_of`; returns each listed domain's stamp, in order.
+    /// each UUID not seen before with `stamp_of` (see [`Connection::read_owner`]); returns each
+    /// listed domain's stamp, in order, `None` for one that was gone when its stamp was read.
+    ///
+    /// Only an answer is kept: a domain gone since the listing is left out of the index, so
+    /// that its UUID is read again when it comes back (a migration aborted and started again
+    /// brings the same UUID); had "no stamp" been kept for it, the domain would look foreign
+    /// to this index for as long as it stays, stamped as it is. A read that fails otherwise
+    /// fails the listing: a domain whose owner is not known is not reported as nobody's.
     fn reindex(
         &self,
         listed: &[(String, String)],
-        mut stamp_of: impl FnMut(usize) -> Option<Owner>,
-    ) -> Vec<Option<Owner>> {
+        mut stamp_of: impl FnMut(usize) -> Result<Option<Option<Owner>>, HvError>,
+    ) -> Result<Vec<Option<Option<Owner>>>, HvError> {
         let known: std::collections::HashMap<String, Option<Owner>> = {
             let ix = self.index();
             listed
@@ -347,22 +362,22 @@ impl Connection {
                 .collect()
         };
         // the reads of new stamps happen without the lock: they are RPCs
-        let owners: Vec<Option<Owner>> = listed
+        let owners = listed
             .iter()
             .enumerate()
             .map(|(i, (_, u))| match known.get(u) {
-                Some(o) => o.clone(),
+                Some(o) => Ok(Some(o.clone())),
                 None => stamp_of(i),
             })
-            .collect();
+            .collect::<Result<Vec<_>, HvError>>()?;
         let mut ix = self.index();
         ix.by_uuid = listed
             .iter()
             .zip(&owners)
-            .map(|((n, u), o)| (u.clone(), (n.clone(), o.clone())))
+            .filter_map(|((n, u), o)| Some((u.clone(), (n.clone(), o.clone()?))))
             .collect();
         ix.listed_at = Some(Instant::now());
-        owners
+        Ok(owners)
     }
 
     /// Every domain on the host, running or defined, with our stamp when present. A stamp is
@@ -378,23 +393,40 @@ impl Connection {
         for d in &doms {
             let name = d.name().map_err(|e| self.err("domain name", e))?;
             let uuid = d.uuid_string().map_err(|e| self.err("domain uuid", e))?;
-            let (st, _) = d.state().map_err(|e| self.err("domain state", e))?;
+            // gone since the listing: left out, as a listing a moment later would
+            let st = match d.state() {
+                Ok((st, _)) => Some(DomainState::from_virt(st)),
+                Err(e) if Self::is_gone(&e) => None,
+                Err(e) => return Err(self.err("domain state", e)),
+            };
             listed.push((name, uuid));
-            states.push(DomainState::from_virt(st));
+            states.push(st);
         }
-        let owners = self.reindex(&listed, |i| Self::read_owner(&doms[i]));
+        let owners = self.reindex(&listed, |i| {
+            if states[i].is_none() {
+                return Ok(None);
+            }
+            self.read_owner(&doms[i])
+        })?;
         Ok(listed
             .into_iter()
             .zip(states)
             .zip(owners)
-            .map(|(((name, uuid), state), owner)| DomainSummary {
-                name,
-                uuid,
-                state,
-                owner,
-                reshaped: false,
+            .filter_map(|(((name, uuid), state), owner)| {
+                Some(DomainSummary {
+                    name,
+                    uuid,
+                    state: state?,
+                    owner: owner?,
+                    reshaped: false,
+                })
             })
             .collect())
+    }
+
+    /// libvirt's answer for a domain that no longer exists.
+    fn is_gone(e: &virt::error::Error) -> bool {
+        e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain)
     }
 
     /// Every domain on the host with its state and our stamp, and the per-domain figures, from
@@ -427,12 +459,17 @@ impl Connection {
             .map(|s| (s.domain.clone(), s.uuid.clone()))
             .collect();
         let owners = self.reindex(&listed, |i| {
-            // gone since the stats were taken: no stamp to read
-            self.conn
-                .lookup_domain_by_uuid_string(&listed[i].1)
-                .ok()
-                .and_then(|d| Self::read_owner(&d))
-        });
+            match self.conn.lookup_domain_by_uuid_string(&listed[i].1) {
+                Ok(d) => self.read_owner(&d),
+                // gone since the stats were taken
+                Err(e) if Self::is_gone(&e) => Ok(None),
+                Err(e) => Err(self.err("lookup domain", e)),
+            }
+        })?;
+        // a domain gone since the stats were taken is left out, its figures with it
+        let mut kept = owners.iter().map(Option::is_some);
+        stats.retain(|_| kept.next().unwrap_or(false));
+        let owners: Vec<Option<Owner>> = owners.into_iter().flatten().collect();
         let reshaped: Vec<bool> = {
             let mut ix = self.index();
             if fresh {
@@ -517,7 +554,7 @@ impl Connection {
             let uuid = d.uuid_string().map_err(|e| self.err("domain uuid", e))?;
             listed.push((name, uuid));
         }
-        self.reindex(&listed, |i| Self::read_owner(&doms[i]));
+        self.reindex(&listed, |i| self.read_owner(&doms[i]))?;
         Ok(())
     }
 
@@ -947,6 +984,77 @@ mod tests {
             "the file has no cells to report it"
         );
         std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A stamp read of a domain that vanished since it was listed (an incoming migration
+    /// aborted) is not an answer: the index does not keep "not ours" for its UUID, so the same
+    /// UUID arriving again (the migration started again) is read and found stamped.
+    #[test]
+    fn a_domain_gone_before_its_stamp_was_read_is_read_again_when_it_is_back() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("node.xml");
+        std::fs::write(&file, "<node/>").unwrap_or_else(|e| panic!("{e}"));
+        let c = Connection::open(&format!("test://{}", file.display()), "n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stamped = "<domain type='test'><name>default_web</name>\
+             <metadata><kvmop:owner xmlns:kvmop='https://kvm-operator.io/xmlns/owner/v1alpha1' \
+             uid='u1' namespace='default' name='web'/></metadata>\
+             <memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices/></domain>";
+        let xml = DomainXml::parse(stamped).unwrap_or_else(|e| panic!("{e}"));
+        let uuid = c.define(&xml).unwrap_or_else(|e| panic!("{e}"));
+        let plain = DomainXml::parse(
+            "<domain type='test'><name>theirs</name><memory>65536</memory><vcpu>1</vcpu>\
+             <os><type>hvm</type></os><devices/></domain>",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        c.define(&plain).unwrap_or_else(|e| panic!("{e}"));
+
+        // what libvirt answers: a stamp, none, or the domain is gone
+        let d = c.domain("default_web").unwrap_or_else(|e| panic!("{e}"));
+        let read = c.read_owner(&d).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read.flatten().map(|o| o.uid), Some("u1".to_string()));
+        let t = c.domain("theirs").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(c.read_owner(&t), Ok(Some(None))), "no stamp");
+        // (the test driver takes no undefine flags: the plain call)
+        t.undefine().unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(c.read_owner(&t), Ok(None)), "gone");
+
+        // a listing that found default_web gone when it read the stamp: left out of the
+        // listing and of the index
+        c.index_changed("");
+        let listed = vec![("default_web".to_string(), uuid.clone())];
+        let owners = c
+            .reindex(&listed, |_| Ok(None))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(owners, vec![None]);
+        let fresh = Duration::from_secs(60);
+        assert_eq!(c.stamped_from_index("u1", fresh), Some(vec![]));
+        // back with the same UUID: its stamp is read, not remembered as missing
+        let all = c.list_domains().unwrap_or_else(|e| panic!("{e}"));
+        let web = all.iter().find(|d| d.uuid == uuid);
+        assert_eq!(
+            web.and_then(|d| d.owner.as_ref()).map(|o| o.uid.as_str()),
+            Some("u1"),
+            "{all:?}"
+        );
+        assert_eq!(
+            c.stamped_from_index("u1", fresh),
+            Some(vec!["default_web".to_string()])
+        );
+        // a read that fails otherwise fails the listing instead of calling the domain nobody's
+        let failed = c.reindex(&listed, |_| {
+            Err(HvError::Local {
+                cause: "link cut".into(),
+            })
+        });
+        assert!(failed.is_ok(), "a known UUID is not read again");
+        c.index_changed("");
+        let failed = c.reindex(&listed, |_| {
+            Err(HvError::Local {
+                cause: "link cut".into(),
+            })
+        });
+        assert!(failed.is_err());
     }
 
     #[test]
