@@ -281,6 +281,92 @@ async fn edits_are_picked_up_and_a_restarted_run_binds_to_the_same_domains() {
     drop(first);
 }
 
+/// What the run prints, and the state file as it stood when the adoption's Event was printed.
+struct Watcher {
+    state: PathBuf,
+    printed: Arc<std::sync::Mutex<(String, Option<String>)>>,
+}
+
+impl std::io::Write for Watcher {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut p = self.printed.lock().unwrap();
+        p.0.push_str(&String::from_utf8_lossy(buf));
+        if p.1.is_none() && p.0.contains("VirtualMachine/default/legacy Adopted") {
+            p.1 = Some(std::fs::read_to_string(&self.state).unwrap_or_default());
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The UID stamped on a domain is in the state file before the stamp is made: a run that
+/// crashed right after stamping would otherwise give the VM a new UID on restart, and its
+/// domain would then look foreign. An adoption stamps in the very first round; the state file
+/// is otherwise written when the run's rounds settle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uid_is_written_before_any_domain_carries_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("node.xml");
+    std::fs::write(
+        &node,
+        "<node>\n<cpu><mhz>2000</mhz><model>t</model><active>4</active><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>\n<memory>8388608</memory>\n\
+         <domain type='test'><name>legacy</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>\n</node>\n",
+    )
+    .unwrap();
+    let files = dir.path().join("m");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(
+        files.join("all.yaml"),
+        format!(
+            "apiVersion: kvm-operator.io/v1alpha1\nkind: KvmNode\nmetadata: {{name: n0}}\nspec: {{address: localhost, libvirtUri: \"test://{}\"}}\n---\n\
+             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: legacy}}\nspec: {{adopt: {{nodeName: n0, domain: legacy}}}}\n",
+            node.display()
+        ),
+    )
+    .unwrap();
+    let state_dir = dir.path().join("state");
+    let printed = Arc::new(std::sync::Mutex::new((String::new(), None)));
+    let mut s = Standalone::new(
+        Options {
+            files: vec![files.clone()],
+            default_uri: "test:///default".into(),
+            state_dir: state_dir.clone(),
+            once: true,
+            timeout: Duration::from_secs(60),
+            resync: Duration::from_secs(30),
+        },
+        Config::default(),
+        Box::new(Watcher {
+            state: state_dir.join("status.yaml"),
+            printed: printed.clone(),
+        }),
+    )
+    .unwrap();
+    s.run().await.unwrap();
+    let vm = vm(&s, "legacy");
+    assert_eq!(
+        vm.status.as_ref().and_then(|st| st.power_state),
+        Some(PowerState::Running)
+    );
+    let uid = vm.metadata.uid.clone().unwrap();
+    let (all, at_adoption) = printed.lock().unwrap().clone();
+    let at_adoption = at_adoption.unwrap_or_else(|| panic!("no adoption printed:\n{all}"));
+    let v: serde_json::Value = serde_saphyr::from_str(&at_adoption).unwrap();
+    assert_eq!(
+        v["objects"]["VirtualMachine/default/legacy"]["uid"].as_str(),
+        Some(uid.as_str()),
+        "the state file when the domain was stamped:\n{at_adoption}"
+    );
+    // and the file the run ends with holds every status
+    let end = state(&state_dir);
+    assert_eq!(
+        end["objects"]["VirtualMachine/default/legacy"]["status"]["powerState"],
+        "Running"
+    );
+}
+
 /// A long-running run never returns: it is given half a second at a time.
 async fn run_for(s: &mut Standalone) {
     let _ = tokio::time::timeout(Duration::from_millis(500), s.run()).await;

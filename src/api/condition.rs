@@ -74,7 +74,12 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition) {
             }
             *old = new;
         }
-        None => conditions.push(new),
+        None => {
+            // statuses are many and long-lived: no room kept for conditions that never come
+            // (a doubling Vec holds 8 for an object's 5 or 6)
+            conditions.reserve_exact(1);
+            conditions.push(new);
+        }
     }
 }
 

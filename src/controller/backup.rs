@@ -105,16 +105,16 @@ impl BackupSink for Client {
 /// In standalone mode: `<dir>/<namespace>/<vm>.xml`, mode 0600, each replaced atomically.
 ///
 /// A copy is written beside its place at once (`.<vm>.xml.tmp`) and takes its place when the
-/// round that wrote it commits ([`Files::commit`]): one sync of the filesystem makes every copy
-/// of the round durable together, then each is renamed over the previous one and the
-/// directories are synced. A copy is never left half-written in place, and the round's state
-/// file, which records the copies' digests, is written after the commit. (Syncing each copy on
+/// round (or the chunk of the round's VMs) that wrote it commits ([`Files::commit`]): one sync
+/// of the filesystem makes every copy of it durable together, then each is renamed over the
+/// previous one and the directories are synced. A copy is never left half-written in place, and
+/// the state file, which records the copies' digests, is written after the commit. (Syncing each copy on
 /// its own cost 0.4 s for 500 copies on this machine's ext4, against 0.05 s for writing them
 /// and one sync.)
 pub struct Files {
     dir: PathBuf,
-    /// Written and not committed yet: (namespace, VM, temporary file, its place).
-    staged: std::sync::Mutex<Vec<Staged>>,
+    /// Written and not committed yet, by (namespace, VM): the temporary file and its place.
+    staged: std::sync::Mutex<std::collections::HashMap<(String, String), Staged>>,
 }
 
 struct Staged {
@@ -129,11 +129,13 @@ impl Files {
     pub fn new(dir: PathBuf) -> Self {
         Files {
             dir,
-            staged: std::sync::Mutex::new(Vec::new()),
+            staged: std::sync::Mutex::default(),
         }
     }
 
-    fn staged(&self) -> std::sync::MutexGuard<'_, Vec<Staged>> {
+    fn staged(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Staged>> {
         self.staged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -141,7 +143,7 @@ impl Files {
     /// Returns the copies that were not kept, by `(namespace, VM)`, with the cause: their
     /// previous copy (if any) is untouched, their temporary file removed.
     pub async fn commit(&self) -> Vec<((String, String), String)> {
-        let staged = std::mem::take(&mut *self.staged());
+        let staged: Vec<Staged> = std::mem::take(&mut *self.staged()).into_values().collect();
         if staged.is_empty() {
             return Vec::new();
         }
@@ -253,16 +255,15 @@ impl BackupSink for Files {
             Ok(Err(e)) => return Err(format!("cannot write {shown}: {e}")),
             Err(e) => return Err(format!("writing {shown} panicked: {e}")),
         }
-        let mut staged = self.staged();
         // written twice before a commit: the later text is in the one temporary file
-        if !staged.iter().any(|s| s.path == path) {
-            staged.push(Staged {
+        self.staged()
+            .entry((ns.clone(), name.clone()))
+            .or_insert(Staged {
                 namespace: ns,
                 vm: name,
                 tmp,
                 path,
             });
-        }
         Ok(shown)
     }
 }

@@ -30,9 +30,16 @@ use tracing::Instrument;
 /// VM reconciles run side by side in one round (each node also limits its own calls).
 const VM_CONCURRENCY: usize = 16;
 
+/// Bound VMs are reconciled and applied this many at a time in a round.
+const VM_CHUNK: usize = 512;
+
 /// How often each event follower checks that its subscription's connection is still the node's
 /// (as in a cluster).
 const EVENT_CHECK: Duration = Duration::from_secs(5);
+
+/// While rounds follow one another at once (what moved is looked at again without waiting), the
+/// state file is written when they settle, and at least this often while they last.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// "Not on a timer": an object with no periodic look waits this long unless something marks it
 /// due (an event, a node pass's hint, a change of its own).
@@ -267,6 +274,16 @@ pub struct Standalone {
     /// renderer holds it (a second copy of every changed object would otherwise stay alive
     /// through the next round for nobody: a few MiB at 2,000 VMs).
     snapshot: Arc<std::sync::Mutex<World>>,
+    /// The state file lacks a UID that a host may come to carry (a new object's, stamped on
+    /// its domain; an evacuation Migration's): it is written before the next round runs.
+    must_save: bool,
+    /// When the state file was last written.
+    saved_at: Option<Instant>,
+    /// A round's statuses are not in the state file yet (its write waits for the rounds to
+    /// settle).
+    unsaved: bool,
+    /// Bound VMs reconciled and applied at a time ([`VM_CHUNK`]).
+    vm_chunk: usize,
 }
 
 fn key_of(kind: &str, ns: Option<&str>, name: &str) -> String {
@@ -278,12 +295,12 @@ fn key_of(kind: &str, ns: Option<&str>, name: &str) -> String {
 
 /// A random RFC 4122 version 4 UUID (the ownership stamp of a new object).
 fn new_uid() -> String {
+    use ring::rand::SecureRandom;
     let mut b = [0u8; 16];
-    let filled = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .is_ok();
+    // the kernel's random source (getrandom), without a file opened per UID
+    let filled = ring::rand::SystemRandom::new().fill(&mut b).is_ok();
     if !filled {
-        // no /dev/urandom: time and process id are unique enough for one host's objects
+        // no random source: time and process id are unique enough for one host's objects
         let t = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -348,6 +365,10 @@ impl Standalone {
             events: tokio::sync::mpsc::unbounded_channel(),
             followers: BTreeMap::new(),
             snapshot: Arc::default(),
+            must_save: false,
+            saved_at: None,
+            unsaved: false,
+            vm_chunk: VM_CHUNK,
         };
         me.load()?;
         Ok(me)
@@ -396,13 +417,28 @@ impl Standalone {
                     }
                 }
             }
+            // a UID is in the file before any host can carry it: a run that crashed would
+            // otherwise give the object a new one, and its domain would look foreign
+            if self.must_save {
+                self.save()?;
+            }
             let before = self.standing.clone();
             let reconciled = self.round().await;
             if reconciled > 0 {
                 // statuses carry timestamps; what matters is whether any object moved
                 let changed = self.standing != before;
-                self.save()?;
-                self.print_table();
+                // rounds that follow one another at once are written (and the table printed)
+                // when they settle, and every SAVE_EVERY while they last: a status a crash
+                // loses meanwhile is read again from the hosts, as after a lost state file
+                if !changed
+                    || self.must_save
+                    || self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY)
+                {
+                    self.save()?;
+                    self.print_table();
+                } else {
+                    self.unsaved = true;
+                }
                 let pending: Vec<String> = self.list(|s| matches!(s, Standing::Pending(_)));
                 if self.opts.once && pending.is_empty() && !changed {
                     let failed = self.list(|s| matches!(s, Standing::Failed(_)));
@@ -413,6 +449,7 @@ impl Standalone {
                     };
                 }
                 if self.opts.once && started.elapsed() > self.opts.timeout {
+                    self.save()?;
                     return Err(StandaloneError::Timeout {
                         secs: self.opts.timeout.as_secs(),
                         pending: pending.join("\n"),
@@ -422,6 +459,10 @@ impl Standalone {
                 if changed {
                     continue;
                 }
+            } else if self.unsaved {
+                // the rounds settled with nothing left to look at
+                self.save()?;
+                self.print_table();
             }
             let event = tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => None,
@@ -671,6 +712,9 @@ impl Standalone {
             path: key.clone(),
             cause: e.to_string(),
         })?;
+        if !self.state.objects.contains_key(&key) {
+            self.must_save = true;
+        }
         let saved = self
             .state
             .objects
@@ -937,132 +981,21 @@ impl Standalone {
         let unplaced = |v: &VirtualMachine| {
             v.status.as_ref().and_then(|s| s.node.as_ref()).is_none() && v.spec.adopt.is_none()
         };
-        let (placing, bound): (Vec<usize>, Vec<usize>) =
+        let (mut placing, bound): (Vec<usize>, Vec<usize>) =
             due.into_iter().partition(|&i| unplaced(&self.world.vms[i]));
-        let results = {
-            let out = shared(&mut *self.out);
-            let (world, hv, config, secrets, out) =
-                (&self.world, &self.hv, &self.config, &self.secrets, &out);
-            let backups = self
-                .config
-                .definition_backup
-                .then(|| super::backup::Files::new(self.opts.state_dir.join("definitions")));
-            let backups = &backups;
-            let one = async move |i: usize, world: &World| {
-                let started = Instant::now();
-                let vm = world.vms[i].clone();
-                let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
-                let span = object_span(vm.as_ref());
-                let work = async {
-                    let r = match virtual_machine::user_data(&vm, secrets.as_slice()).await {
-                        Ok(ud) => {
-                            virtual_machine::reconcile_read(
-                                &vm,
-                                world,
-                                hv.as_ref(),
-                                config,
-                                ud.as_deref(),
-                            )
-                            .await
-                        }
-                        Err((reason, msg)) => virtual_machine::problem(
-                            &vm,
-                            reason,
-                            msg,
-                            Some(Duration::from_secs(60)),
-                        )
-                        .into(),
-                    };
-                    let mut out = r.outcome.summarized();
-                    if let Some(sink) = backups
-                        && let Some(n) = super::backup::keep(
-                            &vm,
-                            &mut out.status,
-                            hv.as_ref(),
-                            sink,
-                            r.definition.as_deref(),
-                        )
-                        .await
-                    {
-                        out.notes.push(n);
-                    }
-                    out
-                }
-                .instrument(span);
-                // volume clones and guest shutdowns take long: say so while they run
-                let o = with_progress(out, &key, work).await;
-                (i, o, started.elapsed())
-            };
-            let bound_work = futures::stream::iter(bound)
-                .map(|i| one(i, world))
-                .buffer_unordered(VM_CONCURRENCY)
-                .collect::<Vec<_>>();
-            let placing_work = async {
-                // each placement sees the ones decided before it in this round
-                let mut w = world.clone();
-                let mut results = Vec::new();
-                for i in placing {
-                    let r = one(i, &w).await;
-                    if let Some(node) = r.1.status.node.as_deref() {
-                        let (cpus, bytes) =
-                            super::kvm_node::status::vm_request(&world.vms[i], &Default::default());
-                        w.inflight.push((node.to_string(), cpus, bytes));
-                    }
-                    results.push(r);
-                }
-                results
-            };
-            let (mut a, b) = futures::future::join(bound_work, placing_work).await;
-            a.extend(b);
-            a.sort_unstable_by_key(|r| r.0);
-            // the round's copies become durable together, before the state that records them
-            let unkept: BTreeMap<(String, String), String> = match backups {
-                Some(b) => b.commit().await.into_iter().collect(),
-                None => BTreeMap::new(),
-            };
-            (a, unkept)
-        };
-        let (results, unkept) = results;
-        for (i, mut out, took) in results {
-            done += 1;
-            let vm = self.world.vms[i].clone();
-            let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
-            let id = (vm.namespace().unwrap_or_default(), vm.name_any());
-            if let Some(cause) = unkept.get(&id) {
-                super::backup::not_kept(&vm, &mut out.status, &mut out.notes, cause);
-            }
-            let ready = condition_of(&out.status.conditions, READY);
-            let standing = match (ready, out.requeue) {
-                (Some((true, _, _)), _) => Standing::Done,
-                (_, Some(r)) if r < Duration::from_secs(15) => {
-                    Standing::Pending(ready.map(|(_, _, m)| m.to_string()).unwrap_or_default())
-                }
-                (Some((false, reason, msg)), _) => Standing::Failed(format!("{reason}: {msg}")),
-                (None, _) => Standing::Pending("not observed yet".into()),
-            };
-            let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
-            let ready = standing == Standing::Done;
-            let moved = self.standing.get(&key) != Some(&standing)
-                || vm.status.as_ref().map(|s| (s.power_state, s.node.as_ref()))
-                    != Some((out.status.power_state, out.status.node.as_ref()));
-            if moved && let Some(node) = &out.status.node {
-                // the node's figures (allocation, VMs by state, their statistics) follow
-                self.due.remove(&key_of("KvmNode", None, node));
-            }
-            let mut v = (*vm).clone();
-            v.status = Some(out.status);
-            self.note(
-                "VirtualMachine",
-                key.clone(),
-                standing,
-                &out.notes,
-                took,
-                reason.as_deref(),
-            );
-            // a VM that became Ready was observed after its last step: what depends on it moves
-            // now, the VM itself is looked at again when its requeue comes
-            self.schedule(&key, moved && !ready, out.requeue, self.vm_period());
-            self.world.vms[i] = Arc::new(v);
+        // the bound ones go in chunks, each applied as it ends: a VM's previous object is let go
+        // then, not held with every other one until the whole round ends (thousands of VMs
+        // would hold two versions of each at the round's peak); the placements go beside the
+        // first chunk
+        let mut chunks = bound
+            .chunks(self.vm_chunk.max(1))
+            .map(<[usize]>::to_vec)
+            .collect::<Vec<_>>();
+        if chunks.is_empty() {
+            chunks.push(vec![]);
+        }
+        for bound in chunks {
+            done += self.vm_chunk(std::mem::take(&mut placing), bound).await;
         }
         // migrations, one after another: each decides against the limits the ones before it
         // took (they are few, and their long work runs in jobs of its own)
@@ -1134,6 +1067,149 @@ impl Standalone {
         done
     }
 
+    /// Reconciles the VMs `placing` (one after another, each seeing the ones placed before it)
+    /// and `bound` (side by side), makes the round's definition copies durable, and applies the
+    /// outcomes; returns how many were reconciled.
+    async fn vm_chunk(&mut self, placing: Vec<usize>, bound: Vec<usize>) -> usize {
+        let results = {
+            let out = shared(&mut *self.out);
+            let (world, hv, config, secrets, out) =
+                (&self.world, &self.hv, &self.config, &self.secrets, &out);
+            let backups = self
+                .config
+                .definition_backup
+                .then(|| super::backup::Files::new(self.opts.state_dir.join("definitions")));
+            let backups = &backups;
+            let one = async move |i: usize, world: &World| {
+                let started = Instant::now();
+                let vm = world.vms[i].clone();
+                let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
+                let span = object_span(vm.as_ref());
+                let work = async {
+                    let r = match virtual_machine::user_data(&vm, secrets.as_slice()).await {
+                        Ok(ud) => {
+                            virtual_machine::reconcile_read(
+                                &vm,
+                                world,
+                                hv.as_ref(),
+                                config,
+                                ud.as_deref(),
+                            )
+                            .await
+                        }
+                        Err((reason, msg)) => virtual_machine::problem(
+                            &vm,
+                            reason,
+                            msg,
+                            Some(Duration::from_secs(60)),
+                        )
+                        .into(),
+                    };
+                    let mut out = r.outcome.summarized();
+                    if let Some(sink) = backups
+                        && let Some(n) = super::backup::keep(
+                            &vm,
+                            &mut out.status,
+                            hv.as_ref(),
+                            sink,
+                            r.definition.as_deref(),
+                        )
+                        .await
+                    {
+                        out.notes.push(n);
+                    }
+                    out
+                }
+                .instrument(span);
+                // volume clones and guest shutdowns take long: say so while they run
+                let o = with_progress(out, &key, work).await;
+                (i, o, started.elapsed())
+            };
+            let bound_work = futures::stream::iter(bound)
+                .map(|i| one(i, world))
+                .buffer_unordered(VM_CONCURRENCY)
+                .collect::<Vec<_>>();
+            let placing_work = async {
+                if placing.is_empty() {
+                    return Vec::new();
+                }
+                // each placement sees the ones decided before it in this round
+                let mut w = world.clone();
+                let mut results = Vec::new();
+                for i in placing {
+                    let r = one(i, &w).await;
+                    if let Some(node) = r.1.status.node.as_deref() {
+                        let (cpus, bytes) =
+                            super::kvm_node::status::vm_request(&world.vms[i], &Default::default());
+                        // one running sum per node: each placement reads them all
+                        match w.inflight.iter_mut().find(|x| x.0 == node) {
+                            Some(x) => {
+                                x.1 = x.1.saturating_add(cpus);
+                                x.2 = x.2.saturating_add(bytes);
+                            }
+                            None => w.inflight.push((node.to_string(), cpus, bytes)),
+                        }
+                    }
+                    results.push(r);
+                }
+                results
+            };
+            let (mut a, b) = futures::future::join(bound_work, placing_work).await;
+            a.extend(b);
+            a.sort_unstable_by_key(|r| r.0);
+            // the chunk's copies become durable together, before the state that records them
+            let unkept: BTreeMap<(String, String), String> = match backups {
+                Some(b) => b.commit().await.into_iter().collect(),
+                None => BTreeMap::new(),
+            };
+            (a, unkept)
+        };
+        let (results, unkept) = results;
+        let mut done = 0;
+        for (i, mut out, took) in results {
+            done += 1;
+            let vm = self.world.vms[i].clone();
+            let key = key_of("VirtualMachine", vm.namespace().as_deref(), &vm.name_any());
+            let id = (vm.namespace().unwrap_or_default(), vm.name_any());
+            if let Some(cause) = unkept.get(&id) {
+                super::backup::not_kept(&vm, &mut out.status, &mut out.notes, cause);
+            }
+            let ready = condition_of(&out.status.conditions, READY);
+            let standing = match (ready, out.requeue) {
+                (Some((true, _, _)), _) => Standing::Done,
+                (_, Some(r)) if r < Duration::from_secs(15) => {
+                    Standing::Pending(ready.map(|(_, _, m)| m.to_string()).unwrap_or_default())
+                }
+                (Some((false, reason, msg)), _) => Standing::Failed(format!("{reason}: {msg}")),
+                (None, _) => Standing::Pending("not observed yet".into()),
+            };
+            let reason = condition_of(&out.status.conditions, READY).map(|(_, r, _)| r.to_string());
+            let ready = standing == Standing::Done;
+            let moved = self.standing.get(&key) != Some(&standing)
+                || vm.status.as_ref().map(|s| (s.power_state, s.node.as_ref()))
+                    != Some((out.status.power_state, out.status.node.as_ref()));
+            if moved && let Some(node) = &out.status.node {
+                // the node's figures (allocation, VMs by state, their statistics) follow
+                self.due.remove(&key_of("KvmNode", None, node));
+            }
+            let mut v = (*vm).clone();
+            v.status = Some(out.status);
+            self.note(
+                "VirtualMachine",
+                key.clone(),
+                standing,
+                &out.notes,
+                took,
+                reason.as_deref(),
+            );
+            // a VM that became Ready was observed after its last step: what depends on it moves
+            // now, the VM itself is looked at again when its requeue comes
+            self.schedule(&key, moved && !ready, out.requeue, self.vm_period());
+            self.world.vms[i] = Arc::new(v);
+        }
+        done
+    }
+
     /// Records an object's standing (and the reconcile in the metrics) and prints its Events.
     fn note(
         &mut self,
@@ -1189,6 +1265,7 @@ impl Standalone {
             created: serde_json::to_value(&m).ok(),
         };
         self.state.objects.insert(key, saved);
+        self.must_save = true;
         m.status = None;
         self.world.migrations.push(Arc::new(m));
     }
@@ -1242,7 +1319,11 @@ impl Standalone {
         .map_err(|e| StandaloneError::State {
             path: path.display().to_string(),
             cause: e,
-        })
+        })?;
+        self.must_save = false;
+        self.unsaved = false;
+        self.saved_at = Some(Instant::now());
+        Ok(())
     }
 
     /// The status table: nodes, pools, VMs and migrations.
@@ -1501,6 +1582,75 @@ mod tests {
         let shared = std::sync::Mutex::new(&mut out as &mut (dyn Write + Send));
         with_progress(&shared, "k", async {}).await;
         assert!(out.is_empty());
+    }
+
+    /// Bound VMs go in chunks, each applied as it ends: every VM of every chunk gets its
+    /// outcome, and the placements of a round go beside its first chunk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vms_in_chunks_all_reach_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node.xml");
+        std::fs::write(
+            &node,
+            "<node><cpu><mhz>2000</mhz><model>t</model><active>64</active><nodes>1</nodes><sockets>1</sockets><cores>64</cores><threads>1</threads></cpu><memory>67108864</memory></node>",
+        )
+        .unwrap();
+        let files = dir.path().join("m");
+        std::fs::create_dir(&files).unwrap();
+        let vm = |i: usize| {
+            format!(
+                "apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: c{i}}}\nspec: {{vcpus: 1, memory: 64Mi}}\n"
+            )
+        };
+        let node_doc = format!(
+            "apiVersion: kvm-operator.io/v1alpha1\nkind: KvmNode\nmetadata: {{name: n0}}\nspec: {{address: localhost, libvirtUri: \"test://{}\"}}\n",
+            node.display()
+        );
+        let write = |n: usize| {
+            let docs: Vec<String> = std::iter::once(node_doc.clone())
+                .chain((0..n).map(vm))
+                .collect();
+            std::fs::write(files.join("all.yaml"), docs.join("---\n")).unwrap();
+        };
+        write(7);
+        let mut s = Standalone::new(
+            Options {
+                files: vec![files.clone()],
+                default_uri: "test:///default".into(),
+                state_dir: dir.path().join("state"),
+                once: true,
+                timeout: Duration::from_secs(60),
+                resync: Duration::from_secs(30),
+            },
+            Config::default(),
+            Box::new(std::io::sink()),
+        )
+        .unwrap();
+        s.vm_chunk = 3;
+        let running = |s: &Standalone| {
+            s.world()
+                .vms
+                .iter()
+                .filter(|v| {
+                    v.status.as_ref().and_then(|st| st.power_state)
+                        == Some(crate::api::virtual_machine::PowerState::Running)
+                })
+                .count()
+        };
+        s.run().await.unwrap();
+        assert_eq!(running(&s), 7);
+        // three more: placed beside the first chunk of a round, then bound in chunks too
+        std::thread::sleep(Duration::from_millis(20));
+        write(10);
+        s.run().await.unwrap();
+        assert_eq!(running(&s), 10);
+        let uuids: std::collections::BTreeSet<_> = s
+            .world()
+            .vms
+            .iter()
+            .filter_map(|v| v.status.as_ref().and_then(|st| st.domain_uuid.clone()))
+            .collect();
+        assert_eq!(uuids.len(), 10, "one domain each");
     }
 
     #[test]
