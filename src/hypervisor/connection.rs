@@ -111,6 +111,16 @@ impl StampIndex {
     }
 }
 
+/// What a read of a domain's ownership stamp found.
+#[derive(Clone, Debug, PartialEq)]
+enum StampRead {
+    /// The domain's stamp, or `None`: it carries none of ours.
+    Found(Option<Owner>),
+    /// The domain is gone since it was listed (undefined, or an incoming migration that was
+    /// aborted): no answer, and nothing to keep.
+    Gone,
+}
+
 /// What the operator knows of a node's domains and their ownership stamps: filled by every
 /// listing (a stamp is read only for a UUID not seen before), kept current by the writes of the
 /// connections that share it ([`Connection::with_index`]: all of one node's connections in the
@@ -321,28 +331,27 @@ impl Connection {
     }
 
     /// Our stamp on `d`, read with `virDomainGetMetadata` (only our element travels, not the
-    /// whole domain XML): `Ok(Some(None))` when the domain carries none (libvirt's "no such
-    /// metadata", or an element that is not a stamp of ours), `Ok(None)` when the domain is gone
-    /// (undefined, or an incoming migration that was aborted, since it was listed).
-    fn read_owner(&self, d: &Domain) -> Result<Option<Option<Owner>>, HvError> {
+    /// whole domain XML). `Found(None)` when the domain carries none (libvirt's "no such
+    /// metadata", or an element that is not a stamp of ours).
+    fn read_owner(&self, d: &Domain) -> Result<StampRead, HvError> {
         use virt::error::{ErrorNumber, ErrorNumberEnum};
         match d.metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
             Some(super::domain_xml::OWNER_NS),
             0,
         ) {
-            Ok(xml) => Ok(Some(Owner::from_metadata_element(&xml))),
+            Ok(xml) => Ok(StampRead::Found(Owner::from_metadata_element(&xml))),
             Err(e) if e.code() == ErrorNumberEnum::Known(ErrorNumber::NoDomainMetadata) => {
-                Ok(Some(None))
+                Ok(StampRead::Found(None))
             }
-            Err(e) if Self::is_gone(&e) => Ok(None),
+            Err(e) if Self::is_gone(&e) => Ok(StampRead::Gone),
             Err(e) => Err(self.err("read ownership stamp", e)),
         }
     }
 
     /// Replaces the index with the domains just listed (`(name, uuid)`), reading the stamp of
     /// each UUID not seen before with `stamp_of` (see [`Connection::read_owner`]); returns each
-    /// listed domain's stamp, in order, `None` for one that was gone when its stamp was read.
+    /// listed domain's stamp, in order.
     ///
     /// Only an answer is kept: a domain gone since the listing is left out of the index, so
     /// that its UUID is read again when it comes back (a migration aborted and started again
@@ -352,8 +361,8 @@ impl Connection {
     fn reindex(
         &self,
         listed: &[(String, String)],
-        mut stamp_of: impl FnMut(usize) -> Result<Option<Option<Owner>>, HvError>,
-    ) -> Result<Vec<Option<Option<Owner>>>, HvError> {
+        mut stamp_of: impl FnMut(usize) -> Result<StampRead, HvError>,
+    ) -> Result<Vec<StampRead>, HvError> {
         let known: std::collections::HashMap<String, Option<Owner>> = {
             let ix = self.index();
             listed
@@ -366,7 +375,7 @@ impl Connection {
             .iter()
             .enumerate()
             .map(|(i, (_, u))| match known.get(u) {
-                Some(o) => Ok(Some(o.clone())),
+                Some(o) => Ok(StampRead::Found(o.clone())),
                 None => stamp_of(i),
             })
             .collect::<Result<Vec<_>, HvError>>()?;
@@ -374,7 +383,10 @@ impl Connection {
         ix.by_uuid = listed
             .iter()
             .zip(&owners)
-            .filter_map(|((n, u), o)| Some((u.clone(), (n.clone(), o.clone()?))))
+            .filter_map(|((n, u), o)| match o {
+                StampRead::Found(o) => Some((u.clone(), (n.clone(), o.clone()))),
+                StampRead::Gone => None,
+            })
             .collect();
         ix.listed_at = Some(Instant::now());
         Ok(owners)
@@ -404,7 +416,7 @@ impl Connection {
         }
         let owners = self.reindex(&listed, |i| {
             if states[i].is_none() {
-                return Ok(None);
+                return Ok(StampRead::Gone);
             }
             self.read_owner(&doms[i])
         })?;
@@ -412,14 +424,15 @@ impl Connection {
             .into_iter()
             .zip(states)
             .zip(owners)
-            .filter_map(|(((name, uuid), state), owner)| {
-                Some(DomainSummary {
+            .filter_map(|(((name, uuid), state), read)| match (state, read) {
+                (Some(state), StampRead::Found(owner)) => Some(DomainSummary {
                     name,
                     uuid,
-                    state: state?,
-                    owner: owner?,
+                    state,
+                    owner,
                     reshaped: false,
-                })
+                }),
+                _ => None,
             })
             .collect())
     }
@@ -462,14 +475,20 @@ impl Connection {
             match self.conn.lookup_domain_by_uuid_string(&listed[i].1) {
                 Ok(d) => self.read_owner(&d),
                 // gone since the stats were taken
-                Err(e) if Self::is_gone(&e) => Ok(None),
+                Err(e) if Self::is_gone(&e) => Ok(StampRead::Gone),
                 Err(e) => Err(self.err("lookup domain", e)),
             }
         })?;
         // a domain gone since the stats were taken is left out, its figures with it
-        let mut kept = owners.iter().map(Option::is_some);
+        let mut kept = owners.iter().map(|r| matches!(r, StampRead::Found(_)));
         stats.retain(|_| kept.next().unwrap_or(false));
-        let owners: Vec<Option<Owner>> = owners.into_iter().flatten().collect();
+        let owners: Vec<Option<Owner>> = owners
+            .into_iter()
+            .filter_map(|r| match r {
+                StampRead::Found(o) => Some(o),
+                StampRead::Gone => None,
+            })
+            .collect();
         let reshaped: Vec<bool> = {
             let mut ix = self.index();
             if fresh {
@@ -1012,21 +1031,27 @@ mod tests {
         // what libvirt answers: a stamp, none, or the domain is gone
         let d = c.domain("default_web").unwrap_or_else(|e| panic!("{e}"));
         let read = c.read_owner(&d).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(read.flatten().map(|o| o.uid), Some("u1".to_string()));
+        let StampRead::Found(Some(o)) = read else {
+            panic!("{read:?}")
+        };
+        assert_eq!(o.uid, "u1");
         let t = c.domain("theirs").unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(c.read_owner(&t), Ok(Some(None))), "no stamp");
+        assert!(
+            matches!(c.read_owner(&t), Ok(StampRead::Found(None))),
+            "no stamp"
+        );
         // (the test driver takes no undefine flags: the plain call)
         t.undefine().unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(c.read_owner(&t), Ok(None)), "gone");
+        assert!(matches!(c.read_owner(&t), Ok(StampRead::Gone)), "gone");
 
         // a listing that found default_web gone when it read the stamp: left out of the
         // listing and of the index
         c.index_changed("");
         let listed = vec![("default_web".to_string(), uuid.clone())];
         let owners = c
-            .reindex(&listed, |_| Ok(None))
+            .reindex(&listed, |_| Ok(StampRead::Gone))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(owners, vec![None]);
+        assert_eq!(owners, vec![StampRead::Gone]);
         let fresh = Duration::from_secs(60);
         assert_eq!(c.stamped_from_index("u1", fresh), Some(vec![]));
         // back with the same UUID: its stamp is read, not remembered as missing
