@@ -9,8 +9,8 @@
 //!
 //! Randomised with a fixed seed, printed for replay: `FAULT_SEED=<n> FAULT_ROUNDS=<n> cargo test
 //! --test fault_rounds -- --nocapture`; `FAULT_PICK=net:migrate[:1]` plays one fault and change
-//! every round; `FAULT_KEEP=1` leaves a failed run's domains and files. Runs through README's test command (the lab's KVM_LAB_*
-//! variables); every fault is undone before the next round.
+//! every round; `FAULT_KEEP=1` leaves a failed run's domains and files. Runs through README's
+//! test command (the lab's KVM_LAB_* variables); every fault is undone before the next round.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 

@@ -121,6 +121,16 @@ enum StampRead {
     Gone,
 }
 
+impl StampRead {
+    /// The answer, if there is one: `Some(stamp or None)`; `None` for a domain gone.
+    fn found(self) -> Option<Option<Owner>> {
+        match self {
+            StampRead::Found(o) => Some(o),
+            StampRead::Gone => None,
+        }
+    }
+}
+
 /// What the operator knows of a node's domains and their ownership stamps: filled by every
 /// listing (a stamp is read only for a UUID not seen before), kept current by the writes of the
 /// connections that share it ([`Connection::with_index`]: all of one node's connections in the
@@ -383,10 +393,7 @@ impl Connection {
         ix.by_uuid = listed
             .iter()
             .zip(&owners)
-            .filter_map(|((n, u), o)| match o {
-                StampRead::Found(o) => Some((u.clone(), (n.clone(), o.clone()))),
-                StampRead::Gone => None,
-            })
+            .filter_map(|((n, u), o)| Some((u.clone(), (n.clone(), o.clone().found()?))))
             .collect();
         ix.listed_at = Some(Instant::now());
         Ok(owners)
@@ -424,15 +431,14 @@ impl Connection {
             .into_iter()
             .zip(states)
             .zip(owners)
-            .filter_map(|(((name, uuid), state), read)| match (state, read) {
-                (Some(state), StampRead::Found(owner)) => Some(DomainSummary {
+            .filter_map(|(((name, uuid), state), read)| {
+                Some(DomainSummary {
                     name,
                     uuid,
-                    state,
-                    owner,
+                    state: state?,
+                    owner: read.found()?,
                     reshaped: false,
-                }),
-                _ => None,
+                })
             })
             .collect())
     }
@@ -482,13 +488,7 @@ impl Connection {
         // a domain gone since the stats were taken is left out, its figures with it
         let mut kept = owners.iter().map(|r| matches!(r, StampRead::Found(_)));
         stats.retain(|_| kept.next().unwrap_or(false));
-        let owners: Vec<Option<Owner>> = owners
-            .into_iter()
-            .filter_map(|r| match r {
-                StampRead::Found(o) => Some(o),
-                StampRead::Gone => None,
-            })
-            .collect();
+        let owners: Vec<Option<Owner>> = owners.into_iter().filter_map(StampRead::found).collect();
         let reshaped: Vec<bool> = {
             let mut ix = self.index();
             if fresh {
