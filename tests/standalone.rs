@@ -367,6 +367,66 @@ async fn a_uid_is_written_before_any_domain_carries_it() {
     );
 }
 
+/// A running guest's addresses land in `status.ips` (the IP column of `kubectl get vm`): a new
+/// VM's NICs from the lease of the libvirt network it is on and libvirt's answer for a bridge,
+/// an adopted domain's from its guest agent. libvirt's test driver answers every source with
+/// an address in the network's DHCP range (192.168.0.0/24 for a bridge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_guest_reports_its_addresses_in_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("node.xml");
+    std::fs::write(
+        &node,
+        "<node>\n<cpu><mhz>2000</mhz><model>t</model><active>4</active><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>\n<memory>8388608</memory>\n\
+         <network><name>lan</name><bridge name='virbr9'/><forward/><ip address='10.7.0.1' netmask='255.255.255.0'><dhcp><range start='10.7.0.10' end='10.7.0.99'/></dhcp></ip></network>\n\
+         <domain type='test'><name>legacy</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
+         <interface type='bridge'><mac address='52:54:00:aa:00:01'/><source bridge='br0'/></interface>\
+         <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>\n</node>\n",
+    )
+    .unwrap();
+    let files = dir.path().join("m");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(
+        files.join("all.yaml"),
+        format!(
+            "apiVersion: kvm-operator.io/v1alpha1\nkind: KvmNode\nmetadata: {{name: n0}}\nspec: {{address: localhost, libvirtUri: \"test://{}\"}}\n---\n\
+             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: legacy}}\nspec: {{adopt: {{nodeName: n0, domain: legacy}}}}\n---\n\
+             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: web}}\n\
+             spec: {{vcpus: 1, memory: 64Mi, nics: [{{name: net0, network: lan}}, {{name: net1, bridge: br0}}]}}\n---\n\
+             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: quiet}}\nspec: {{vcpus: 1, memory: 64Mi}}\n",
+            node.display()
+        ),
+    )
+    .unwrap();
+    let state_dir = dir.path().join("state");
+    let mut s = runner(&files, &state_dir);
+    s.run().await.unwrap();
+    let ips = |name: &str| {
+        let st = vm(&s, name).status.clone().unwrap();
+        assert_eq!(st.power_state, Some(PowerState::Running), "{name}: {st:?}");
+        st.ips
+    };
+    let web = ips("web");
+    assert_eq!(web.len(), 2, "{web:?}");
+    assert!(
+        web[0].starts_with("10.7.0."),
+        "net0 first, from the lease: {web:?}"
+    );
+    assert!(web[1].starts_with("192.168.0."), "{web:?}");
+    let legacy = ips("legacy");
+    assert!(
+        legacy.len() == 1 && legacy[0].starts_with("192.168.0."),
+        "{legacy:?}"
+    );
+    assert!(ips("quiet").is_empty(), "no NIC, no address");
+    // the state file carries them, as the cluster's status does
+    let end = state(&state_dir);
+    assert_eq!(
+        end["objects"]["VirtualMachine/default/web"]["status"]["ips"][0].as_str(),
+        Some(web[0].as_str())
+    );
+}
+
 /// A long-running run never returns: it is given half a second at a time.
 async fn run_for(s: &mut Standalone) {
     let _ = tokio::time::timeout(Duration::from_millis(500), s.run()).await;

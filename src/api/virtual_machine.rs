@@ -474,7 +474,9 @@ pub struct VirtualMachineStatus {
     /// Power state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_state: Option<PowerState>,
-    /// Guest IP addresses, when known (from the DHCP lease or the guest agent).
+    /// Addresses of the running guest's NICs, when known: from its QEMU guest agent (when the
+    /// domain declares one), the DHCP lease of the libvirt network a NIC is on, or the node's
+    /// neighbour (ARP) table. NIC by NIC, IPv4 first; no loopback or link-local addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<String>,
     /// MAC addresses of the NICs, by NIC name.

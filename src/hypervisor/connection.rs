@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::HvError;
 use super::domain_xml::{ConsoleEndpoints, Device, DomainXml, Owner};
+use super::ffi;
 
 /// How a shutdown ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +177,49 @@ pub struct DomainReading {
     pub state: StateDetail,
     /// The running guest's definition, when it runs (or is paused).
     pub live: Option<DomainXml>,
+    /// The guest's IP addresses ([`guest_ips`]) when it runs with NICs; `None` when it has none,
+    /// does not run, or no source could be read (the last known addresses stand).
+    pub ips: Option<Vec<String>>,
+}
+
+/// The addresses of a guest's own NICs (those of `live`, matched by MAC) from what the address
+/// sources reported: NIC by NIC in the definition's order, IPv4 before IPv6, without loopback,
+/// link-local or unspecified addresses, each once. Interfaces the host does not know of (a
+/// container bridge inside the guest, say) are left out.
+pub fn guest_ips(live: &DomainXml, found: &[ffi::RawInterface]) -> Vec<String> {
+    use std::net::IpAddr;
+    let usable = |a: &IpAddr| match a {
+        IpAddr::V4(v) => !(v.is_loopback() || v.is_link_local() || v.is_unspecified()),
+        IpAddr::V6(v) => {
+            !(v.is_loopback() || v.is_unspecified() || (v.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    };
+    let mut out: Vec<String> = Vec::new();
+    for nic in &live.devices.interface {
+        let Some(mac) = nic.mac.as_ref().map(|m| m.address.to_ascii_lowercase()) else {
+            continue;
+        };
+        let mut addrs: Vec<IpAddr> = found
+            .iter()
+            .filter(|i| {
+                i.mac
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
+            })
+            .flat_map(|i| i.addrs.iter())
+            .filter_map(|(a, _)| a.parse::<IpAddr>().ok())
+            .filter(usable)
+            .collect();
+        // stable: the sources' own order within each family
+        addrs.sort_by_key(|a| a.is_ipv6());
+        for a in addrs {
+            let a = a.to_string();
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
 }
 
 /// A domain as listed.
@@ -686,11 +730,70 @@ impl Connection {
                 &d.xml_desc(0).map_err(|e| self.err("get domain XML", e))?,
             )?),
         };
+        let ips = live
+            .as_ref()
+            .filter(|_| state.state == DomainState::Running)
+            .and_then(|l| self.addresses_of(&d, l));
         Ok(Some(DomainReading {
             persistent_text,
             state,
             live,
+            ips,
         }))
+    }
+
+    /// A running guest's addresses ([`guest_ips`]), from the sources that can know them: the
+    /// guest agent when the definition declares its channel (it knows every NIC, static
+    /// addresses too), else the DHCP leases of libvirt networks for NICs on one, then the host's
+    /// neighbour table for NICs still without an address (a bridge's guests). A source that
+    /// fails (an agent not up yet) is passed over; `None` when the guest has no NIC or no
+    /// source answered. No address is ever made up: an empty list is what the host knows.
+    fn addresses_of(&self, d: &Domain, live: &DomainXml) -> Option<Vec<String>> {
+        use ffi::AddressSource;
+        let nics = &live.devices.interface;
+        if nics.is_empty() {
+            return None;
+        }
+        let mut answered = false;
+        let mut found: Vec<ffi::RawInterface> = Vec::new();
+        let mut read = |source: AddressSource, found: &mut Vec<ffi::RawInterface>| {
+            match ffi::interface_addresses(d, source) {
+                Ok(f) => {
+                    answered = true;
+                    found.extend(f);
+                }
+                Err(e) => tracing::debug!(
+                    node = %self.node, ?source, error = %e,
+                    "guest addresses not read from this source"
+                ),
+            }
+        };
+        if live.has_guest_agent() {
+            read(AddressSource::Agent, &mut found);
+            let ips = guest_ips(live, &found);
+            if !ips.is_empty() {
+                return Some(ips);
+            }
+        }
+        if nics.iter().any(|n| n.iface_type == "network") {
+            read(AddressSource::Lease, &mut found);
+        }
+        let ips = guest_ips(live, &found);
+        let bare = nics.iter().any(|n| {
+            n.mac.as_ref().is_some_and(|m| {
+                !found.iter().any(|i| {
+                    i.mac
+                        .as_deref()
+                        .is_some_and(|x| x.eq_ignore_ascii_case(&m.address))
+                        && !i.addrs.is_empty()
+                })
+            })
+        });
+        if !bare {
+            return Some(ips);
+        }
+        read(AddressSource::Arp, &mut found);
+        answered.then(|| guest_ips(live, &found))
     }
 
     /// The domain's live XML, parsed.
@@ -981,6 +1084,128 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn raw(mac: &str, addrs: &[&str]) -> ffi::RawInterface {
+        ffi::RawInterface {
+            name: "vnet0".into(),
+            mac: Some(mac.into()),
+            addrs: addrs.iter().map(|a| ((*a).to_string(), 24)).collect(),
+        }
+    }
+
+    #[test]
+    fn guest_ips_follow_the_nics_and_leave_out_what_is_not_the_guests_reach() {
+        let live = DomainXml::parse(
+            "<domain type='kvm'><name>g</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
+             <interface type='bridge'><mac address='52:54:00:00:00:01'/><source bridge='br0'/></interface>\
+             <interface type='network'><mac address='52:54:00:00:00:02'/><source network='n'/></interface>\
+             <interface type='bridge'><source bridge='br0'/></interface>\
+             </devices></domain>",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let found = [
+            // the second NIC as the agent and a lease both report it, MAC in capitals
+            raw("52:54:00:00:00:02", &["10.0.0.7"]),
+            raw(
+                "52:54:00:00:00:01",
+                &["fe80::1", "2001:db8::5", "127.0.0.1", "192.0.2.4"],
+            ),
+            raw("52:54:00:00:00:02", &["10.0.0.7", "169.254.3.3", "::1"]),
+            // inside the guest only (a container bridge): not one of its NICs
+            raw("02:42:ac:11:00:01", &["172.17.0.1"]),
+            raw("52:54:00:00:00:01", &["0.0.0.0", "not an address"]),
+        ];
+        assert_eq!(
+            guest_ips(&live, &found),
+            ["192.0.2.4", "2001:db8::5", "10.0.0.7"]
+        );
+        let upper = [raw("52:54:00:00:00:0A", &["10.1.1.1"])];
+        let live_upper = DomainXml::parse(
+            "<domain type='kvm'><name>g</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
+             <interface type='bridge'><mac address='52:54:00:00:00:0a'/><source bridge='br0'/></interface>\
+             </devices></domain>",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(guest_ips(&live_upper, &upper), ["10.1.1.1"]);
+        assert!(guest_ips(&live_upper, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_running_guest_with_nics_is_read_with_its_addresses() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("node.xml");
+        std::fs::write(
+            &file,
+            "<node><network><name>lan</name><bridge name='virbr9'/><forward/>\
+             <ip address='10.7.0.1' netmask='255.255.255.0'><dhcp><range start='10.7.0.10' end='10.7.0.99'/></dhcp></ip>\
+             </network></node>",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let c = Connection::open(&format!("test://{}", file.display()), "n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        // defined as another tool would (the operator's own render has no channel)
+        let define = |name: &str, devices: &str| {
+            c.raw()
+                .define_domain_xml(&format!(
+                    "<domain type='test'><name>{name}</name><memory>65536</memory><vcpu>1</vcpu>\
+                     <os><type>hvm</type></os><devices>{devices}</devices></domain>"
+                ))
+                .unwrap_or_else(|e| panic!("{e}"));
+        };
+        let read = |name: &str| {
+            c.read_domain(name)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("{name} is defined"))
+        };
+        define(
+            "two-nics",
+            "<interface type='network'><mac address='52:54:00:00:07:01'/><source network='lan'/></interface>\
+             <interface type='bridge'><mac address='52:54:00:00:07:02'/><source bridge='br0'/></interface>\
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+        );
+        // off: nothing to ask
+        assert_eq!(read("two-nics").ips, None);
+        c.start("two-nics").unwrap_or_else(|e| panic!("{e}"));
+        let r = read("two-nics");
+        assert!(r.live.as_ref().is_some_and(DomainXml::has_guest_agent));
+        let ips = r.ips.unwrap_or_else(|| panic!("read"));
+        // libvirt's test driver gives a NIC on a network an address in that network's range,
+        // one on a bridge an address in 192.168.0.0/24
+        assert_eq!(ips.len(), 2, "{ips:?}");
+        assert!(ips[0].starts_with("10.7.0."), "{ips:?}");
+        assert!(ips[1].starts_with("192.168.0."), "{ips:?}");
+        // the operator's own render keeps no channel
+        let rendered = r
+            .live
+            .map(|l| l.render())
+            .transpose()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(rendered.is_some_and(|x| !x.contains("channel")));
+
+        // no agent: the network's lease
+        define(
+            "leased",
+            "<interface type='network'><mac address='52:54:00:00:07:04'/><source network='lan'/></interface>",
+        );
+        c.start("leased").unwrap_or_else(|e| panic!("{e}"));
+        let ips = read("leased").ips.unwrap_or_else(|| panic!("read"));
+        assert!(ips.len() == 1 && ips[0].starts_with("10.7.0."), "{ips:?}");
+
+        define("no-nic", "");
+        c.start("no-nic").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read("no-nic").ips, None, "no NIC: nothing to read");
+
+        // every source fails (the network is not on this host): the reading does not, and says
+        // it could not tell
+        define(
+            "lost-network",
+            "<interface type='network'><mac address='52:54:00:00:07:03'/><source network='gone'/></interface>",
+        );
+        c.start("lost-network").unwrap_or_else(|e| panic!("{e}"));
+        let r = read("lost-network");
+        assert_eq!(r.state.state, DomainState::Running);
+        assert_eq!(r.ips, None);
+    }
 
     #[test]
     fn a_test_node_file_without_numa_cells_reports_cpus_and_memory() {

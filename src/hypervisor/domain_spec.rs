@@ -338,6 +338,7 @@ impl DomainPlan {
                 } else {
                     vec![]
                 },
+                channel: vec![],
                 graphics: if self.vnc {
                     vec![Graphics {
                         graphics_type: "vnc".into(),

@@ -217,6 +217,10 @@ pub struct Devices {
     pub interface: Vec<Interface>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub serial: Vec<Serial>,
+    /// Read, never written: whether the guest has an agent to ask for its addresses. The
+    /// operator does not define channels, and a definition it renders keeps none.
+    #[serde(default, skip_serializing)]
+    pub channel: Vec<Channel>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub graphics: Vec<Graphics>,
 }
@@ -379,6 +383,27 @@ pub struct SerialSource {
     pub path: Option<String>,
 }
 
+/// `<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Channel {
+    #[serde(rename = "@type")]
+    pub channel_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<ChannelTarget>,
+}
+
+/// A channel's `<target type= name=>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChannelTarget {
+    #[serde(rename = "@type", default, skip_serializing_if = "Option::is_none")]
+    pub target_type: Option<String>,
+    #[serde(rename = "@name", default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// The virtio channel name of the QEMU guest agent.
+pub const GUEST_AGENT_CHANNEL: &str = "org.qemu.guest_agent.0";
+
 /// `<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Graphics {
@@ -429,6 +454,16 @@ impl DomainXml {
             .iter()
             .find_map(|s| s.source.as_ref().and_then(|src| src.path.clone()));
         ConsoleEndpoints { vnc, serial }
+    }
+
+    /// True when the definition declares the QEMU guest agent's channel.
+    pub fn has_guest_agent(&self) -> bool {
+        self.devices.channel.iter().any(|c| {
+            c.target
+                .as_ref()
+                .and_then(|t| t.name.as_deref())
+                .is_some_and(|n| n == GUEST_AGENT_CHANNEL)
+        })
     }
 
     /// The ownership stamp, when the domain carries ours.

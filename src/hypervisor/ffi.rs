@@ -3,7 +3,9 @@
 //! - the default event loop (libvirt needs it for domain events and for keepalive),
 //! - domain lifecycle events (`virConnectDomainEventRegisterAny`),
 //! - bulk domain stats (`virConnectGetAllDomainStats`), decoded and freed here (the `virt`
-//!   wrapper leaks the records).
+//!   wrapper leaks the records),
+//! - a guest's interface addresses (`virDomainInterfaceAddresses`; the `virt` wrapper frees the
+//!   array but leaks every interface in it).
 //!
 //! Every pointer handed to libvirt stays valid for as long as libvirt may use it; every record
 //! libvirt returns is freed exactly once.
@@ -342,6 +344,84 @@ pub fn job_stats(
         unsafe { sys::virTypedParamsFree(params, n) };
     }
     Ok((typ, decoded))
+}
+
+/// Where a guest's addresses are read from (`virDomainInterfaceAddressesSource`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddressSource {
+    /// The DHCP leases of the libvirt network the NIC is on.
+    Lease,
+    /// The QEMU guest agent inside the guest.
+    Agent,
+    /// The host's neighbour (ARP) table.
+    Arp,
+}
+
+/// One guest interface as libvirt reports it: its name, MAC and addresses (`addr`, prefix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawInterface {
+    pub name: String,
+    pub mac: Option<String>,
+    pub addrs: Vec<(String, u32)>,
+}
+
+fn owned(p: *const std::ffi::c_char) -> Option<String> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: libvirt hands out NUL-terminated strings that live until the interface is freed.
+    Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+/// The guest's interfaces and their addresses, from `source`.
+pub fn interface_addresses(
+    dom: &virt::domain::Domain,
+    source: AddressSource,
+) -> Result<Vec<RawInterface>, virt::error::Error> {
+    let src = match source {
+        AddressSource::Lease => sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+        AddressSource::Agent => sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+        AddressSource::Arp => sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
+    };
+    let mut ifaces: *mut sys::virDomainInterfacePtr = std::ptr::null_mut();
+    // SAFETY: dom is valid for the call; ifaces receives an array of n interfaces freed below.
+    let n = unsafe { sys::virDomainInterfaceAddresses(dom.as_ptr(), &mut ifaces, src, 0) };
+    if n < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    let n = usize::try_from(n).unwrap_or(0);
+    let mut out = Vec::with_capacity(n);
+    if !ifaces.is_null() {
+        for i in 0..n {
+            // SAFETY: i < n; each entry is a valid interface until freed.
+            let p = unsafe { *ifaces.add(i) };
+            if p.is_null() {
+                continue;
+            }
+            // SAFETY: p is valid until virDomainInterfaceFree below.
+            let iface = unsafe { &*p };
+            let mut addrs = Vec::with_capacity(iface.naddrs as usize);
+            if !iface.addrs.is_null() {
+                for k in 0..iface.naddrs as usize {
+                    // SAFETY: k < naddrs, within the interface's address array.
+                    let a = unsafe { &*iface.addrs.add(k) };
+                    if let Some(addr) = owned(a.addr) {
+                        addrs.push((addr, a.prefix));
+                    }
+                }
+            }
+            out.push(RawInterface {
+                name: owned(iface.name).unwrap_or_default(),
+                mac: owned(iface.hwaddr),
+                addrs,
+            });
+            // SAFETY: frees this interface (its strings and addresses) exactly once.
+            unsafe { sys::virDomainInterfaceFree(p) };
+        }
+        // SAFETY: the array itself, allocated by libvirt, freed once after its entries.
+        unsafe { libc::free(ifaces.cast::<c_void>()) };
+    }
+    Ok(out)
 }
 
 /// Aborts the domain's current job (a migration, say). `virt` 0.5 does not wrap it.

@@ -645,6 +645,12 @@ async fn converge<H: Hypervisor>(
         (None, Some(b), _) => Some(b.retry.or(config.vm_resync).unwrap_or(BLOCKED_RETRY)),
         (None, None, Some(w)) => Some(w),
         (None, None, None) if !p.steps.is_empty() => Some(Duration::from_secs(2)),
+        // a guest that just started has no address yet: looked at again for a while
+        _ if status::awaits_address(&st, &observed, &super::now()) => Some(
+            config
+                .vm_resync
+                .map_or(status::ADDRESS_POLL, |r| r.min(status::ADDRESS_POLL)),
+        ),
         // converged: looked at again on a change, an event or a node pass's hint (and
         // periodically only when configured)
         _ => config.vm_resync,

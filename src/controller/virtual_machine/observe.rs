@@ -21,6 +21,9 @@ pub struct DomainObs {
     pub persistent_text: std::sync::Arc<str>,
     /// The running guest's definition, when it runs (or is paused).
     pub live: Option<DomainXml>,
+    /// The running guest's addresses; `None`: not known from this reading (no NIC, not
+    /// running, or no source answered).
+    pub ips: Option<Vec<String>>,
 }
 
 /// What the node has of this VM.
@@ -63,6 +66,7 @@ pub fn reader(
                     persistent_sha256,
                     persistent_text: r.persistent_text.into(),
                     live: r.live,
+                    ips: r.ips,
                 })
             }
             None => None,

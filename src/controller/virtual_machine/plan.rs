@@ -1043,6 +1043,7 @@ mod tests {
             persistent: x,
             persistent_sha256: "d1".into(),
             persistent_text: "<domain/>".into(),
+            ips: None,
         });
         o
     }

@@ -51,6 +51,32 @@ fn settled(strategy: RunStrategy, p: PowerState, guest_shutdown: bool) -> bool {
     }
 }
 
+/// How often a running guest whose NICs have no address yet is looked at again, and for how
+/// long after it became Ready: an address comes a moment after the start (its DHCP lease, its
+/// agent), and no domain event says so. After that, only changes, events and a configured VM
+/// resync read it again: the idle cost stays with the nodes.
+pub const ADDRESS_POLL: std::time::Duration = std::time::Duration::from_secs(15);
+pub const ADDRESS_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether the VM is looked at again in [`ADDRESS_POLL`] for its addresses: it runs, is Ready
+/// since less than [`ADDRESS_WAIT`], has NICs and no address known.
+pub fn awaits_address(st: &VirtualMachineStatus, observed: &Observed, now: &Time) -> bool {
+    let has_nics = observed
+        .domain
+        .as_ref()
+        .and_then(|d| d.live.as_ref())
+        .is_some_and(|l| !l.devices.interface.is_empty());
+    let ready_for = condition::find(&st.conditions, condition::READY)
+        .filter(|c| c.status == "True")
+        .and_then(|c| {
+            std::time::Duration::try_from(now.0.duration_since(c.last_transition_time.0)).ok()
+        });
+    st.power_state == Some(PowerState::Running)
+        && has_nics
+        && st.ips.is_empty()
+        && ready_for.is_some_and(|d| d < ADDRESS_WAIT)
+}
+
 /// The definition as status reports it.
 pub fn observed_domain(o: &ObservedVm) -> ObservedDomain {
     use crate::hypervisor::domain_spec::{DiskBacking, NicSource};
@@ -126,6 +152,9 @@ pub fn status(
         power(domain)
     };
     st.power_state = Some(p);
+    if domain.is_none() && !unread {
+        st.ips.clear();
+    }
     if let Some(d) = domain {
         st.domain_uuid = d.uuid.clone();
         let obs = ObservedVm::from_xml(&d.persistent);
@@ -139,6 +168,13 @@ pub fn status(
             .iter()
             .filter_map(|(k, v)| v.mac.clone().map(|m| (k.clone(), m)))
             .collect();
+        // the addresses of a guest that runs; a reading that could not tell keeps the last ones
+        match (&d.live, &d.ips) {
+            (None, _) => st.ips.clear(),
+            (Some(_), Some(ips)) => st.ips.clone_from(ips),
+            (Some(l), None) if l.devices.interface.is_empty() => st.ips.clear(),
+            (Some(_), None) => {}
+        }
         let ends = d.live.as_ref().map(|l| l.console()).unwrap_or_default();
         st.console = node.map(|n| {
             let name = vm.name_any();
@@ -249,4 +285,85 @@ pub fn status(
         ),
     }
     st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::domain_xml::DomainXml;
+    use crate::hypervisor::{DomainState, StateDetail};
+
+    fn at(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn observed(nics: usize, ips: Option<Vec<String>>) -> Observed {
+        let devices: String = (0..nics)
+            .map(|i| format!("<interface type='bridge'><mac address='52:54:00:00:00:0{i}'/><source bridge='br0'/></interface>"))
+            .collect();
+        let x = DomainXml::parse(&format!(
+            "<domain type='kvm'><name>d</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>{devices}</devices></domain>"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        Observed {
+            domain: Some(super::super::observe::DomainObs {
+                uuid: None,
+                state: StateDetail {
+                    state: DomainState::Running,
+                    crashed: false,
+                    never_started: false,
+                    guest_shutdown: false,
+                },
+                live: Some(x.clone()),
+                persistent: x,
+                persistent_sha256: String::new(),
+                persistent_text: "<domain/>".into(),
+                ips,
+            }),
+            volumes: Default::default(),
+        }
+    }
+
+    fn ready_since(secs: i64) -> VirtualMachineStatus {
+        let mut st = VirtualMachineStatus {
+            power_state: Some(PowerState::Running),
+            ..Default::default()
+        };
+        set_condition(
+            &mut st.conditions,
+            condition::condition(
+                condition::READY,
+                true,
+                "Ready",
+                String::new(),
+                Some(1),
+                at(secs),
+            ),
+        );
+        st
+    }
+
+    #[test]
+    fn a_guest_without_an_address_is_looked_at_again_only_for_a_while_after_it_became_ready() {
+        let o = observed(1, Some(vec![]));
+        let now = at(10_000);
+        assert!(awaits_address(&ready_since(10_000 - 30), &o, &now));
+        // long Ready: the address is read on the next event, change or configured resync
+        assert!(!awaits_address(&ready_since(10_000 - 601), &o, &now));
+        // no NIC, an address known, not running, not Ready: nothing to wait for
+        assert!(!awaits_address(
+            &ready_since(10_000 - 30),
+            &observed(0, None),
+            &now
+        ));
+        let mut known = ready_since(10_000 - 30);
+        known.ips = vec!["192.0.2.1".into()];
+        assert!(!awaits_address(&known, &o, &now));
+        let mut off = ready_since(10_000 - 30);
+        off.power_state = Some(PowerState::Stopped);
+        assert!(!awaits_address(&off, &o, &now));
+        let mut not_ready = ready_since(10_000 - 30);
+        not_ready.conditions[0].status = "False".into();
+        assert!(!awaits_address(&not_ready, &o, &now));
+    }
 }
