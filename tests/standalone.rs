@@ -301,6 +301,19 @@ impl std::io::Write for Watcher {
     }
 }
 
+/// A test-driver node file in `dir`: 4 CPUs, 8 GiB, and `extra` (networks, domains).
+fn node_file(dir: &Path, extra: &str) -> PathBuf {
+    let node = dir.join("node.xml");
+    std::fs::write(
+        &node,
+        format!(
+            "<node>\n<cpu><mhz>2000</mhz><model>t</model><active>4</active><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>\n<memory>8388608</memory>\n{extra}\n</node>\n"
+        ),
+    )
+    .unwrap();
+    node
+}
+
 /// The UID stamped on a domain is in the state file before the stamp is made: a run that
 /// crashed right after stamping would otherwise give the VM a new UID on restart, and its
 /// domain would then look foreign. An adoption stamps in the very first round; the state file
@@ -308,13 +321,10 @@ impl std::io::Write for Watcher {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uid_is_written_before_any_domain_carries_it() {
     let dir = tempfile::tempdir().unwrap();
-    let node = dir.path().join("node.xml");
-    std::fs::write(
-        &node,
-        "<node>\n<cpu><mhz>2000</mhz><model>t</model><active>4</active><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>\n<memory>8388608</memory>\n\
-         <domain type='test'><name>legacy</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>\n</node>\n",
-    )
-    .unwrap();
+    let node = node_file(
+        dir.path(),
+        "<domain type='test'><name>legacy</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>",
+    );
     let files = dir.path().join("m");
     std::fs::create_dir(&files).unwrap();
     std::fs::write(
@@ -374,16 +384,13 @@ async fn a_uid_is_written_before_any_domain_carries_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_guest_reports_its_addresses_in_status() {
     let dir = tempfile::tempdir().unwrap();
-    let node = dir.path().join("node.xml");
-    std::fs::write(
-        &node,
-        "<node>\n<cpu><mhz>2000</mhz><model>t</model><active>4</active><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>\n<memory>8388608</memory>\n\
-         <network><name>lan</name><bridge name='virbr9'/><forward/><ip address='10.7.0.1' netmask='255.255.255.0'><dhcp><range start='10.7.0.10' end='10.7.0.99'/></dhcp></ip></network>\n\
+    let node = node_file(
+        dir.path(),
+        "<network><name>lan</name><bridge name='virbr9'/><forward/><ip address='10.7.0.1' netmask='255.255.255.0'><dhcp><range start='10.7.0.10' end='10.7.0.99'/></dhcp></ip></network>\n\
          <domain type='test'><name>legacy</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os><devices>\
          <interface type='bridge'><mac address='52:54:00:aa:00:01'/><source bridge='br0'/></interface>\
-         <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>\n</node>\n",
-    )
-    .unwrap();
+         <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>",
+    );
     let files = dir.path().join("m");
     std::fs::create_dir(&files).unwrap();
     std::fs::write(
