@@ -778,21 +778,21 @@ impl Connection {
         if nics.iter().any(|n| n.iface_type == "network") {
             read(AddressSource::Lease, &mut found);
         }
-        let ips = guest_ips(live, &found);
-        let bare = nics.iter().any(|n| {
-            n.mac.as_ref().is_some_and(|m| {
-                !found.iter().any(|i| {
-                    i.mac
+        let has_address = |mac: &str| {
+            found.iter().any(|i| {
+                !i.addrs.is_empty()
+                    && i.mac
                         .as_deref()
-                        .is_some_and(|x| x.eq_ignore_ascii_case(&m.address))
-                        && !i.addrs.is_empty()
-                })
+                        .is_some_and(|x| x.eq_ignore_ascii_case(mac))
             })
-        });
-        if !bare {
-            return Some(ips);
+        };
+        let bare = nics
+            .iter()
+            .filter_map(|n| n.mac.as_ref())
+            .any(|m| !has_address(&m.address));
+        if bare {
+            read(AddressSource::Arp, &mut found);
         }
-        read(AddressSource::Arp, &mut found);
         answered.then(|| guest_ips(live, &found))
     }
 
