@@ -47,17 +47,23 @@ fn the_quickstart_reaches_running_on_the_embedded_default_and_exits_zero() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     // the last table shows every VM running and ready on the default node
     let table = stdout.rsplit("KIND/NAME").next().unwrap();
-    for vm in ["vm/hello ", "vm/hello-2 ", "vm/adopted "] {
+    let s = state(dir.path());
+    for vm in ["hello", "hello-2", "adopted"] {
         let line = table
             .lines()
-            .find(|l| l.starts_with(vm))
+            .find(|l| l.starts_with(&format!("vm/{vm} ")))
             .unwrap_or_else(|| panic!("no {vm} in {table}"));
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[1..4], ["default", "Running", "True"], "{line}");
+        // the IP column is the first of status.ips: the adopted domain of libvirt's default
+        // host has a NIC, the two new VMs none
+        let ips = &s["objects"][format!("VirtualMachine/default/{vm}").as_str()]["status"]["ips"];
+        let want = ips[0].as_str().unwrap_or("-");
+        assert_eq!(cols[4], want, "{line}");
+        assert_eq!(vm == "adopted", want != "-", "{line}");
     }
     assert!(stdout.contains("Adopted"), "{stdout}");
     // the state file has each object's UID and status
-    let s = state(dir.path());
     let hello = &s["objects"]["VirtualMachine/default/hello"];
     assert_eq!(hello["uid"].as_str().unwrap().len(), 36);
     assert_eq!(hello["status"]["powerState"], "Running");

@@ -1328,11 +1328,12 @@ impl Standalone {
 
     /// The status table: nodes, pools, VMs and migrations.
     pub fn table(&self) -> String {
-        let mut rows: Vec<[String; 5]> = vec![[
+        let mut rows: Vec<[String; 6]> = vec![[
             "KIND/NAME".into(),
             "NODE".into(),
             "STATE".into(),
             "READY".into(),
+            "IP".into(),
             "MESSAGE".into(),
         ]];
         let msg = |k: &str| match self.standing.get(k) {
@@ -1356,6 +1357,7 @@ impl Standalone {
                     .map(|l| format!("load {}", l.load1))
                     .unwrap_or_else(|| "-".into()),
                 ready(&st.conditions),
+                "-".into(),
                 msg(&key),
             ]);
         }
@@ -1374,6 +1376,7 @@ impl Standalone {
                     .map(|n| format!("{:?}", n.state))
                     .unwrap_or_else(|| "-".into()),
                 ready(&st.conditions),
+                "-".into(),
                 msg(&key),
             ]);
         }
@@ -1387,6 +1390,8 @@ impl Standalone {
                     .map(|p| format!("{p:?}"))
                     .unwrap_or_else(|| "-".into()),
                 ready(&st.conditions),
+                // as `kubectl get vm` shows it: the first address
+                st.ips.first().cloned().unwrap_or_else(|| "-".into()),
                 msg(&key),
             ]);
         }
@@ -1404,18 +1409,19 @@ impl Standalone {
                     .map(|p| format!("{p:?}"))
                     .unwrap_or_else(|| "Pending".into()),
                 ready(&st.conditions),
+                "-".into(),
                 msg(&key),
             ]);
         }
         let width = |i: usize| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0);
-        let w: Vec<usize> = (0..4).map(width).collect();
+        let w: Vec<usize> = (0..5).map(width).collect();
         let mut s = String::new();
         for r in &rows {
             let mut line = String::new();
-            for (i, cell) in r.iter().enumerate().take(4) {
+            for (i, cell) in r.iter().enumerate().take(5) {
                 line.push_str(&format!("{cell:<width$}  ", width = w[i]));
             }
-            let m: String = r[4].chars().take(100).collect();
+            let m: String = r[5].chars().take(100).collect();
             line.push_str(&m);
             s.push_str(line.trim_end());
             s.push('\n');
