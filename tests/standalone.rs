@@ -320,6 +320,23 @@ fn node_file(dir: &Path, extra: &str) -> PathBuf {
     node
 }
 
+/// Manifests in `dir/m`: KvmNode `n0` on the test-driver file `node`, a VM `legacy` adopting
+/// its domain `legacy`, and `more` documents after them.
+fn adopting(dir: &Path, node: &Path, more: &str) -> PathBuf {
+    let files = dir.join("m");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(
+        files.join("all.yaml"),
+        format!(
+            "apiVersion: kvm-operator.io/v1alpha1\nkind: KvmNode\nmetadata: {{name: n0}}\nspec: {{address: localhost, libvirtUri: \"test://{}\"}}\n---\n\
+             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: legacy}}\nspec: {{adopt: {{nodeName: n0, domain: legacy}}}}\n{more}",
+            node.display()
+        ),
+    )
+    .unwrap();
+    files
+}
+
 /// The UID stamped on a domain is in the state file before the stamp is made: a run that
 /// crashed right after stamping would otherwise give the VM a new UID on restart, and its
 /// domain would then look foreign. An adoption stamps in the very first round; the state file
@@ -331,17 +348,7 @@ async fn a_uid_is_written_before_any_domain_carries_it() {
         dir.path(),
         "<domain type='test'><name>legacy</name><uuid>6695eb01-f6a4-8304-79aa-97f2502e193f</uuid><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>",
     );
-    let files = dir.path().join("m");
-    std::fs::create_dir(&files).unwrap();
-    std::fs::write(
-        files.join("all.yaml"),
-        format!(
-            "apiVersion: kvm-operator.io/v1alpha1\nkind: KvmNode\nmetadata: {{name: n0}}\nspec: {{address: localhost, libvirtUri: \"test://{}\"}}\n---\n\
-             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: legacy}}\nspec: {{adopt: {{nodeName: n0, domain: legacy}}}}\n",
-            node.display()
-        ),
-    )
-    .unwrap();
+    let files = adopting(dir.path(), &node, "");
     let state_dir = dir.path().join("state");
     let printed = Arc::new(std::sync::Mutex::new((String::new(), None)));
     let mut s = Standalone::new(
@@ -397,20 +404,13 @@ async fn a_running_guest_reports_its_addresses_in_status() {
          <interface type='bridge'><mac address='52:54:00:aa:00:01'/><source bridge='br0'/></interface>\
          <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>",
     );
-    let files = dir.path().join("m");
-    std::fs::create_dir(&files).unwrap();
-    std::fs::write(
-        files.join("all.yaml"),
-        format!(
-            "apiVersion: kvm-operator.io/v1alpha1\nkind: KvmNode\nmetadata: {{name: n0}}\nspec: {{address: localhost, libvirtUri: \"test://{}\"}}\n---\n\
-             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: legacy}}\nspec: {{adopt: {{nodeName: n0, domain: legacy}}}}\n---\n\
-             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: web}}\n\
-             spec: {{vcpus: 1, memory: 64Mi, nics: [{{name: net0, network: lan}}, {{name: net1, bridge: br0}}]}}\n---\n\
-             apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: quiet}}\nspec: {{vcpus: 1, memory: 64Mi}}\n",
-            node.display()
-        ),
-    )
-    .unwrap();
+    let files = adopting(
+        dir.path(),
+        &node,
+        "---\napiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: web}\n\
+         spec: {vcpus: 1, memory: 64Mi, nics: [{name: net0, network: lan}, {name: net1, bridge: br0}]}\n---\n\
+         apiVersion: kvm-operator.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: quiet}\nspec: {vcpus: 1, memory: 64Mi}\n",
+    );
     let state_dir = dir.path().join("state");
     let mut s = runner(&files, &state_dir);
     s.run().await.unwrap();

@@ -1085,6 +1085,17 @@ impl Connection {
 mod tests {
     use super::*;
 
+    /// A connection to libvirt's test driver on a node file holding `xml`; the directory lives
+    /// as long as the returned guard.
+    fn test_node(xml: &str) -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("node.xml");
+        std::fs::write(&file, xml).unwrap_or_else(|e| panic!("{e}"));
+        let c = Connection::open(&format!("test://{}", file.display()), "n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        (dir, c)
+    }
+
     fn raw(mac: &str, addrs: &[&str]) -> ffi::RawInterface {
         ffi::RawInterface {
             name: "vnet0".into(),
@@ -1132,17 +1143,11 @@ mod tests {
 
     #[test]
     fn a_running_guest_with_nics_is_read_with_its_addresses() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let file = dir.path().join("node.xml");
-        std::fs::write(
-            &file,
+        let (_dir, c) = test_node(
             "<node><network><name>lan</name><bridge name='virbr9'/><forward/>\
              <ip address='10.7.0.1' netmask='255.255.255.0'><dhcp><range start='10.7.0.10' end='10.7.0.99'/></dhcp></ip>\
              </network></node>",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let c = Connection::open(&format!("test://{}", file.display()), "n")
-            .unwrap_or_else(|e| panic!("{e}"));
+        );
         // defined as another tool would (the operator's own render has no channel)
         let define = |name: &str, devices: &str| {
             c.raw()
@@ -1209,17 +1214,10 @@ mod tests {
 
     #[test]
     fn a_test_node_file_without_numa_cells_reports_cpus_and_memory() {
-        let dir = std::env::temp_dir().join(format!("kvm-op-facts-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let file = dir.join("node.xml");
-        std::fs::write(
-            &file,
+        let (_dir, c) = test_node(
             "<node><cpu><nodes>1</nodes><sockets>2</sockets><cores>4</cores><threads>2</threads></cpu>\
              <memory>8388608</memory></node>",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let c = Connection::open(&format!("test://{}", file.display()), "n")
-            .unwrap_or_else(|e| panic!("{e}"));
+        );
         let f = c.libvirt_facts().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(f.cpus, Some(16));
         assert_eq!(f.memory_total, Some(8 << 30));
@@ -1227,7 +1225,6 @@ mod tests {
             f.memory_available, None,
             "the file has no cells to report it"
         );
-        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// A stamp read of a domain that vanished since it was listed (an incoming migration
@@ -1235,11 +1232,7 @@ mod tests {
     /// UUID arriving again (the migration started again) is read and found stamped.
     #[test]
     fn a_domain_gone_before_its_stamp_was_read_is_read_again_when_it_is_back() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let file = dir.path().join("node.xml");
-        std::fs::write(&file, "<node/>").unwrap_or_else(|e| panic!("{e}"));
-        let c = Connection::open(&format!("test://{}", file.display()), "n")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (_dir, c) = test_node("<node/>");
         let stamped = "<domain type='test'><name>default_web</name>\
              <metadata><kvmop:owner xmlns:kvmop='https://kvm-operator.io/xmlns/owner/v1alpha1' \
              uid='u1' namespace='default' name='web'/></metadata>\
@@ -1312,16 +1305,10 @@ mod tests {
         // libvirt 9.0's test driver answers the state group only, so this checks which
         // readings are full and that states stay current; the kept sizes and the make-up
         // check are exercised on real KVM (tests/lab.rs)
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let file = dir.path().join("node.xml");
-        std::fs::write(
-            &file,
+        let (_dir, c) = test_node(
             "<node><domain type='test'><name>old</name><memory>65536</memory><vcpu>2</vcpu>\
              <os><type>hvm</type></os></domain></node>",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let c = Connection::open(&format!("test://{}", file.display()), "n")
-            .unwrap_or_else(|e| panic!("{e}"));
+        );
         let hour = Duration::from_secs(3600);
         let states = |l: &BulkListing| -> Vec<(String, DomainState)> {
             l.domains
