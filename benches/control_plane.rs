@@ -840,6 +840,8 @@ fn memory(quick: bool) {
 }
 
 fn main() {
+    // the allocator as the operator's own `main` sets it (the children, too)
+    kvm_operator::hypervisor::ffi::limit_malloc_arenas();
     if let Ok(dir) = std::env::var(CHILD_ENV) {
         idle_child(Path::new(&dir));
         return;

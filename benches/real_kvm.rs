@@ -559,6 +559,8 @@ fn migration(rt: &tokio::runtime::Runtime, reps: usize) {
 }
 
 fn main() {
+    // the allocator as the operator's own `main` sets it
+    kvm_operator::hypervisor::ffi::limit_malloc_arenas();
     if let Ok(filter) = std::env::var("RUST_LOG") {
         kvm_operator::telemetry::init(&filter, false);
     }

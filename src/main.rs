@@ -93,6 +93,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // before any thread allocates (see the function)
+    kvm_operator::hypervisor::ffi::limit_malloc_arenas();
     let cli = Cli::parse();
     kvm_operator::telemetry::init(&cli.log, cli.log_json);
     let result = match cli.command {

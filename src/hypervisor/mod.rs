@@ -12,7 +12,8 @@
 //! - [`cloud_init`]: NoCloud seed ISO images built in Rust.
 //! - [`tunnel`]: local sockets forwarded through our own SSH session (libvirt RPC, VNC).
 //! - [`events`]: domain lifecycle events of a node, re-subscribed after reconnects.
-//! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats.
+//! - [`ffi`]: the only `unsafe` code: libvirt's event loop, domain events, bulk stats, and
+//!   glibc's arena limit for what libvirt's calls allocate.
 //! - [`stats`]: typed per-domain stats from one call per node.
 
 pub mod cache;
