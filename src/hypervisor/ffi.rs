@@ -67,9 +67,11 @@ pub fn arena_limit_wanted(env: impl Fn(&str) -> Option<String>) -> bool {
 /// pool's threads, which a burst of node passes makes many of: the domain definitions libvirt
 /// parses (and, on the test driver, keeps) end up spread over 16 arenas on two cores, each with
 /// its own free space. Two arenas took 0.8-1.7 MiB off the peak of 100 nodes and 2,000 VMs
-/// across runs, with no change in the time to Running (BENCHMARKS.md, scenario 5). Call it first in `main`,
-/// before any thread allocates: glibc fixes its limit once the ninth arena is asked for.
-/// Returns whether the limit was set (not when the environment sets one, or off glibc).
+/// across runs, with no change in the time to Running (BENCHMARKS.md, scenario 5).
+///
+/// Call it first in `main`, before any thread allocates: glibc fixes its limit once the ninth
+/// arena is asked for. Returns whether the limit was set (not when the environment sets one, or
+/// off glibc).
 pub fn limit_malloc_arenas() -> bool {
     if !arena_limit_wanted(|k| std::env::var(k).ok()) {
         return false;
