@@ -187,6 +187,55 @@ fn deployment_runs_the_operator_non_root_with_probes() {
 }
 
 #[test]
+fn extra_env_reaches_the_operator_after_the_charts_own_and_cannot_replace_them() {
+    let r = render(json!({"extraEnv": [
+        {"name": "MALLOC_ARENA_MAX", "value": "4"},
+        {"name": "HTTPS_PROXY", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "url"}}},
+    ]}));
+    let env =
+        get(&r, "Deployment/kvm-kvm-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+    let names: Vec<&str> = env.iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "KVM_OPERATOR_LOG",
+            "KVM_OPERATOR_LOG_JSON",
+            "POD_NAMESPACE",
+            "POD_NAME",
+            "KVM_OPERATOR_STATE_DIR",
+            "KVM_OPERATOR_CONFIG",
+            "MALLOC_ARENA_MAX",
+            "HTTPS_PROXY",
+        ]
+    );
+    assert_eq!(env[6]["value"], "4");
+    assert_eq!(env[7]["valueFrom"]["secretKeyRef"]["key"], "url");
+    assert!(lint_problems(&r).is_empty(), "{:?}", lint_problems(&r));
+    // none by default: the container's environment is the chart's own
+    let r = render(json!({}));
+    let env =
+        &get(&r, "Deployment/kvm-kvm-operator")["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert_eq!(env.as_array().map(Vec::len), Some(6));
+    // a name the chart sets is refused, naming the entry and the value that sets it
+    let err = render_error(json!({"extraEnv": [
+        {"name": "RUST_LOG", "value": "debug"},
+        {"name": "KVM_OPERATOR_LOG", "value": "debug"},
+    ]}));
+    assert!(
+        err.contains("extraEnv[1] sets KVM_OPERATOR_LOG") && err.contains("logLevel"),
+        "{err}"
+    );
+    let err = render_error(json!({"extraEnv": [{"name": "KVM_OPERATOR_CONFIG", "value": "/x"}]}));
+    assert!(
+        err.contains("extraEnv[0] sets KVM_OPERATOR_CONFIG"),
+        "{err}"
+    );
+}
+
+#[test]
 fn rbac_is_least_privilege() {
     let r = render(json!({}));
     let cr = get(&r, "ClusterRole/kvm-kvm-operator");
@@ -364,6 +413,16 @@ fn values_schema_refuses_bad_values_naming_the_key() {
             json!({"grafanaDashboard": {"labels": {"grafana_dashboard": 1}}}),
             "/grafanaDashboard/labels/grafana_dashboard",
         ),
+        (json!({"extraEnv": [{"value": "4"}]}), "/extraEnv/0"),
+        (
+            json!({"extraEnv": [{"name": "MALLOC_ARENA_MAX", "value": 4}]}),
+            "/extraEnv/0/value",
+        ),
+        (
+            json!({"extraEnv": [{"name": "A B", "value": "x"}]}),
+            "/extraEnv/0/name",
+        ),
+        (json!({"extraEnv": [{"name": "X", "valu": "1"}]}), "valu"),
     ] {
         let r = render(values.clone());
         let err = r.report["schema_error"]
@@ -510,6 +569,7 @@ type Ports = Vec<(u64, String)>;
 fn everything_enabled() -> Value {
     json!({
         "replicas": 2,
+        "extraEnv": [{"name": "MALLOC_ARENA_MAX", "value": "2"}],
         "metrics": {"serviceMonitor": {"enabled": true, "interval": "1m", "scrapeTimeout": "15s",
                                        "labels": {"release": "prometheus"}}},
         "podDisruptionBudget": {"enabled": true},
