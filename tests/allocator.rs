@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Barrier};
 
-use kvm_operator::hypervisor::ffi::{MALLOC_ARENAS, limit_malloc_arenas};
+use kvm_operator::hypervisor::ffi::{MALLOC_ARENAS, arena_limit_wanted, limit_malloc_arenas};
 
 /// glibc's heaps of the arenas other than the main one: anonymous mappings of 64 MiB
 /// (`HEAP_MAX_SIZE` on 64-bit), aligned on it, the part in use read-write and the rest reserved.
@@ -46,8 +46,9 @@ fn arena_heaps() -> usize {
 #[test]
 fn threads_allocating_side_by_side_share_the_limited_arenas() {
     assert!(
-        std::env::var_os("MALLOC_ARENA_MAX").is_none(),
-        "run without MALLOC_ARENA_MAX: the test checks the limit the operator sets itself"
+        arena_limit_wanted(|k| std::env::var(k).ok()),
+        "run without MALLOC_ARENA_MAX or glibc.malloc.arena_max in GLIBC_TUNABLES: the test \
+         checks the limit the operator sets itself"
     );
     assert!(limit_malloc_arenas(), "mallopt refused the arena limit");
     let threads = 12;
