@@ -144,6 +144,27 @@ impl Lab {
         pool
     }
 
+    /// Runs `f` on `node` through a pool of its own, as a person's `virsh` would: outside the
+    /// operator's connections, so nothing it does reaches the operator's stamp index.
+    async fn by_hand<T: Send + 'static>(
+        &self,
+        node: &str,
+        f: impl FnOnce(&Connection) -> Result<T, HvError> + Send + 'static,
+    ) -> T {
+        let pool = NodePool::new(Duration::from_secs(60));
+        pool.upsert(NodeAccess {
+            name: node.to_string(),
+            spec: self.node(node).spec.clone(),
+            private_key: Some(std::fs::read(var("KVM_LAB_SSH_KEY")).unwrap()),
+            state_dir: self.config.state_dir.clone(),
+            tls: None,
+            timeout: Duration::from_secs(15),
+        });
+        pool.call(node, "by hand", f)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     async fn call<T: Send + 'static>(
         &self,
         node: &str,
@@ -1392,6 +1413,54 @@ async fn a_domain_moved_behind_the_operator_is_followed_not_made_again() {
     assert_eq!(lab.whereabouts(&domain).await, [(to, DomainState::Running)]);
     lab.delete(&vm).await;
     assert!(lab.whereabouts(&domain).await.is_empty());
+}
+
+/// A domain renamed on its own node while shut off (`virsh domrename`, here by hand on a
+/// connection of its own, so the operator's stamp index still has the old name): the VM's
+/// reconcile finds it there by its stamp and follows it, instead of defining a second domain on
+/// the same volumes under the old name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_renamed_behind_the_operator_is_followed_not_made_again() {
+    let mut lab = Lab::new().await;
+    let name = format!("renamed-{}", std::process::id());
+    let (mut vm, domain) = lab.running_on(&name, "32Mi", "host1").await;
+    let uuid = st(&vm).domain_uuid.clone();
+    let renamed = format!("{domain}-by-hand");
+    // the operator has just listed host1: its stamp index is fresh and names the old domain
+    let uid = vm.metadata.uid.clone().unwrap();
+    let stamped = lab.hv.stamped("host1", &uid).await.unwrap();
+    assert_eq!(stamped, std::slice::from_ref(&domain));
+    // renamed while shut off: the same definition (UUID, stamp, disks) under a new name
+    let (d, n) = (domain.clone(), renamed.clone());
+    lab.by_hand("host1", move |c| {
+        c.destroy(&d)?;
+        let mut x = c.persistent_xml(&d)?;
+        c.undefine(&d)?;
+        x.name = n;
+        c.define(&x).map(|_| ())
+    })
+    .await;
+    let notes = lab.settle(&mut vm).await;
+    assert!(reasons(&notes).contains(&"Recovered"), "{notes:?}");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.message.contains("renamed outside this operator")),
+        "{notes:?}"
+    );
+    assert_eq!(st(&vm).domain_name.as_deref(), Some(renamed.as_str()));
+    assert_eq!(st(&vm).domain_uuid, uuid, "the same domain, not a new one");
+    assert_eq!(st(&vm).power_state, Some(PowerState::Running));
+    assert!(
+        lab.whereabouts(&domain).await.is_empty(),
+        "no second domain under the old name"
+    );
+    assert_eq!(
+        lab.whereabouts(&renamed).await,
+        [("host1", DomainState::Running)]
+    );
+    lab.delete(&vm).await;
+    assert!(lab.whereabouts(&renamed).await.is_empty());
 }
 
 /// A domain removed by hand from its node is defined again only once every node has been read

@@ -317,23 +317,45 @@ fn bound_to_found(
     st
 }
 
-/// A VM whose domain is gone from its node but was defined before: when a domain stamped with
-/// its UID is on another node (moved outside this operator, or by a Migration deleted after its
-/// switch-over), the VM is bound to it rather than defined again, which would run the guest
-/// twice. `None`: no other node has it, and it may be defined again.
+/// A VM whose domain `gone` is no longer on its node under that name but was defined before:
+/// when a domain stamped with its UID is on another node (moved outside this operator, or by a
+/// Migration deleted after its switch-over), or on its own node under another name (renamed
+/// while shut off, `virsh domrename`), the VM is bound to it rather than defined again, which
+/// would give the same volumes a second domain and could run the guest twice. `None`: no node
+/// has it, and it may be defined again.
 async fn found_elsewhere<H: Hypervisor>(
     vm: &VirtualMachine,
     node: &str,
+    gone: &str,
     world: &World,
     hv: &H,
 ) -> Option<Outcome<VirtualMachineStatus>> {
-    let (mut found, unread) = stamped_on_nodes(vm, world, hv, Some(node)).await;
+    let (mut found, mut unread) = stamped_on_nodes(vm, world, hv, Some(node)).await;
+    // its own node is listed afresh: a rename made there within the stamp index's freshness
+    // would still show the old name, which was just seen missing
+    let uid = vm.uid().unwrap_or_default();
+    let own = hv
+        .call(node, "list domains", move |c| {
+            c.refresh_index()?;
+            Ok(c.stamped_from_index(&uid, Duration::MAX)
+                .unwrap_or_default())
+        })
+        .await;
+    match own {
+        Ok(names) => found.extend(
+            names
+                .into_iter()
+                .filter(|d| d != gone)
+                .map(|d| (node.to_string(), d)),
+        ),
+        Err(_) => unread.push(node.to_string()),
+    }
     if found.len() > 1 {
         return Some(problem(
             vm,
             "DuplicateDomains",
             format!(
-                "its domain is gone from KvmNode {node} and domains stamped for this VM exist on several other nodes ({}); nothing is defined or started until only one remains: remove the extra ones by hand",
+                "its domain {gone} is gone from KvmNode {node} and several domains stamped for this VM exist ({}); nothing is defined or started until only one remains: remove the extra ones by hand",
                 found_list(&found)
             ),
             Some(Duration::from_secs(60)),
@@ -353,9 +375,15 @@ async fn found_elsewhere<H: Hypervisor>(
             Some(Duration::from_secs(30)),
         ));
     };
-    let msg = format!(
-        "its domain {domain} is on KvmNode {to}, no longer on {node} (moved outside this operator, or by a Migration deleted after its switch-over); bound to it instead of defining it again"
-    );
+    let msg = if to == node {
+        format!(
+            "its domain {gone} on KvmNode {node} is now named {domain} (renamed outside this operator); bound to it instead of defining a second domain on the same volumes"
+        )
+    } else {
+        format!(
+            "its domain {domain} is on KvmNode {to}, no longer on {node} (moved outside this operator, or by a Migration deleted after its switch-over); bound to it instead of defining it again"
+        )
+    };
     Some(Outcome {
         status: bound_to_found(vm, to, domain, msg.clone(), msg.clone()),
         notes: vec![Note::normal("Recovered", "Reconcile", msg)],
@@ -550,7 +578,7 @@ async fn converge<H: Hypervisor>(
         if observed.domain.is_none()
             && had_domain
             && !p.steps.is_empty()
-            && let Some(out) = found_elsewhere(vm, node, world, hv).await
+            && let Some(out) = found_elsewhere(vm, node, &resolved.domain, world, hv).await
         {
             return out.into();
         }
