@@ -175,6 +175,68 @@ fn a_failure_exits_non_zero_naming_the_object_and_the_cause() {
     );
 }
 
+/// A VM that asks to attach, as `existing`, a volume another VM created is refused before
+/// anything of it is defined (`VolumeInUse`, naming its field and the other VM), and the run
+/// exits non-zero; the owner runs untouched. Both are in one run on the embedded default node.
+#[test]
+fn a_volume_another_vm_uses_is_not_attached_to_a_second_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("vms.yaml");
+    std::fs::write(
+        &m,
+        "apiVersion: kvm-operator.io/v1alpha1
+kind: StoragePool
+metadata: {name: scratch}
+spec: {nodeName: default, type: dir, targetPath: /sa-volume-in-use}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: owner}
+spec:
+  vcpus: 1
+  memory: 128Mi
+  disks: [{name: data, new: {pool: scratch, size: 1Gi}}]
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: borrower}
+spec:
+  vcpus: 1
+  memory: 128Mi
+  placement: {nodeName: default}
+  disks:
+    - {name: root, new: {pool: scratch, size: 1Gi}}
+    - {name: data, existing: {pool: scratch, volume: default-owner-data.qcow2}}
+",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["standalone", "--once", "--timeout", "60", "-f"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for part in [
+        "VirtualMachine/default/borrower",
+        "VolumeInUse",
+        "spec.disks[1].existing",
+        "VirtualMachine default/owner creates and uses it",
+    ] {
+        assert!(stderr.contains(part), "{part}: {stderr}");
+    }
+    let st = state(&dir.path().join(".kvm-operator"));
+    let objects = &st["objects"];
+    let owner = &objects["VirtualMachine/default/owner"]["status"];
+    assert_eq!(owner["powerState"], "Running", "{owner}");
+    let borrower = &objects["VirtualMachine/default/borrower"]["status"];
+    assert!(
+        borrower["domainUuid"].is_null(),
+        "nothing defined: {borrower}"
+    );
+    assert_ne!(borrower["powerState"], "Running", "{borrower}");
+}
+
 const VM: &str = "apiVersion: kvm-operator.io/v1alpha1
 kind: StoragePool
 metadata: {name: scratch}

@@ -56,6 +56,8 @@ pub const MAX_CLOUD_INIT_BYTES: usize = 65536;
 #[x_kube(validation = Rule::new("has(self.adopt) || (has(self.vcpus) && has(self.memory))").message("spec.vcpus and spec.memory are required unless spec.adopt names an existing domain").field_path(".vcpus"))]
 #[x_kube(validation = Rule::new("!has(self.topology) || !has(self.vcpus) || self.topology.sockets * self.topology.cores * self.topology.threads == self.vcpus").message("spec.topology: sockets × cores × threads must equal spec.vcpus").field_path(".topology"))]
 #[x_kube(validation = Rule::new("!has(self.adopt) || !has(self.placement) || !has(self.placement.nodeName) || self.placement.nodeName == self.adopt.nodeName").message("spec.placement.nodeName must equal spec.adopt.nodeName when adopting (the domain is where it is)").field_path(".placement.nodeName"))]
+#[x_kube(validation = Rule::new("!has(self.disks) || self.disks.all(a, !has(a.existing) || self.disks.exists_one(d, has(d.existing) && d.existing.volume == a.existing.volume && d.existing.pool == a.existing.pool))").message("spec.disks: an existing volume is attached once (two disks name the same existing pool and volume)").field_path(".disks"))]
+#[x_kube(validation = Rule::new("!has(self.disks) || self.disks.all(a, !has(a.existing) || !self.disks.exists(d, has(d.overlay) && d.overlay.base == a.existing.volume && d.overlay.pool == a.existing.pool))").message("spec.disks: an existing volume that is the base of an overlay of this VM cannot be attached (writing to it would corrupt the overlay); attach a clone instead").field_path(".disks"))]
 #[x_kube(validation = Rule::new("!has(self.disks) || !has(self.bootOrder) || self.bootOrder.all(b, self.disks.exists(d, d.name == b) || (has(self.nics) && self.nics.exists(n, n.name == b)))").message("every name in spec.bootOrder must be a disk or NIC of this VM").field_path(".bootOrder"))]
 pub struct VirtualMachineSpec {
     /// Number of virtual CPUs, 1 to 4096. Required unless adopting (then the domain's count is kept).
@@ -176,7 +178,9 @@ pub struct Disk {
     /// A qcow2 overlay whose backing file is a base volume (fast; the base must stay unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<OverlayVolume>,
-    /// A volume that already exists; the operator never deletes it.
+    /// A volume that already exists; the operator never deletes it. It is written to, so it
+    /// belongs to this VM alone: a volume another VM of the namespace creates, attached first,
+    /// or has as an overlay's base is refused (`VolumeInUse`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub existing: Option<VolumeRef>,
     /// A read-only ISO image attached as a cdrom; the operator never deletes it.
@@ -771,6 +775,35 @@ impl VirtualMachineSpec {
                     check_pool_ref(&mut e, &format!("{f}.{kind}.pool"), &r.pool);
                     check_libvirt_name(&mut e, &format!("{f}.{kind}.volume"), &r.volume);
                 }
+            }
+        }
+        // a writable volume is attached once, and never written under one of its own overlays
+        for (i, d) in self.disks.iter().enumerate() {
+            let Some(x) = &d.existing else { continue };
+            let twice = self.disks[..i]
+                .iter()
+                .position(|o| o.existing.as_ref().is_some_and(|y| y == x));
+            let base = self.disks.iter().position(|o| {
+                o.overlay
+                    .as_ref()
+                    .is_some_and(|y| y.pool == x.pool && y.base == x.volume)
+            });
+            if let Some(j) = twice {
+                e.push(
+                    format!("spec.disks[{i}].existing"),
+                    format!(
+                        "volume {:?} of StoragePool {} is already spec.disks[{j}]: a volume is attached once",
+                        x.volume, x.pool
+                    ),
+                );
+            } else if let Some(j) = base {
+                e.push(
+                    format!("spec.disks[{i}].existing"),
+                    format!(
+                        "volume {:?} of StoragePool {} is the base of spec.disks[{j}].overlay: writing to it would corrupt the overlay; attach a copy (clone) instead",
+                        x.volume, x.pool
+                    ),
+                );
             }
         }
         for (i, n) in self.nics.iter().enumerate() {

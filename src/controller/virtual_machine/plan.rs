@@ -187,6 +187,80 @@ fn blocked(reason: &'static str, message: String, retry: Option<Duration>) -> Bl
     }
 }
 
+/// Whether `a` keeps an existing volume that `b` attaches too: a VM whose domain is defined (it
+/// may be running on the volume) goes before one whose is not, then the older object, then the
+/// namespace and name (objects read from files have no creation time).
+fn goes_before(a: &VirtualMachine, b: &VirtualMachine) -> bool {
+    let key = |v: &VirtualMachine| {
+        let t = v.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        (
+            v.status.as_ref().is_none_or(|s| s.domain_uuid.is_none()),
+            t.is_none(),
+            t,
+            v.namespace(),
+            v.name_any(),
+        )
+    };
+    key(a) < key(b)
+}
+
+/// Another VM that writes to, or builds on, the volume `volume` of the StoragePool object
+/// `pool` which `vm` wants to attach as `existing` on `node`: one that creates it (a `new`,
+/// `clone` or `overlay` disk of that name), attaches it too and goes first ([`goes_before`]), or
+/// has it as the base of an overlay (writing to a base corrupts its overlays). Only VMs of the
+/// same namespace (pools are namespaced) and, unless the pool is shared, on the same node (a
+/// node-local pool's volume of that name elsewhere is another volume). Returns that VM's
+/// `namespace/name`, its field, and what it does with the volume.
+fn volume_taken_by(
+    vm: &VirtualMachine,
+    world: &World,
+    node: &str,
+    pool: &str,
+    volume: &str,
+) -> Option<(String, String, &'static str)> {
+    let ns = vm.namespace().unwrap_or_default();
+    let shared = world.pool(&ns, pool).is_some_and(|p| p.spec.is_shared());
+    for w in &world.vms {
+        if w.uid() == vm.uid() || w.namespace().as_deref() != Some(ns.as_str()) {
+            continue;
+        }
+        let w_node = w.status.as_ref().and_then(|s| s.node.as_deref()).or(w
+            .spec
+            .adopt
+            .as_ref()
+            .map(|a| a.node_name.as_str()));
+        if !shared && w_node != Some(node) {
+            continue;
+        }
+        let w_name = w.name_any();
+        for (j, d) in w.spec.disks.iter().enumerate() {
+            if disk_pool(d) != Some(pool) {
+                continue;
+            }
+            let created = |format| volume_name(&ns, &w_name, &d.name, format) == volume;
+            let how = if d.new.as_ref().is_some_and(|n| created(n.format))
+                || d.clone.as_ref().is_some_and(|c| created(c.format))
+                || (d.overlay.is_some() && created(VolumeFormat::Qcow2))
+            {
+                "creates and uses it"
+            } else if d.existing.as_ref().is_some_and(|e| e.volume == volume) && goes_before(w, vm)
+            {
+                "attaches it"
+            } else if d.overlay.as_ref().is_some_and(|o| o.base == volume) {
+                "has it as the base of an overlay"
+            } else {
+                continue;
+            };
+            return Some((
+                format!("{ns}/{w_name}"),
+                format!("spec.disks[{j}].{}", disk_kind(d)),
+                how,
+            ));
+        }
+    }
+    None
+}
+
 /// Volume name the operator gives a disk it creates: `<namespace>-<vm>-<disk>.<ext>`.
 pub fn volume_name(namespace: &str, vm: &str, disk: &str, format: VolumeFormat) -> String {
     let ext = match format {
@@ -293,6 +367,16 @@ pub fn resolve(
                 volume_name(&ns, &name, &d.name, VolumeFormat::Qcow2),
             )
         } else if let Some(e) = &d.existing {
+            if let Some((other, its, how)) = volume_taken_by(vm, world, node, obj, &e.volume) {
+                return Err(blocked(
+                    "VolumeInUse",
+                    format!(
+                        "spec.disks[{i}].existing: volume {:?} of StoragePool {ns}/{obj} is taken: VirtualMachine {other} {how} ({its}); two guests writing to one volume corrupt it. Give this VM a volume of its own (new, or clone/overlay to start from a copy), or remove the volume from {other} first",
+                        e.volume
+                    ),
+                    Some(Duration::from_secs(60)),
+                ));
+            }
             (Source::Existing, e.volume.clone())
         } else if let Some(c) = &d.cdrom {
             (Source::Cdrom, c.volume.clone())
@@ -1137,6 +1221,174 @@ mod tests {
             resolve(&v, "n1", &world(), None).unwrap_err().reason,
             "InvalidSpec"
         );
+    }
+
+    /// A VM named `name` in `ns`, with `disks`, on `node` (None: not placed), its domain
+    /// defined when `defined`.
+    fn other(
+        ns: &str,
+        name: &str,
+        disks: serde_json::Value,
+        node: Option<&str>,
+        defined: bool,
+    ) -> Arc<VirtualMachine> {
+        let mut status = serde_json::json!({});
+        if let Some(n) = node {
+            status["node"] = n.into();
+        }
+        if defined {
+            status["domainUuid"] = format!("uuid-{name}").into();
+        }
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "kvm-operator.io/v1alpha1", "kind": "VirtualMachine",
+                "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "generation": 1},
+                "spec": {"vcpus": 1, "memory": "1Gi", "disks": disks},
+                "status": status,
+            }))
+            .unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    #[test]
+    fn an_existing_volume_another_vm_writes_to_or_builds_on_is_refused() {
+        let attach = |volume: &str| {
+            basic(serde_json::json!({"disks": [
+                {"name": "root", "new": {"pool": "images", "size": "1Gi"}},
+                {"name": "data", "existing": {"pool": "images", "volume": volume}},
+            ]}))
+        };
+        let with = |vms: Vec<Arc<VirtualMachine>>| World { vms, ..world() };
+        // another VM created it (new, clone or overlay): it is that VM's
+        let creator = other(
+            "prod",
+            "db",
+            serde_json::json!([{"name": "data", "new": {"pool": "images", "size": "1Gi"}}]),
+            Some("n1"),
+            false,
+        );
+        let b = resolve(
+            &attach("prod-db-data.qcow2"),
+            "n1",
+            &with(vec![creator.clone()]),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(b.reason, "VolumeInUse");
+        for part in [
+            "spec.disks[1].existing",
+            "prod-db-data.qcow2",
+            "VirtualMachine prod/db",
+            "spec.disks[0].new",
+            "creates",
+        ] {
+            assert!(b.message.contains(part), "{part}: {}", b.message);
+        }
+        // a node-local pool's volume of that name on another node is another volume
+        assert!(
+            resolve(
+                &attach("prod-db-data.qcow2"),
+                "n1",
+                &with(vec![other(
+                    "prod",
+                    "db",
+                    serde_json::json!([{"name": "data", "new": {"pool": "images", "size": "1Gi"}}]),
+                    Some("n2"),
+                    false,
+                )]),
+                None
+            )
+            .is_ok()
+        );
+        // ... and so is one in another namespace, or a VM not placed yet
+        for w in [
+            other(
+                "dev",
+                "db",
+                serde_json::json!([{"name": "data", "new": {"pool": "images", "size": "1Gi"}}]),
+                Some("n1"),
+                false,
+            ),
+            other(
+                "prod",
+                "db",
+                serde_json::json!([{"name": "data", "new": {"pool": "images", "size": "1Gi"}}]),
+                None,
+                false,
+            ),
+        ] {
+            assert!(resolve(&attach("prod-db-data.qcow2"), "n1", &with(vec![w]), None).is_ok());
+        }
+        // the base of another VM's overlay
+        let overlay = other(
+            "prod",
+            "app",
+            serde_json::json!([{"name": "root", "overlay": {"pool": "images", "base": "golden.qcow2"}}]),
+            Some("n1"),
+            true,
+        );
+        let b = resolve(&attach("golden.qcow2"), "n1", &with(vec![overlay]), None).unwrap_err();
+        assert!(b.message.contains("base of an overlay"), "{}", b.message);
+        // two VMs attaching one existing volume: the one whose domain was defined keeps it,
+        // whichever is reconciled; the other is refused
+        let holder = other(
+            "prod",
+            "old",
+            serde_json::json!([{"name": "data", "existing": {"pool": "images", "volume": "shared.qcow2"}}]),
+            Some("n1"),
+            true,
+        );
+        let b = resolve(
+            &attach("shared.qcow2"),
+            "n1",
+            &with(vec![holder.clone()]),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            b.message.contains("VirtualMachine prod/old attaches it"),
+            "{}",
+            b.message
+        );
+        let mut newcomer = attach("shared.qcow2");
+        newcomer.status = None;
+        let w = with(vec![Arc::new(newcomer.clone()), holder.clone()]);
+        assert!(
+            resolve(&holder, "n1", &w, None).is_ok(),
+            "the holder keeps it"
+        );
+        // neither defined: a deterministic order (here by name), never both
+        let (a, z) = (
+            other(
+                "prod",
+                "a",
+                serde_json::json!([{"name": "d", "existing": {"pool": "images", "volume": "v.img"}}]),
+                Some("n1"),
+                false,
+            ),
+            other(
+                "prod",
+                "z",
+                serde_json::json!([{"name": "d", "existing": {"pool": "images", "volume": "v.img"}}]),
+                Some("n1"),
+                false,
+            ),
+        );
+        let w = with(vec![a.clone(), z.clone()]);
+        assert!(resolve(&a, "n1", &w, None).is_ok());
+        assert_eq!(
+            resolve(&z, "n1", &w, None).unwrap_err().reason,
+            "VolumeInUse"
+        );
+        // the same VM's own disks are not a conflict with itself
+        let own = other(
+            "prod",
+            "solo",
+            serde_json::json!([{"name": "d", "existing": {"pool": "images", "volume": "v.img"}}]),
+            Some("n1"),
+            true,
+        );
+        assert!(resolve(&own, "n1", &with(vec![own.clone()]), None).is_ok());
     }
 
     #[test]
