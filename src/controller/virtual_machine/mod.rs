@@ -1157,25 +1157,7 @@ pub async fn cleanup_core<H: Hypervisor>(
     if policy == crate::api::storage_pool::DeletionPolicy::Delete && vm.spec.adopt.is_none() {
         let mut vols = Vec::new();
         for d in &vm.spec.disks {
-            let Some(obj) = disk_pool(d) else { continue };
-            let (created, volume) = if let Some(n) = &d.new {
-                (true, plan::volume_name(&ns, &name, &d.name, n.format))
-            } else if let Some(c) = &d.clone {
-                (true, plan::volume_name(&ns, &name, &d.name, c.format))
-            } else if d.overlay.is_some() {
-                (
-                    true,
-                    plan::volume_name(
-                        &ns,
-                        &name,
-                        &d.name,
-                        crate::api::virtual_machine::VolumeFormat::Qcow2,
-                    ),
-                )
-            } else {
-                (false, String::new())
-            };
-            if created {
+            if let (Some(obj), Some(volume)) = (disk_pool(d), plan::created_volume(&ns, &name, d)) {
                 vols.push((obj.to_string(), volume));
             }
         }

@@ -237,11 +237,7 @@ fn volume_taken_by(
             if disk_pool(d) != Some(pool) {
                 continue;
             }
-            let created = |format| volume_name(&ns, &w_name, &d.name, format) == volume;
-            let how = if d.new.as_ref().is_some_and(|n| created(n.format))
-                || d.clone.as_ref().is_some_and(|c| created(c.format))
-                || (d.overlay.is_some() && created(VolumeFormat::Qcow2))
-            {
+            let how = if created_volume(&ns, &w_name, d).is_some_and(|v| v == volume) {
                 "creates and uses it"
             } else if d.existing.as_ref().is_some_and(|e| e.volume == volume) && goes_before(w, vm)
             {
@@ -259,6 +255,21 @@ fn volume_taken_by(
         }
     }
     None
+}
+
+/// The name of the volume the operator creates for disk `d` of VM `namespace/vm` (a `new`,
+/// `clone` or `overlay` disk); `None` for a disk whose volume it does not create.
+pub fn created_volume(namespace: &str, vm: &str, d: &Disk) -> Option<String> {
+    let format = if let Some(n) = &d.new {
+        n.format
+    } else if let Some(c) = &d.clone {
+        c.format
+    } else if d.overlay.is_some() {
+        VolumeFormat::Qcow2
+    } else {
+        return None;
+    };
+    Some(volume_name(namespace, vm, &d.name, format))
 }
 
 /// Volume name the operator gives a disk it creates: `<namespace>-<vm>-<disk>.<ext>`.
