@@ -175,66 +175,95 @@ fn a_failure_exits_non_zero_naming_the_object_and_the_cause() {
     );
 }
 
+/// The manifests of [`a_volume_another_vm_uses_is_not_attached_to_a_second_guest`]: an owner
+/// VM (`runStrategy` as given) with a data disk, a VM attaching that disk, and one cloning it.
+fn volume_users(owner_runs: &str) -> String {
+    format!(
+        "apiVersion: kvm-operator.io/v1alpha1
+kind: StoragePool
+metadata: {{name: scratch}}
+spec: {{nodeName: default, type: dir, targetPath: /sa-volume-in-use}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: owner}}
+spec:
+  vcpus: 1
+  memory: 128Mi
+  runStrategy: {owner_runs}
+  disks: [{{name: data, new: {{pool: scratch, size: 1Gi}}}}]
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: borrower}}
+spec:
+  vcpus: 1
+  memory: 128Mi
+  placement: {{nodeName: default}}
+  disks:
+    - {{name: root, new: {{pool: scratch, size: 1Gi}}}}
+    - {{name: data, existing: {{pool: scratch, volume: default-owner-data.qcow2}}}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: copier}}
+spec:
+  vcpus: 1
+  memory: 128Mi
+  placement: {{nodeName: default}}
+  disks: [{{name: root, clone: {{pool: scratch, template: default-owner-data.qcow2}}}}]
+"
+    )
+}
+
 /// A VM that asks to attach, as `existing`, a volume another VM created is refused before
 /// anything of it is defined (`VolumeInUse`, naming its field and the other VM), and the run
-/// exits non-zero; the owner runs untouched. Both are in one run on the embedded default node.
+/// exits non-zero; the owner runs untouched. A VM cloning that volume waits while the owner's
+/// guest runs, and is made once the owner is stopped. On the embedded default node.
 #[test]
 fn a_volume_another_vm_uses_is_not_attached_to_a_second_guest() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("vms.yaml");
-    std::fs::write(
-        &m,
-        "apiVersion: kvm-operator.io/v1alpha1
-kind: StoragePool
-metadata: {name: scratch}
-spec: {nodeName: default, type: dir, targetPath: /sa-volume-in-use}
----
-apiVersion: kvm-operator.io/v1alpha1
-kind: VirtualMachine
-metadata: {name: owner}
-spec:
-  vcpus: 1
-  memory: 128Mi
-  disks: [{name: data, new: {pool: scratch, size: 1Gi}}]
----
-apiVersion: kvm-operator.io/v1alpha1
-kind: VirtualMachine
-metadata: {name: borrower}
-spec:
-  vcpus: 1
-  memory: 128Mi
-  placement: {nodeName: default}
-  disks:
-    - {name: root, new: {pool: scratch, size: 1Gi}}
-    - {name: data, existing: {pool: scratch, volume: default-owner-data.qcow2}}
-",
-    )
-    .unwrap();
-    let out = bin()
-        .args(["standalone", "--once", "--timeout", "60", "-f"])
-        .arg(&m)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let once = || {
+        let out = bin()
+            .args(["standalone", "--once", "--timeout", "60", "-f"])
+            .arg(&m)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let st = state(&dir.path().join(".kvm-operator"));
+        (out.status.success(), stderr, st["objects"].clone())
+    };
+    std::fs::write(&m, volume_users("Running")).unwrap();
+    let (ok, stderr, objects) = once();
+    assert!(!ok, "{stderr}");
     for part in [
         "VirtualMachine/default/borrower",
         "VolumeInUse",
         "spec.disks[1].existing",
         "VirtualMachine default/owner creates and uses it",
+        "VirtualMachine/default/copier",
+        "spec.disks[0].clone",
+        "runStrategy to Stopped",
     ] {
         assert!(stderr.contains(part), "{part}: {stderr}");
     }
-    let st = state(&dir.path().join(".kvm-operator"));
-    let objects = &st["objects"];
-    let owner = &objects["VirtualMachine/default/owner"]["status"];
-    assert_eq!(owner["powerState"], "Running", "{owner}");
-    let borrower = &objects["VirtualMachine/default/borrower"]["status"];
-    assert!(
-        borrower["domainUuid"].is_null(),
-        "nothing defined: {borrower}"
-    );
-    assert_ne!(borrower["powerState"], "Running", "{borrower}");
+    let status = |name: &str| objects[format!("VirtualMachine/default/{name}")]["status"].clone();
+    assert_eq!(status("owner")["powerState"], "Running");
+    for name in ["borrower", "copier"] {
+        let st = status(name);
+        assert!(st["domainUuid"].is_null(), "{name}: nothing defined: {st}");
+        assert_ne!(st["powerState"], "Running", "{name}: {st}");
+    }
+    // the owner stopped (its disk kept): the copy is made and the copier runs; the borrower is
+    // still refused, since the owner still has the volume
+    std::fs::write(&m, volume_users("Stopped")).unwrap();
+    let (ok, stderr, objects) = once();
+    let status = |name: &str| objects[format!("VirtualMachine/default/{name}")]["status"].clone();
+    assert_eq!(status("owner")["powerState"], "Stopped", "{stderr}");
+    assert_eq!(status("copier")["powerState"], "Running", "{stderr}");
+    assert!(!ok && stderr.contains("spec.disks[1].existing"), "{stderr}");
+    assert!(!stderr.contains("spec.disks[0].clone"), "{stderr}");
 }
 
 const VM: &str = "apiVersion: kvm-operator.io/v1alpha1

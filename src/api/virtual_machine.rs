@@ -172,14 +172,16 @@ pub struct Disk {
     /// A new, empty volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new: Option<NewVolume>,
-    /// A full copy of a template volume (independent of the template afterwards).
+    /// A full copy of a template volume (independent of the template afterwards). A volume that
+    /// another VM writes is copied only while that VM is stopped (`VolumeInUse` until then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone: Option<CloneVolume>,
-    /// A qcow2 overlay whose backing file is a base volume (fast; the base must stay unchanged).
+    /// A qcow2 overlay whose backing file is a base volume (fast; the base must stay unchanged,
+    /// so a volume another VM creates or attaches is refused: `VolumeInUse`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<OverlayVolume>,
     /// A volume that already exists; the operator never deletes it. It is written to, so it
-    /// belongs to this VM alone: a volume another VM of the namespace creates, attached first,
+    /// belongs to this VM alone: a volume another VM of the namespace creates, attaches first,
     /// or has as an overlay's base is refused (`VolumeInUse`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub existing: Option<VolumeRef>,

@@ -110,6 +110,9 @@ pub enum Source {
         template: String,
         capacity: Option<u64>,
         format: VolumeFormat,
+        /// Why the template cannot be copied now (another VM's guest writes to it): the copy
+        /// waits, with this message naming that VM. Nothing to wait for once the copy exists.
+        in_use: Option<String>,
     },
     Overlay {
         base: String,
@@ -187,9 +190,9 @@ fn blocked(reason: &'static str, message: String, retry: Option<Duration>) -> Bl
     }
 }
 
-/// Whether `a` keeps an existing volume that `b` attaches too: a VM whose domain is defined (it
-/// may be running on the volume) goes before one whose is not, then the older object, then the
-/// namespace and name (objects read from files have no creation time).
+/// Whether `a` keeps a volume that `b` wants too (attached, or as an overlay's base): a VM whose
+/// domain is defined (it may be running on the volume) goes before one whose is not, then the
+/// older object, then the namespace and name (objects read from files have no creation time).
 fn goes_before(a: &VirtualMachine, b: &VirtualMachine) -> bool {
     let key = |v: &VirtualMachine| {
         let t = v.metadata.creation_timestamp.as_ref().map(|t| t.0);
@@ -204,15 +207,29 @@ fn goes_before(a: &VirtualMachine, b: &VirtualMachine) -> bool {
     key(a) < key(b)
 }
 
-/// Another VM that writes to, or builds on, the volume `volume` of the StoragePool object
-/// `pool` which `vm` wants to attach as `existing` on `node`: one that creates it (a `new`,
-/// `clone` or `overlay` disk of that name), attaches it too and goes first ([`goes_before`]), or
-/// has it as the base of an overlay (writing to a base corrupts its overlays). Only VMs of the
-/// same namespace (pools are namespaced) and, unless the pool is shared, on the same node (a
-/// node-local pool's volume of that name elsewhere is another volume). Returns that VM's
-/// `namespace/name`, its field, and what it does with the volume.
+/// What a VM does with a volume it did not create.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Use {
+    /// Attaches it as an `existing` disk: writes to it.
+    Attach,
+    /// Builds an overlay on it: needs it never to change.
+    Base,
+    /// Copies it (a `clone` template): needs it still while the copy is made.
+    Copy,
+}
+
+/// Another VM whose use of the volume `volume` of the StoragePool object `pool` rules out `vm`'s
+/// `want` of it on `node`. A volume another VM creates is that VM's: it is neither attached nor
+/// built on by a second one, and copied only while that VM's guest is not running (a copy of a
+/// disk being written is torn). A volume attached by one VM cannot be attached, or built on, by
+/// another, nor attached while another builds on it; between two such VMs the one that
+/// [`goes_before`] keeps it. Only VMs of the same namespace (pools are namespaced) count and,
+/// unless the pool is shared, only those on the same node (a node-local pool's volume of that
+/// name elsewhere is another volume). Returns that VM's `namespace/name`, its field, and what it
+/// does with the volume.
 fn volume_taken_by(
     vm: &VirtualMachine,
+    want: Use,
     world: &World,
     node: &str,
     pool: &str,
@@ -233,17 +250,52 @@ fn volume_taken_by(
             continue;
         }
         let w_name = w.name_any();
+        // a copy is whole only of a disk no guest writes: its VM is stopped and meant to stay so
+        let running = || {
+            use crate::api::virtual_machine::PowerState;
+            w.spec.run_strategy != RunStrategy::Stopped
+                || w.status
+                    .as_ref()
+                    .and_then(|s| s.power_state)
+                    .is_none_or(|p| !matches!(p, PowerState::Stopped | PowerState::Pending))
+        };
         for (j, d) in w.spec.disks.iter().enumerate() {
             if disk_pool(d) != Some(pool) {
                 continue;
             }
+            let attaches = d.existing.as_ref().is_some_and(|e| e.volume == volume);
+            let bases = d.overlay.as_ref().is_some_and(|o| o.base == volume);
             let how = if created_volume(&ns, &w_name, d).is_some_and(|v| v == volume) {
-                "creates and uses it"
-            } else if d.existing.as_ref().is_some_and(|e| e.volume == volume) && goes_before(w, vm)
-            {
+                if want == Use::Copy && !running() {
+                    continue;
+                }
+                if want == Use::Copy {
+                    "creates it, and its guest runs or is meant to (a copy of a disk being written is torn: set that VM's runStrategy to Stopped until the copy is made, or clone from a template)"
+                } else {
+                    "creates and uses it"
+                }
+            } else if attaches && want == Use::Copy {
+                // an attacher refused the volume itself (and never given it) does not write it
+                let refused = || {
+                    w.status.as_ref().is_none_or(|s| s.domain_uuid.is_none())
+                        && volume_taken_by(
+                            w,
+                            Use::Attach,
+                            world,
+                            w_node.unwrap_or(node),
+                            pool,
+                            volume,
+                        )
+                        .is_some()
+                };
+                if !running() || refused() {
+                    continue;
+                }
+                "attaches it, and its guest runs or is meant to (a copy of a disk being written is torn: set that VM's runStrategy to Stopped until the copy is made, or clone from a template)"
+            } else if attaches && goes_before(w, vm) {
                 "attaches it"
-            } else if d.overlay.as_ref().is_some_and(|o| o.base == volume) {
-                "has it as the base of an overlay"
+            } else if bases && want == Use::Attach && goes_before(w, vm) {
+                "has it as the base of an overlay (writing to a base corrupts its overlays)"
             } else {
                 continue;
             };
@@ -361,15 +413,36 @@ pub fn resolve(
                 volume_name(&ns, &name, &d.name, n.format),
             )
         } else if let Some(c) = &d.clone {
+            let in_use = volume_taken_by(vm, Use::Copy, world, node, obj, &c.template).map(
+                |(other, its, how)| {
+                    format!(
+                        "spec.disks[{i}].clone: template {:?} of StoragePool {ns}/{obj} cannot be copied now: VirtualMachine {other} {how} ({its})",
+                        c.template
+                    )
+                },
+            );
             (
                 Source::Clone {
                     template: c.template.clone(),
                     capacity: c.size.as_ref().map(|s| s.bytes()),
                     format: c.format,
+                    in_use,
                 },
                 volume_name(&ns, &name, &d.name, c.format),
             )
         } else if let Some(o) = &d.overlay {
+            if let Some((other, its, how)) =
+                volume_taken_by(vm, Use::Base, world, node, obj, &o.base)
+            {
+                return Err(blocked(
+                    "VolumeInUse",
+                    format!(
+                        "spec.disks[{i}].overlay: base {:?} of StoragePool {ns}/{obj} is written by another guest: VirtualMachine {other} {how} ({its}); an overlay needs a base that never changes. Build it on a template no VM writes, or clone the volume instead",
+                        o.base
+                    ),
+                    Some(Duration::from_secs(60)),
+                ));
+            }
             (
                 Source::Overlay {
                     base: o.base.clone(),
@@ -378,7 +451,9 @@ pub fn resolve(
                 volume_name(&ns, &name, &d.name, VolumeFormat::Qcow2),
             )
         } else if let Some(e) = &d.existing {
-            if let Some((other, its, how)) = volume_taken_by(vm, world, node, obj, &e.volume) {
+            if let Some((other, its, how)) =
+                volume_taken_by(vm, Use::Attach, world, node, obj, &e.volume)
+            {
                 return Err(blocked(
                     "VolumeInUse",
                     format!(
@@ -800,9 +875,20 @@ pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) 
                 format: *format,
             }),
             Source::Clone {
+                in_use: Some(why), ..
+            } => {
+                p.blocked = Some(blocked(
+                    "VolumeInUse",
+                    why.clone(),
+                    Some(Duration::from_secs(30)),
+                ));
+                return p;
+            }
+            Source::Clone {
                 template,
                 capacity,
                 format,
+                in_use: None,
             } => p.steps.push(Step::CloneVolume {
                 pool: d.pool.clone(),
                 template: template.clone(),
@@ -1262,7 +1348,7 @@ mod tests {
     }
 
     #[test]
-    fn an_existing_volume_another_vm_writes_to_or_builds_on_is_refused() {
+    fn a_volume_another_vm_writes_is_not_attached_built_on_or_copied_while_written() {
         let attach = |volume: &str| {
             basic(serde_json::json!({"disks": [
                 {"name": "root", "new": {"pool": "images", "size": "1Gi"}},
@@ -1391,6 +1477,94 @@ mod tests {
             resolve(&z, "n1", &w, None).unwrap_err().reason,
             "VolumeInUse"
         );
+        // an overlay on another VM's disk, or on a volume another VM attached first
+        let overlay_on = |base: &str| {
+            basic(serde_json::json!({"disks": [
+                {"name": "root", "overlay": {"pool": "images", "base": base}},
+            ]}))
+        };
+        let b = resolve(
+            &overlay_on("prod-db-data.qcow2"),
+            "n1",
+            &with(vec![creator.clone()]),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(b.reason, "VolumeInUse");
+        assert!(
+            b.message.starts_with("spec.disks[0].overlay"),
+            "{}",
+            b.message
+        );
+        assert!(
+            resolve(
+                &overlay_on("shared.qcow2"),
+                "n1",
+                &with(vec![holder.clone()]),
+                None
+            )
+            .is_err()
+        );
+        // ... but an overlay already defined keeps its base against a newcomer attaching it
+        let mut built = overlay_on("shared.qcow2");
+        built.status = Some(crate::api::VirtualMachineStatus {
+            node: Some("n1".into()),
+            domain_uuid: Some("uuid-web".into()),
+            ..Default::default()
+        });
+        let mut late = (*holder).clone();
+        late.status = Some(crate::api::VirtualMachineStatus {
+            node: Some("n1".into()),
+            ..Default::default()
+        });
+        let w = with(vec![Arc::new(built.clone()), Arc::new(late.clone())]);
+        assert!(resolve(&built, "n1", &w, None).is_ok());
+        let b = resolve(&late, "n1", &w, None).unwrap_err();
+        assert!(b.message.contains("base of an overlay"), "{}", b.message);
+        // a clone of another VM's disk waits while that guest runs or is meant to, and only
+        // until the copy exists
+        let copy = basic(serde_json::json!({"disks": [
+            {"name": "root", "clone": {"pool": "images", "template": "prod-db-data.qcow2"}},
+        ]}));
+        let r = resolve(&copy, "n1", &with(vec![creator.clone()]), None)
+            .unwrap_or_else(|b| panic!("{b:?}"));
+        let p = plan(&copy, &r, &Observed::default(), &now());
+        let b = p.blocked.unwrap_or_else(|| panic!("blocked"));
+        assert_eq!(b.reason, "VolumeInUse");
+        assert!(
+            b.message.starts_with("spec.disks[0].clone")
+                && b.message.contains("runStrategy to Stopped"),
+            "{}",
+            b.message
+        );
+        let made = Observed {
+            volumes: [vol(&r.disks[0].pool, &r.disks[0].volume)]
+                .into_iter()
+                .collect(),
+            ..Observed::default()
+        };
+        assert!(
+            plan(&copy, &r, &made, &now()).blocked.is_none(),
+            "the copy exists"
+        );
+        let mut stopped = (*creator).clone();
+        stopped.spec.run_strategy = RunStrategy::Stopped;
+        if let Some(st) = stopped.status.as_mut() {
+            st.power_state = Some(crate::api::virtual_machine::PowerState::Stopped);
+        }
+        // a VM that would attach it, refused it itself and never defined, writes nothing
+        let refused = other(
+            "prod",
+            "borrower",
+            serde_json::json!([{"name": "d", "existing": {"pool": "images", "volume": "prod-db-data.qcow2"}}]),
+            Some("n1"),
+            false,
+        );
+        let r = resolve(&copy, "n1", &with(vec![Arc::new(stopped), refused]), None)
+            .unwrap_or_else(|b| panic!("{b:?}"));
+        let p = plan(&copy, &r, &Observed::default(), &now());
+        assert!(p.blocked.is_none(), "{:?}", p.blocked);
+        assert_eq!(kinds(&p).first(), Some(&"CloneVolume"));
         // the same VM's own disks are not a conflict with itself
         let own = other(
             "prod",
