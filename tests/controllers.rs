@@ -1415,7 +1415,75 @@ async fn a_domain_moved_behind_the_operator_is_followed_not_made_again() {
     assert!(lab.whereabouts(&domain).await.is_empty());
 }
 
-/// A domain renamed on its own node while shut off (`virsh domrename`, here by hand on a
+/// A volume a VM created outlives the VM's deletion, even with `volumeDeletionPolicy: Delete`,
+/// while another VM attaches it (one defined before the in-use rule refused such a disk): a
+/// Warning says why it was kept. Once no VM uses it, the cleanup deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_created_volume_another_vm_attaches_outlives_its_creator() {
+    let mut lab = Lab::new().await;
+    let pid = std::process::id();
+    let pname = format!("kvmop-keep-{pid}");
+    let pool = lab.dir_pool("default", &pname).await;
+    let owner_name = format!("owner-{pid}");
+    let mut owner = vm_object(
+        "default",
+        &owner_name,
+        serde_json::json!({
+            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"},
+            "disks": [{"name": "data", "new": {"pool": pname, "size": "16Mi"}}],
+            "volumeDeletionPolicy": "Delete",
+        }),
+    );
+    lab.settle(&mut owner).await;
+    assert_eq!(st(&owner).power_state, Some(PowerState::Running));
+    let volume = format!("default-{owner_name}-data.qcow2");
+    assert_eq!(
+        lab.volumes("host1", &pname).await,
+        std::slice::from_ref(&volume)
+    );
+    let mut user = vm_object(
+        "default",
+        &format!("user-{pid}"),
+        serde_json::json!({
+            "vcpus": 1, "memory": "32Mi", "placement": {"nodeName": "host1"},
+            "disks": [{"name": "data", "existing": {"pool": pname, "volume": volume}}],
+        }),
+    );
+    user.status = Some(kvm_operator::api::VirtualMachineStatus {
+        node: Some("host1".into()),
+        domain_uuid: Some("defined-before-the-rule".into()),
+        ..Default::default()
+    });
+    lab.world.vms.push(Arc::new(user.clone()));
+    let notes = lab.delete(&owner).await;
+    let kept = notes
+        .iter()
+        .find(|n| n.reason == "VolumeKept")
+        .unwrap_or_else(|| panic!("{notes:?}"));
+    assert!(kept.warning, "{kept:?}");
+    for part in [
+        volume.as_str(),
+        &format!("VirtualMachine default/user-{pid}"),
+        "spec.disks[0].existing",
+    ] {
+        assert!(kept.message.contains(part), "{part}: {kept:?}");
+    }
+    assert!(!reasons(&notes).contains(&"VolumeDeleted"), "{notes:?}");
+    assert_eq!(
+        lab.volumes("host1", &pname).await,
+        std::slice::from_ref(&volume)
+    );
+    // no VM uses it any more: the cleanup deletes it
+    lab.world
+        .vms
+        .retain(|v| v.metadata.uid != user.metadata.uid);
+    let notes = lab.delete(&owner).await;
+    assert!(reasons(&notes).contains(&"VolumeDeleted"), "{notes:?}");
+    assert!(lab.volumes("host1", &pname).await.is_empty());
+    lab.remove_pool(&pool).await;
+}
+
+/// A domain renamed on its own node while shut off/// A domain renamed on its own node while shut off (`virsh domrename`, here by hand on a
 /// connection of its own, so the operator's stamp index still has the old name): the VM's
 /// reconcile finds it there by its stamp and follows it, instead of defining a second domain on
 /// the same volumes under the old name.

@@ -1089,7 +1089,8 @@ async fn remove_stale<H: Hypervisor>(
 }
 
 /// Deletion: destroy and undefine our domain, delete the volumes we created when the policy
-/// says Delete. Idempotent; a domain that is not ours is never touched.
+/// says Delete, except one another VM attaches or builds an overlay on (kept, with a Warning).
+/// Idempotent; a domain that is not ours is never touched.
 pub async fn cleanup_core<H: Hypervisor>(
     vm: &VirtualMachine,
     world: &World,
@@ -1170,6 +1171,14 @@ pub async fn cleanup_core<H: Hypervisor>(
             vols.push((obj.to_string(), format!("{ns}-{name}-cidata.iso")));
         }
         for (obj, volume) in vols {
+            if let Some((other, its)) = plan::volume_used_by(vm, world, &node, &obj, &volume) {
+                notes.push(Note::warning(
+                    "VolumeKept",
+                    "Delete",
+                    format!("volume {volume} on KvmNode {node} was kept although volumeDeletionPolicy is Delete: VirtualMachine {other} uses it ({its}); delete it by hand once that VM no longer does"),
+                ));
+                continue;
+            }
             let Some(pool) = world.pool(&ns, &obj) else {
                 notes.push(Note::warning(
                     "VolumeKept",

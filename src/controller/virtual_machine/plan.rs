@@ -207,6 +207,61 @@ fn goes_before(a: &VirtualMachine, b: &VirtualMachine) -> bool {
     key(a) < key(b)
 }
 
+/// The other VMs that can see the same volumes of the StoragePool object `pool` as `vm` on
+/// `node`, with their node: those of its namespace (pools are namespaced) and, unless the pool
+/// is shared, on that node (a node-local pool's volume of a name elsewhere is another volume).
+fn neighbours<'a>(
+    vm: &'a VirtualMachine,
+    world: &'a World,
+    node: &'a str,
+    pool: &str,
+) -> impl Iterator<Item = (&'a VirtualMachine, Option<&'a str>)> {
+    let ns = vm.namespace();
+    let shared = world
+        .pool(ns.as_deref().unwrap_or_default(), pool)
+        .is_some_and(|p| p.spec.is_shared());
+    world.vms.iter().filter_map(move |w| {
+        if w.uid() == vm.uid() || w.namespace() != ns {
+            return None;
+        }
+        let w_node = w.status.as_ref().and_then(|s| s.node.as_deref()).or(w
+            .spec
+            .adopt
+            .as_ref()
+            .map(|a| a.node_name.as_str()));
+        (shared || w_node == Some(node)).then_some((w.as_ref(), w_node))
+    })
+}
+
+/// Another VM that attaches the volume `volume` of the StoragePool object `pool`, or has it as an
+/// overlay's base, where `vm` on `node` sees it: `(namespace/name, its field)`. Such a volume is
+/// not deleted with `vm` even when `vm` created it.
+pub fn volume_used_by(
+    vm: &VirtualMachine,
+    world: &World,
+    node: &str,
+    pool: &str,
+    volume: &str,
+) -> Option<(String, String)> {
+    neighbours(vm, world, node, pool).find_map(|(w, _)| {
+        w.spec.disks.iter().enumerate().find_map(|(j, d)| {
+            let uses = d
+                .existing
+                .as_ref()
+                .is_some_and(|e| e.pool == pool && e.volume == volume)
+                || d.overlay
+                    .as_ref()
+                    .is_some_and(|o| o.pool == pool && o.base == volume);
+            uses.then(|| {
+                (
+                    format!("{}/{}", w.namespace().unwrap_or_default(), w.name_any()),
+                    format!("spec.disks[{j}].{}", disk_kind(d)),
+                )
+            })
+        })
+    })
+}
+
 /// What a VM does with a volume it did not create.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Use {
@@ -236,19 +291,7 @@ fn volume_taken_by(
     volume: &str,
 ) -> Option<(String, String, &'static str)> {
     let ns = vm.namespace().unwrap_or_default();
-    let shared = world.pool(&ns, pool).is_some_and(|p| p.spec.is_shared());
-    for w in &world.vms {
-        if w.uid() == vm.uid() || w.namespace().as_deref() != Some(ns.as_str()) {
-            continue;
-        }
-        let w_node = w.status.as_ref().and_then(|s| s.node.as_deref()).or(w
-            .spec
-            .adopt
-            .as_ref()
-            .map(|a| a.node_name.as_str()));
-        if !shared && w_node != Some(node) {
-            continue;
-        }
+    for (w, w_node) in neighbours(vm, world, node, pool) {
         let w_name = w.name_any();
         // a copy is whole only of a disk no guest writes: its VM is stopped and meant to stay so
         let running = || {
