@@ -1473,7 +1473,7 @@ async fn a_created_volume_another_vm_attaches_outlives_its_creator() {
         lab.volumes("host1", &pname).await,
         std::slice::from_ref(&volume)
     );
-    // no VM uses it any more: the cleanup deletes it
+    // with no VM using it, the same cleanup deletes it
     lab.world
         .vms
         .retain(|v| v.metadata.uid != user.metadata.uid);
