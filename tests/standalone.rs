@@ -428,6 +428,76 @@ fn adopting(dir: &Path, node: &Path, more: &str) -> PathBuf {
     files
 }
 
+/// A VM asking for a volume that a domain outside the operator has as a disk (on a test-driver
+/// node, which runs the domains of its file) is refused before anything of it is made, naming
+/// that domain and the way to take it over instead (`spec.adopt`); a clone of that volume
+/// waits, since its guest is writing it.
+#[test]
+fn a_volume_an_unmanaged_domain_has_is_not_attached_to_a_second_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_file(
+        dir.path(),
+        "<pool type='dir'><name>held</name><uuid>35bb2ad9-388a-cdfe-461a-b8907f6e53fe</uuid>         <capacity>107374182400</capacity><allocation>0</allocation><available>107374182400</available>         <target><path>/held</path></target>         <volume type='file'><name>db.qcow2</name><capacity>1073741824</capacity><allocation>0</allocation>         <target><path>/held/db.qcow2</path><format type='qcow2'/></target></volume></pool>         <domain type='test'><name>legacy-db</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>         <devices><disk type='file' device='disk'><source file='/held/db.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+    );
+    let m = dir.path().join("vms.yaml");
+    std::fs::write(
+        &m,
+        format!(
+            "apiVersion: kvm-operator.io/v1alpha1
+kind: KvmNode
+metadata: {{name: n0}}
+spec: {{address: localhost, libvirtUri: \"test://{}\"}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: StoragePool
+metadata: {{name: held}}
+spec: {{nodeName: n0, type: dir, targetPath: /held}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: borrower}}
+spec:
+  vcpus: 1
+  memory: 64Mi
+  disks: [{{name: data, existing: {{pool: held, volume: db.qcow2}}}}]
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: copier}}
+spec:
+  vcpus: 1
+  memory: 64Mi
+  disks: [{{name: root, clone: {{pool: held, template: db.qcow2}}}}]
+",
+            node.display()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["standalone", "--once", "--timeout", "60", "-f"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for part in [
+        "VirtualMachine/default/borrower: VolumeInUse",
+        "spec.disks[0].existing: volume \"db.qcow2\"",
+        "domain \"legacy-db\" on KvmNode n0 (running, not managed by this operator)",
+        "spec.adopt",
+        "VirtualMachine/default/copier: VolumeInUse",
+        "spec.disks[0].clone: template \"db.qcow2\" in pool \"held\" is a disk of domain \"legacy-db\"",
+    ] {
+        assert!(stderr.contains(part), "{part}: {stderr}");
+    }
+    let st = state(&dir.path().join(".kvm-operator"));
+    let status =
+        |name: &str| st["objects"][format!("VirtualMachine/default/{name}")]["status"].clone();
+    for name in ["borrower", "copier"] {
+        assert!(status(name)["domainUuid"].is_null(), "{name}: {stderr}");
+    }
+}
+
 /// The UID stamped on a domain is in the state file before the stamp is made: a run that
 /// crashed right after stamping would otherwise give the VM a new UID on restart, and its
 /// domain would then look foreign. An adoption stamps in the very first round; the state file

@@ -169,6 +169,19 @@ pub struct BulkListing {
     pub fresh: bool,
 }
 
+/// A domain of the node that has a volume as a writable disk ([`Connection::disk_holders`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiskHolder {
+    /// The domain's name.
+    pub domain: String,
+    /// Running or paused: its guest may be writing the volume now.
+    pub active: bool,
+    /// Our ownership stamp on it, if it carries one.
+    pub owner: Option<Owner>,
+    /// Its definition could not be parsed, so it could not be ruled out.
+    pub unreadable: bool,
+}
+
 /// One observation of a domain ([`Connection::read_domain`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DomainReading {
@@ -740,6 +753,78 @@ impl Connection {
             live,
             ips,
         }))
+    }
+
+    /// For each volume of `vols` (`(libvirt pool, volume, path)`), the domains of the node that
+    /// have it as a writable disk (not a cdrom, not read-only), by its path (a file, a block
+    /// device, a network disk's name) or by pool and volume: a running domain as it runs, another
+    /// as it would start. A definition that cannot be parsed counts as holding every one (it
+    /// cannot be ruled out); a domain undefined while the node is read is left out.
+    pub fn disk_holders(
+        &self,
+        vols: &[(String, String, String)],
+    ) -> Result<Vec<Vec<DiskHolder>>, HvError> {
+        let mut out = vec![Vec::new(); vols.len()];
+        if vols.is_empty() {
+            return Ok(out);
+        }
+        let gone = |e: &virt::error::Error| {
+            e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain)
+        };
+        let doms = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| self.err("list domains", e))?;
+        for d in &doms {
+            let read = d.name().and_then(|name| {
+                let active = d.is_active()?;
+                let flags = if active {
+                    0
+                } else {
+                    sys::VIR_DOMAIN_XML_INACTIVE
+                };
+                Ok((name, active, d.xml_desc(flags)?))
+            });
+            let (domain, active, text) = match read {
+                Ok(r) => r,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(self.err("read domain disks", e)),
+            };
+            let Ok(x) = DomainXml::parse(&text) else {
+                for holders in &mut out {
+                    holders.push(DiskHolder {
+                        domain: domain.clone(),
+                        active,
+                        owner: None,
+                        unreadable: true,
+                    });
+                }
+                continue;
+            };
+            for (i, (pool, vol, path)) in vols.iter().enumerate() {
+                let holds = x.devices.disk.iter().any(|k| {
+                    k.device != "cdrom"
+                        && k.readonly.is_none()
+                        && k.source.as_ref().is_some_and(|s| {
+                            [&s.file, &s.dev, &s.name]
+                                .into_iter()
+                                .flatten()
+                                .any(|p| p == path)
+                                || (s.pool.as_deref() == Some(pool.as_str())
+                                    && s.volume.as_deref() == Some(vol.as_str()))
+                        })
+                });
+                if holds {
+                    out[i].push(DiskHolder {
+                        domain: domain.clone(),
+                        active,
+                        owner: x.owner().cloned(),
+                        unreadable: false,
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// A running guest's addresses ([`guest_ips`]), from the sources that can know them: the

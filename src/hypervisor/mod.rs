@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use connection::{
-    BulkListing, Connection, DeviceScope, DomainInfo, DomainReading, DomainState, DomainSummary,
-    ShutdownOutcome, StateDetail,
+    BulkListing, Connection, DeviceScope, DiskHolder, DomainInfo, DomainReading, DomainState,
+    DomainSummary, ShutdownOutcome, StateDetail,
 };
 
 use crate::api::kvm_node::KvmNodeSpec;

@@ -4,9 +4,12 @@ use std::collections::BTreeMap;
 
 use crate::hypervisor::domain_xml::DomainXml;
 use crate::hypervisor::storage::VolumeInfo;
-use crate::hypervisor::{Connection, HvError, Hypervisor, StateDetail};
+use crate::hypervisor::{Connection, DiskHolder, HvError, Hypervisor, StateDetail};
 
-use super::plan::Resolved;
+use super::plan::{Resolved, Source};
+
+/// A volume by `(libvirt pool, volume)`.
+type VolumeKey = (String, String);
 
 /// The domain as the host has it.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +35,10 @@ pub struct Observed {
     pub domain: Option<DomainObs>,
     /// Volumes by `(pool, volume)` (libvirt names); `None` when missing.
     pub volumes: BTreeMap<(String, String), Option<VolumeInfo>>,
+    /// While the VM has no domain on the node: the node's domains that have, as a writable
+    /// disk, a volume it would attach (`existing`), build an overlay on, or copy (a `clone`
+    /// template, while the copy is not made), by `(pool, volume)`. Empty once it has a domain.
+    pub holders: BTreeMap<(String, String), Vec<DiskHolder>>,
 }
 
 /// Reads the domain and every volume the VM uses.
@@ -51,6 +58,21 @@ pub fn reader(
         .iter()
         .map(|d| (d.pool.clone(), d.volume.clone()))
         .chain(r.seed.iter().map(|s| (s.pool.clone(), s.volume.clone())))
+        .collect();
+    // the volumes whose other users matter before the domain is made, and whether each matters
+    // only while the disk's own volume is missing (a clone's template)
+    let shared: Vec<(VolumeKey, Option<VolumeKey>)> = r
+        .disks
+        .iter()
+        .filter_map(|d| match &d.source {
+            Source::Existing => Some(((d.pool.clone(), d.volume.clone()), None)),
+            Source::Overlay { base, .. } => Some(((d.pool.clone(), base.clone()), None)),
+            Source::Clone { template, .. } => Some((
+                (d.pool.clone(), template.clone()),
+                Some((d.pool.clone(), d.volume.clone())),
+            )),
+            _ => None,
+        })
         .collect();
     move |c| {
         // one lookup: the persistent definition, the state, the live definition when it runs
@@ -80,6 +102,34 @@ pub fn reader(
             };
             volumes.insert((pool, vol), info);
         }
-        Ok(Observed { domain, volumes })
+        let mut holders = BTreeMap::new();
+        if domain.is_none() {
+            let mut paths = Vec::new();
+            for (key, until) in shared {
+                if until.is_some_and(|made| volumes.get(&made).is_some_and(Option::is_some)) {
+                    continue;
+                }
+                let path = match volumes.get(&key) {
+                    Some(Some(v)) => v.path.clone(),
+                    Some(None) => continue,
+                    None => match c.volume_info(&key.0, &key.1) {
+                        Ok(v) => v.path,
+                        Err(HvError::NotFound { .. }) => continue,
+                        Err(e) => return Err(e),
+                    },
+                };
+                paths.push((key.0, key.1, path));
+            }
+            for ((pool, vol, _), found) in paths.iter().zip(c.disk_holders(&paths)?) {
+                if !found.is_empty() {
+                    holders.insert((pool.clone(), vol.clone()), found);
+                }
+            }
+        }
+        Ok(Observed {
+            domain,
+            volumes,
+            holders,
+        })
     }
 }

@@ -208,14 +208,14 @@ fn goes_before(a: &VirtualMachine, b: &VirtualMachine) -> bool {
 }
 
 /// The other VMs that can see the same volumes of the StoragePool object `pool` as `vm` on
-/// `node`, with their node: those of its namespace (pools are namespaced) and, unless the pool
+/// `node`: those of its namespace (pools are namespaced) and, unless the pool
 /// is shared, on that node (a node-local pool's volume of a name elsewhere is another volume).
 fn neighbours<'a>(
     vm: &'a VirtualMachine,
     world: &'a World,
     node: &'a str,
     pool: &str,
-) -> impl Iterator<Item = (&'a VirtualMachine, Option<&'a str>)> {
+) -> impl Iterator<Item = &'a VirtualMachine> {
     let ns = vm.namespace();
     let shared = world
         .pool(ns.as_deref().unwrap_or_default(), pool)
@@ -229,7 +229,7 @@ fn neighbours<'a>(
             .adopt
             .as_ref()
             .map(|a| a.node_name.as_str()));
-        (shared || w_node == Some(node)).then_some((w.as_ref(), w_node))
+        (shared || w_node == Some(node)).then_some(w.as_ref())
     })
 }
 
@@ -243,7 +243,7 @@ pub fn volume_used_by(
     pool: &str,
     volume: &str,
 ) -> Option<(String, String)> {
-    neighbours(vm, world, node, pool).find_map(|(w, _)| {
+    neighbours(vm, world, node, pool).find_map(|w| {
         w.spec.disks.iter().enumerate().find_map(|(j, d)| {
             let uses = d
                 .existing
@@ -291,7 +291,7 @@ fn volume_taken_by(
     volume: &str,
 ) -> Option<(String, String, &'static str)> {
     let ns = vm.namespace().unwrap_or_default();
-    for (w, w_node) in neighbours(vm, world, node, pool) {
+    for w in neighbours(vm, world, node, pool) {
         let w_name = w.name_any();
         // a copy is whole only of a disk no guest writes: its VM is stopped and meant to stay so
         let running = || {
@@ -318,20 +318,9 @@ fn volume_taken_by(
                     "creates and uses it"
                 }
             } else if attaches && want == Use::Copy {
-                // an attacher refused the volume itself (and never given it) does not write it
-                let refused = || {
-                    w.status.as_ref().is_none_or(|s| s.domain_uuid.is_none())
-                        && volume_taken_by(
-                            w,
-                            Use::Attach,
-                            world,
-                            w_node.unwrap_or(node),
-                            pool,
-                            volume,
-                        )
-                        .is_some()
-                };
-                if !running() || refused() {
+                // an attacher whose domain is not defined (refused the volume, or not made yet)
+                // does not write it
+                if !running() || w.status.as_ref().is_none_or(|s| s.domain_uuid.is_none()) {
                     continue;
                 }
                 "attaches it, and its guest runs or is meant to (a copy of a disk being written is torn: set that VM's runStrategy to Stopped until the copy is made, or clone from a template)"
@@ -898,6 +887,45 @@ fn live_steps(
     }
 }
 
+/// The first of `holders` (the node's domains with a volume as a writable disk) that is not
+/// this VM's own, and running when `running_only`, described for a message.
+fn held_by(
+    holders: Option<&Vec<crate::hypervisor::DiskHolder>>,
+    r: &Resolved,
+    running_only: bool,
+) -> Option<String> {
+    let h = holders?.iter().find(|h| {
+        h.owner.as_ref().is_none_or(|o| o.uid != r.owner.uid) && (h.active || !running_only)
+    })?;
+    let state = if h.unreadable {
+        "its definition could not be read to rule it out"
+    } else if h.active {
+        "running"
+    } else {
+        "defined, not running"
+    };
+    let whose = h.owner.as_ref().map_or_else(
+        || ", not managed by this operator".to_string(),
+        |o| format!(", managed by VirtualMachine {}/{}", o.namespace, o.name),
+    );
+    Some(format!(
+        "domain {:?} on KvmNode {} ({state}{whose})",
+        h.domain, r.node
+    ))
+}
+
+/// `spec.disks[i].<kind>` of the spec disk named `name`.
+fn disk_field(vm: &VirtualMachine, name: &str) -> String {
+    vm.spec
+        .disks
+        .iter()
+        .position(|d| d.name == name)
+        .map_or_else(
+            || format!("disk {name}"),
+            |i| format!("spec.disks[{i}].{}", disk_kind(&vm.spec.disks[i])),
+        )
+}
+
 /// The steps for one round. `restarts` and `last_restart` come from status; `now` is the clock.
 pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) -> Plan {
     let mut p = Plan::default();
@@ -923,6 +951,24 @@ pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) 
                 p.blocked = Some(blocked(
                     "VolumeInUse",
                     why.clone(),
+                    Some(Duration::from_secs(30)),
+                ));
+                return p;
+            }
+            Source::Clone { template, .. }
+                if let Some(who) = held_by(
+                    observed.holders.get(&(d.pool.clone(), template.clone())),
+                    r,
+                    true,
+                ) =>
+            {
+                p.blocked = Some(blocked(
+                    "VolumeInUse",
+                    format!(
+                        "{}: template {template:?} in pool {:?} is a disk of {who}: a copy of a disk being written is torn. Stop that guest until the copy is made, or clone from a template no guest runs on",
+                        disk_field(vm, &d.name),
+                        d.pool
+                    ),
                     Some(Duration::from_secs(30)),
                 ));
                 return p;
@@ -990,6 +1036,35 @@ pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) 
             return p;
         }
         let Some(plan) = plan else { return p };
+        // a volume it writes, or builds an overlay on, must not be another domain's disk
+        for d in &r.disks {
+            let (what, key, hint) = match &d.source {
+                Source::Existing => (
+                    format!("volume {:?}", d.volume),
+                    (d.pool.clone(), d.volume.clone()),
+                    "two guests writing to one volume corrupt it. Adopt that domain instead (spec.adopt), or give this VM a volume of its own",
+                ),
+                Source::Overlay { base, .. } => (
+                    format!("base {base:?}"),
+                    (d.pool.clone(), base.clone()),
+                    "an overlay needs a base that never changes. Build it on a template no guest writes, or clone the volume instead",
+                ),
+                _ => continue,
+            };
+            if let Some(who) = held_by(observed.holders.get(&key), r, false) {
+                p.steps.clear();
+                p.blocked = Some(blocked(
+                    "VolumeInUse",
+                    format!(
+                        "{}: {what} in pool {:?} is a writable disk of {who}; {hint}",
+                        disk_field(vm, &d.name),
+                        d.pool
+                    ),
+                    Some(Duration::from_secs(60)),
+                ));
+                return p;
+            }
+        }
         p.steps.push(Step::Define {
             plan: Box::new(plan),
             uuid: None,
@@ -1391,6 +1466,153 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_another_domain_of_the_node_writes_is_not_attached_built_on_or_copied_while_it_runs()
+    {
+        use crate::hypervisor::DiskHolder;
+        let holder = |domain: &str, active: bool, uid: Option<&str>| DiskHolder {
+            domain: domain.into(),
+            active,
+            owner: uid.map(|u| Owner {
+                xmlns: crate::hypervisor::domain_xml::OWNER_NS.into(),
+                uid: u.into(),
+                namespace: "prod".into(),
+                name: "other".into(),
+            }),
+            unreadable: false,
+        };
+        let held = |r: &Resolved, pool_vol: (&str, &str), h: Vec<DiskHolder>| Observed {
+            volumes: r
+                .disks
+                .iter()
+                .filter(|d| !matches!(d.source, Source::Clone { .. }))
+                .map(|d| vol(&d.pool, &d.volume))
+                .collect(),
+            holders: [((pool_vol.0.to_string(), pool_vol.1.to_string()), h)]
+                .into_iter()
+                .collect(),
+            ..Observed::default()
+        };
+        let attach = basic(serde_json::json!({"disks": [
+            {"name": "root", "new": {"pool": "images", "size": "1Gi"}},
+            {"name": "data", "existing": {"pool": "images", "volume": "db.qcow2"}},
+        ]}));
+        let r = resolved(&attach);
+        let pool = r.disks[1].pool.clone();
+        // an unmanaged domain, even stopped, has it: nothing is made, and the message says
+        // which domain and how to take it over instead
+        let p = plan(
+            &attach,
+            &r,
+            &held(
+                &r,
+                (&pool, "db.qcow2"),
+                vec![holder("legacy-db", false, None)],
+            ),
+            &now(),
+        );
+        let b = p.blocked.clone().unwrap_or_else(|| panic!("blocked"));
+        assert_eq!(b.reason, "VolumeInUse");
+        for part in [
+            "spec.disks[1].existing",
+            "\"legacy-db\"",
+            "defined, not running",
+            "not managed by this operator",
+            "spec.adopt",
+        ] {
+            assert!(b.message.contains(part), "{part}: {}", b.message);
+        }
+        assert!(p.steps.is_empty(), "{:?}", kinds(&p));
+        // a domain of another VM of ours is named as that VM
+        let p = plan(
+            &attach,
+            &r,
+            &held(
+                &r,
+                (&pool, "db.qcow2"),
+                vec![holder("prod_other", true, Some("uid-9"))],
+            ),
+            &now(),
+        );
+        let b = p.blocked.unwrap_or_else(|| panic!("blocked"));
+        assert!(
+            b.message
+                .contains("running, managed by VirtualMachine prod/other"),
+            "{}",
+            b.message
+        );
+        // its own stamp (a domain of this VM found under another name) is not a conflict
+        let p = plan(
+            &attach,
+            &r,
+            &held(
+                &r,
+                (&pool, "db.qcow2"),
+                vec![holder("renamed", false, Some("uid-1"))],
+            ),
+            &now(),
+        );
+        assert!(p.blocked.is_none(), "{:?}", p.blocked);
+        assert!(kinds(&p).contains(&"Define"));
+        // an overlay's base
+        let overlay = basic(serde_json::json!({"disks": [
+            {"name": "root", "overlay": {"pool": "images", "base": "golden.qcow2"}},
+        ]}));
+        let r = resolved(&overlay);
+        let p = plan(
+            &overlay,
+            &r,
+            &held(
+                &r,
+                (&pool, "golden.qcow2"),
+                vec![holder("builder", false, None)],
+            ),
+            &now(),
+        );
+        let b = p.blocked.unwrap_or_else(|| panic!("blocked"));
+        assert!(
+            b.message
+                .starts_with("spec.disks[0].overlay: base \"golden.qcow2\""),
+            "{}",
+            b.message
+        );
+        // a clone's template: only a running holder stops the copy
+        let copy = basic(serde_json::json!({"disks": [
+            {"name": "root", "clone": {"pool": "images", "template": "golden.qcow2"}},
+        ]}));
+        let r = resolved(&copy);
+        let p = plan(
+            &copy,
+            &r,
+            &held(
+                &r,
+                (&pool, "golden.qcow2"),
+                vec![holder("builder", false, None)],
+            ),
+            &now(),
+        );
+        assert!(p.blocked.is_none(), "{:?}", p.blocked);
+        assert_eq!(kinds(&p).first(), Some(&"CloneVolume"));
+        let p = plan(
+            &copy,
+            &r,
+            &held(
+                &r,
+                (&pool, "golden.qcow2"),
+                vec![holder("builder", true, None)],
+            ),
+            &now(),
+        );
+        let b = p.blocked.unwrap_or_else(|| panic!("blocked"));
+        assert!(
+            b.message
+                .starts_with("spec.disks[0].clone: template \"golden.qcow2\""),
+            "{}",
+            b.message
+        );
+        assert!(b.message.contains("running"), "{}", b.message);
+    }
+
+    #[test]
     fn a_volume_another_vm_writes_is_not_attached_built_on_or_copied_while_written() {
         let attach = |volume: &str| {
             basic(serde_json::json!({"disks": [
@@ -1595,7 +1817,7 @@ mod tests {
         if let Some(st) = stopped.status.as_mut() {
             st.power_state = Some(crate::api::virtual_machine::PowerState::Stopped);
         }
-        // a VM that would attach it, refused it itself and never defined, writes nothing
+        // a VM that would attach it, with no domain defined (refused it), writes nothing
         let refused = other(
             "prod",
             "borrower",

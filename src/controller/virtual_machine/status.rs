@@ -320,7 +320,7 @@ mod tests {
                 persistent_text: "<domain/>".into(),
                 ips,
             }),
-            volumes: Default::default(),
+            ..Observed::default()
         }
     }
 
