@@ -428,6 +428,10 @@ fn adopting(dir: &Path, node: &Path, more: &str) -> PathBuf {
     files
 }
 
+/// A test-driver node file's pool `held` (at /held) with a volume `db.qcow2`, and a domain
+/// `legacy-db`, not managed by the operator, that has that volume as its disk.
+const HELD: &str = "<pool type='dir'><name>held</name><uuid>35bb2ad9-388a-cdfe-461a-b8907f6e53fe</uuid>         <capacity>107374182400</capacity><allocation>0</allocation><available>107374182400</available>         <target><path>/held</path></target>         <volume type='file'><name>db.qcow2</name><capacity>1073741824</capacity><allocation>0</allocation>         <target><path>/held/db.qcow2</path><format type='qcow2'/></target></volume></pool>         <domain type='test'><name>legacy-db</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>         <devices><disk type='file' device='disk'><source file='/held/db.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>";
+
 /// A VM asking for a volume that a domain outside the operator has as a disk (on a test-driver
 /// node, which runs the domains of its file) is refused before anything of it is made, naming
 /// that domain and the way to take it over instead (`spec.adopt`); a clone of that volume
@@ -435,10 +439,7 @@ fn adopting(dir: &Path, node: &Path, more: &str) -> PathBuf {
 #[test]
 fn a_volume_an_unmanaged_domain_has_is_not_attached_to_a_second_guest() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node_file(
-        dir.path(),
-        "<pool type='dir'><name>held</name><uuid>35bb2ad9-388a-cdfe-461a-b8907f6e53fe</uuid>         <capacity>107374182400</capacity><allocation>0</allocation><available>107374182400</available>         <target><path>/held</path></target>         <volume type='file'><name>db.qcow2</name><capacity>1073741824</capacity><allocation>0</allocation>         <target><path>/held/db.qcow2</path><format type='qcow2'/></target></volume></pool>         <domain type='test'><name>legacy-db</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>         <devices><disk type='file' device='disk'><source file='/held/db.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
-    );
+    let node = node_file(dir.path(), HELD);
     let m = dir.path().join("vms.yaml");
     std::fs::write(
         &m,
@@ -496,6 +497,68 @@ spec:
     for name in ["borrower", "copier"] {
         assert!(status(name)["domainUuid"].is_null(), "{name}: {stderr}");
     }
+}
+
+/// A disk added to a running VM's spec is checked like a new VM's: a volume an unmanaged
+/// domain of the node has is not hot-plugged (`VolumeInUse`), and the VM keeps running as it
+/// was. One process, so the test-driver node keeps its state between the two runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_an_unmanaged_domain_has_is_not_hot_plugged_into_a_running_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_file(dir.path(), HELD);
+    let files = dir.path().join("m");
+    std::fs::create_dir(&files).unwrap();
+    let manifests = |extra: &str| {
+        format!(
+            "apiVersion: kvm-operator.io/v1alpha1
+kind: KvmNode
+metadata: {{name: n0}}
+spec: {{address: localhost, libvirtUri: \"test://{}\"}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: StoragePool
+metadata: {{name: held}}
+spec: {{nodeName: n0, type: dir, targetPath: /held}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: grower}}
+spec:
+  vcpus: 1
+  memory: 64Mi
+  disks:
+    - {{name: root, new: {{pool: held, size: 1Gi}}}}
+{extra}",
+            node.display()
+        )
+    };
+    std::fs::write(files.join("all.yaml"), manifests("")).unwrap();
+    let mut s = runner(&files, &dir.path().join("state"));
+    s.run().await.unwrap();
+    let before = vm(&s, "grower").status.clone().unwrap();
+    assert_eq!(before.power_state, Some(PowerState::Running));
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(
+        files.join("all.yaml"),
+        manifests("    - {name: data, existing: {pool: held, volume: db.qcow2}}\n"),
+    )
+    .unwrap();
+    let _ = s.run().await;
+    let after = vm(&s, "grower").status.clone().unwrap();
+    let ready = after
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.reason, "VolumeInUse", "{ready:?}");
+    assert!(
+        ready.message.contains("spec.disks[1].existing") && ready.message.contains("\"legacy-db\""),
+        "{ready:?}"
+    );
+    assert_eq!(after.power_state, Some(PowerState::Running));
+    assert_eq!(after.domain_uuid, before.domain_uuid);
+    let disks = after.observed.map(|o| o.disks.len());
+    assert_eq!(disks, Some(1), "nothing attached");
 }
 
 /// The UID stamped on a domain is in the state file before the stamp is made: a run that

@@ -11,6 +11,14 @@ use super::plan::{Resolved, Source};
 /// A volume by `(libvirt pool, volume)`.
 type VolumeKey = (String, String);
 
+/// How long another domain's use of a volume matters to a VM.
+enum Until {
+    /// Until its domain has the disk of that name (attached, or built on as an overlay).
+    Disk(String),
+    /// Until this volume (a clone made from it) exists.
+    Volume(VolumeKey),
+}
+
 /// The domain as the host has it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DomainObs {
@@ -35,9 +43,9 @@ pub struct Observed {
     pub domain: Option<DomainObs>,
     /// Volumes by `(pool, volume)` (libvirt names); `None` when missing.
     pub volumes: BTreeMap<(String, String), Option<VolumeInfo>>,
-    /// While the VM has no domain on the node: the node's domains that have, as a writable
-    /// disk, a volume it would attach (`existing`), build an overlay on, or copy (a `clone`
-    /// template, while the copy is not made), by `(pool, volume)`. Empty once it has a domain.
+    /// The node's domains that have, as a writable disk, a volume the VM is about to attach
+    /// (`existing`) or build an overlay on (while its domain does not have that disk), or to
+    /// copy (a `clone` template, while the copy is not made), by `(pool, volume)`.
     pub holders: BTreeMap<(String, String), Vec<DiskHolder>>,
 }
 
@@ -59,17 +67,22 @@ pub fn reader(
         .map(|d| (d.pool.clone(), d.volume.clone()))
         .chain(r.seed.iter().map(|s| (s.pool.clone(), s.volume.clone())))
         .collect();
-    // the volumes whose other users matter before the domain is made, and whether each matters
-    // only while the disk's own volume is missing (a clone's template)
-    let shared: Vec<(VolumeKey, Option<VolumeKey>)> = r
+    // the volumes whose other users matter, and when: a volume attached or built on, until the
+    // domain has that disk; a clone's template, until the copy exists
+    let shared: Vec<(VolumeKey, Until)> = r
         .disks
         .iter()
         .filter_map(|d| match &d.source {
-            Source::Existing => Some(((d.pool.clone(), d.volume.clone()), None)),
-            Source::Overlay { base, .. } => Some(((d.pool.clone(), base.clone()), None)),
+            Source::Existing => Some((
+                (d.pool.clone(), d.volume.clone()),
+                Until::Disk(d.name.clone()),
+            )),
+            Source::Overlay { base, .. } => {
+                Some(((d.pool.clone(), base.clone()), Until::Disk(d.name.clone())))
+            }
             Source::Clone { template, .. } => Some((
                 (d.pool.clone(), template.clone()),
-                Some((d.pool.clone(), d.volume.clone())),
+                Until::Volume((d.pool.clone(), d.volume.clone())),
             )),
             _ => None,
         })
@@ -103,12 +116,15 @@ pub fn reader(
             volumes.insert((pool, vol), info);
         }
         let mut holders = BTreeMap::new();
-        if domain.is_none() {
-            let mut paths = Vec::new();
-            for (key, until) in shared {
-                if until.is_some_and(|made| volumes.get(&made).is_some_and(Option::is_some)) {
-                    continue;
-                }
+        let mut paths = Vec::new();
+        for (key, until) in shared {
+            let done = match &until {
+                Until::Disk(name) => domain.as_ref().is_some_and(|d| {
+                    crate::hypervisor::domain_spec::device_named(&d.persistent, name).is_some()
+                }),
+                Until::Volume(made) => volumes.get(made).is_some_and(Option::is_some),
+            };
+            if !done {
                 let path = match volumes.get(&key) {
                     Some(Some(v)) => v.path.clone(),
                     Some(None) => continue,
@@ -120,10 +136,10 @@ pub fn reader(
                 };
                 paths.push((key.0, key.1, path));
             }
-            for ((pool, vol, _), found) in paths.iter().zip(c.disk_holders(&paths)?) {
-                if !found.is_empty() {
-                    holders.insert((pool.clone(), vol.clone()), found);
-                }
+        }
+        for ((pool, vol, _), found) in paths.iter().zip(c.disk_holders(&paths)?) {
+            if !found.is_empty() {
+                holders.insert((pool.clone(), vol.clone()), found);
             }
         }
         Ok(Observed {

@@ -929,6 +929,36 @@ fn disk_field(vm: &VirtualMachine, name: &str) -> String {
 /// The steps for one round. `restarts` and `last_restart` come from status; `now` is the clock.
 pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) -> Plan {
     let mut p = Plan::default();
+    // 0. a volume it is about to attach, or build an overlay on, must not be another domain's
+    // disk (observe reads the node's domains only for such volumes: before the domain is
+    // defined, or for a disk it does not have yet)
+    for d in &r.disks {
+        let (what, key, hint) = match &d.source {
+            Source::Existing => (
+                format!("volume {:?}", d.volume),
+                (d.pool.clone(), d.volume.clone()),
+                "two guests writing to one volume corrupt it. Adopt that domain instead (spec.adopt), or give this VM a volume of its own",
+            ),
+            Source::Overlay { base, .. } => (
+                format!("base {base:?}"),
+                (d.pool.clone(), base.clone()),
+                "an overlay needs a base that never changes. Build it on a template no guest writes, or clone the volume instead",
+            ),
+            _ => continue,
+        };
+        if let Some(who) = held_by(observed.holders.get(&key), r, false) {
+            p.blocked = Some(blocked(
+                "VolumeInUse",
+                format!(
+                    "{}: {what} in pool {:?} is a writable disk of {who}; {hint}",
+                    disk_field(vm, &d.name),
+                    d.pool
+                ),
+                Some(Duration::from_secs(60)),
+            ));
+            return p;
+        }
+    }
     // 1. volumes and seed
     for d in &r.disks {
         let present = observed
@@ -1036,35 +1066,6 @@ pub fn plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed, now: &Time) 
             return p;
         }
         let Some(plan) = plan else { return p };
-        // a volume it writes, or builds an overlay on, must not be another domain's disk
-        for d in &r.disks {
-            let (what, key, hint) = match &d.source {
-                Source::Existing => (
-                    format!("volume {:?}", d.volume),
-                    (d.pool.clone(), d.volume.clone()),
-                    "two guests writing to one volume corrupt it. Adopt that domain instead (spec.adopt), or give this VM a volume of its own",
-                ),
-                Source::Overlay { base, .. } => (
-                    format!("base {base:?}"),
-                    (d.pool.clone(), base.clone()),
-                    "an overlay needs a base that never changes. Build it on a template no guest writes, or clone the volume instead",
-                ),
-                _ => continue,
-            };
-            if let Some(who) = held_by(observed.holders.get(&key), r, false) {
-                p.steps.clear();
-                p.blocked = Some(blocked(
-                    "VolumeInUse",
-                    format!(
-                        "{}: {what} in pool {:?} is a writable disk of {who}; {hint}",
-                        disk_field(vm, &d.name),
-                        d.pool
-                    ),
-                    Some(Duration::from_secs(60)),
-                ));
-                return p;
-            }
-        }
         p.steps.push(Step::Define {
             plan: Box::new(plan),
             uuid: None,
@@ -1521,6 +1522,19 @@ mod tests {
         ] {
             assert!(b.message.contains(part), "{part}: {}", b.message);
         }
+        assert!(p.steps.is_empty(), "{:?}", kinds(&p));
+        // ... before any of its volumes is made
+        let bare = Observed {
+            holders: held(
+                &r,
+                (&pool, "db.qcow2"),
+                vec![holder("legacy-db", false, None)],
+            )
+            .holders,
+            ..Observed::default()
+        };
+        let p = plan(&attach, &r, &bare, &now());
+        assert_eq!(p.blocked.as_ref().map(|b| b.reason), Some("VolumeInUse"));
         assert!(p.steps.is_empty(), "{:?}", kinds(&p));
         // a domain of another VM of ours is named as that VM
         let p = plan(
