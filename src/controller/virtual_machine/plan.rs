@@ -207,35 +207,62 @@ fn goes_before(a: &VirtualMachine, b: &VirtualMachine) -> bool {
     key(a) < key(b)
 }
 
-/// The other VMs that can see the same volumes of the StoragePool object `pool` as `vm` on
-/// `node`: those of its namespace (pools are namespaced) and, unless the pool
-/// is shared, on that node (a node-local pool's volume of a name elsewhere is another volume).
-fn neighbours<'a>(
-    vm: &'a VirtualMachine,
+/// Where the volumes of the StoragePool object `pool` of namespace `ns` are: its libvirt pool's
+/// name (objects of two namespaces can name the same one) and whether every node sees the same
+/// volumes. `None` for an object not known (nothing can be in it).
+fn pool_place(world: &World, ns: &str, pool: &str) -> Option<(String, bool)> {
+    world.pool(ns, pool).map(|p| {
+        (
+            super::super::storage_pool::plan::libvirt_name(p),
+            p.spec.is_shared(),
+        )
+    })
+}
+
+/// The disks of the other VMs, of any namespace, that are in the same libvirt pool as `vm`'s
+/// StoragePool object `pool` on `node`: those on that node, or anywhere when the pool is shared
+/// (a node-local pool's volume of a name elsewhere is another volume). As (VM, index, disk).
+fn disks_beside<'a>(
+    vm: &VirtualMachine,
     world: &'a World,
-    node: &'a str,
+    node: &str,
     pool: &str,
-) -> impl Iterator<Item = &'a VirtualMachine> {
-    let ns = vm.namespace();
-    let shared = world
-        .pool(ns.as_deref().unwrap_or_default(), pool)
-        .is_some_and(|p| p.spec.is_shared());
-    world.vms.iter().filter_map(move |w| {
-        if w.uid() == vm.uid() || w.namespace() != ns {
-            return None;
+) -> Vec<(&'a VirtualMachine, usize, &'a Disk)> {
+    let mut out = Vec::new();
+    let Some((lv, shared)) = pool_place(world, &vm.namespace().unwrap_or_default(), pool) else {
+        return out;
+    };
+    for w in &world.vms {
+        if w.uid() == vm.uid() {
+            continue;
         }
         let w_node = w.status.as_ref().and_then(|s| s.node.as_deref()).or(w
             .spec
             .adopt
             .as_ref()
             .map(|a| a.node_name.as_str()));
-        (shared || w_node == Some(node)).then_some(w.as_ref())
-    })
+        if !shared && w_node != Some(node) {
+            continue;
+        }
+        let w_ns = w.namespace().unwrap_or_default();
+        for (j, d) in w.spec.disks.iter().enumerate() {
+            if disk_pool(d).is_some_and(|o| pool_place(world, &w_ns, o).is_some_and(|p| p.0 == lv))
+            {
+                out.push((w.as_ref(), j, d));
+            }
+        }
+    }
+    out
 }
 
-/// Another VM that attaches the volume `volume` of the StoragePool object `pool`, or has it as an
-/// overlay's base, where `vm` on `node` sees it: `(namespace/name, its field)`. Such a volume is
-/// not deleted with `vm` even when `vm` created it.
+/// `namespace/name` of a VM.
+fn ns_name(v: &VirtualMachine) -> String {
+    format!("{}/{}", v.namespace().unwrap_or_default(), v.name_any())
+}
+
+/// Another VM that attaches the volume `volume` of `vm`'s StoragePool object `pool`, or has it
+/// as an overlay's base, where `vm` on `node` sees it: `(namespace/name, its field)`. Such a
+/// volume is not deleted with `vm` even when `vm` created it.
 pub fn volume_used_by(
     vm: &VirtualMachine,
     world: &World,
@@ -243,23 +270,13 @@ pub fn volume_used_by(
     pool: &str,
     volume: &str,
 ) -> Option<(String, String)> {
-    neighbours(vm, world, node, pool).find_map(|w| {
-        w.spec.disks.iter().enumerate().find_map(|(j, d)| {
-            let uses = d
-                .existing
-                .as_ref()
-                .is_some_and(|e| e.pool == pool && e.volume == volume)
-                || d.overlay
-                    .as_ref()
-                    .is_some_and(|o| o.pool == pool && o.base == volume);
-            uses.then(|| {
-                (
-                    format!("{}/{}", w.namespace().unwrap_or_default(), w.name_any()),
-                    format!("spec.disks[{j}].{}", disk_kind(d)),
-                )
-            })
+    disks_beside(vm, world, node, pool)
+        .into_iter()
+        .find(|(_, _, d)| {
+            d.existing.as_ref().is_some_and(|e| e.volume == volume)
+                || d.overlay.as_ref().is_some_and(|o| o.base == volume)
         })
-    })
+        .map(|(w, j, d)| (ns_name(w), format!("spec.disks[{j}].{}", disk_kind(d))))
 }
 
 /// What a VM does with a volume it did not create.
@@ -278,10 +295,9 @@ enum Use {
 /// built on by a second one, and copied only while that VM's guest is not running (a copy of a
 /// disk being written is torn). A volume attached by one VM cannot be attached, or built on, by
 /// another, nor attached while another builds on it; between two such VMs the one that
-/// [`goes_before`] keeps it. Only VMs of the same namespace (pools are namespaced) count and,
-/// unless the pool is shared, only those on the same node (a node-local pool's volume of that
-/// name elsewhere is another volume). Returns that VM's `namespace/name`, its field, and what it
-/// does with the volume.
+/// [`goes_before`] keeps it. The VMs that count are those of [`disks_beside`]: any namespace's,
+/// on the same libvirt pool, and on the same node unless the pool is shared. Returns that VM's
+/// `namespace/name`, its field, and what it does with the volume.
 fn volume_taken_by(
     vm: &VirtualMachine,
     want: Use,
@@ -290,9 +306,7 @@ fn volume_taken_by(
     pool: &str,
     volume: &str,
 ) -> Option<(String, String, &'static str)> {
-    let ns = vm.namespace().unwrap_or_default();
-    for w in neighbours(vm, world, node, pool) {
-        let w_name = w.name_any();
+    for (w, j, d) in disks_beside(vm, world, node, pool) {
         // a copy is whole only of a disk no guest writes: its VM is stopped and meant to stay so
         let running = || {
             use crate::api::virtual_machine::PowerState;
@@ -302,41 +316,34 @@ fn volume_taken_by(
                     .and_then(|s| s.power_state)
                     .is_none_or(|p| !matches!(p, PowerState::Stopped | PowerState::Pending))
         };
-        for (j, d) in w.spec.disks.iter().enumerate() {
-            if disk_pool(d) != Some(pool) {
+        let attaches = d.existing.as_ref().is_some_and(|e| e.volume == volume);
+        let bases = d.overlay.as_ref().is_some_and(|o| o.base == volume);
+        let created = created_volume(&w.namespace().unwrap_or_default(), &w.name_any(), d)
+            .is_some_and(|v| v == volume);
+        let how = if created {
+            if want == Use::Copy && !running() {
                 continue;
             }
-            let attaches = d.existing.as_ref().is_some_and(|e| e.volume == volume);
-            let bases = d.overlay.as_ref().is_some_and(|o| o.base == volume);
-            let how = if created_volume(&ns, &w_name, d).is_some_and(|v| v == volume) {
-                if want == Use::Copy && !running() {
-                    continue;
-                }
-                if want == Use::Copy {
-                    "creates it, and its guest runs or is meant to (a copy of a disk being written is torn: set that VM's runStrategy to Stopped until the copy is made, or clone from a template)"
-                } else {
-                    "creates and uses it"
-                }
-            } else if attaches && want == Use::Copy {
-                // an attacher whose domain is not defined (refused the volume, or not made yet)
-                // does not write it
-                if !running() || w.status.as_ref().is_none_or(|s| s.domain_uuid.is_none()) {
-                    continue;
-                }
-                "attaches it, and its guest runs or is meant to (a copy of a disk being written is torn: set that VM's runStrategy to Stopped until the copy is made, or clone from a template)"
-            } else if attaches && goes_before(w, vm) {
-                "attaches it"
-            } else if bases && want == Use::Attach && goes_before(w, vm) {
-                "has it as the base of an overlay (writing to a base corrupts its overlays)"
+            if want == Use::Copy {
+                "creates it, and its guest runs or is meant to (a copy of a disk being written is torn: set that VM's runStrategy to Stopped until the copy is made, or clone from a template)"
             } else {
+                "creates and uses it"
+            }
+        } else if attaches && want == Use::Copy {
+            // an attacher whose domain is not defined (refused the volume, or not made yet)
+            // does not write it
+            if !running() || w.status.as_ref().is_none_or(|s| s.domain_uuid.is_none()) {
                 continue;
-            };
-            return Some((
-                format!("{ns}/{w_name}"),
-                format!("spec.disks[{j}].{}", disk_kind(d)),
-                how,
-            ));
-        }
+            }
+            "attaches it, and its guest runs or is meant to (a copy of a disk being written is torn: set that VM's runStrategy to Stopped until the copy is made, or clone from a template)"
+        } else if attaches && goes_before(w, vm) {
+            "attaches it"
+        } else if bases && want == Use::Attach && goes_before(w, vm) {
+            "has it as the base of an overlay (writing to a base corrupts its overlays)"
+        } else {
+            continue;
+        };
+        return Some((ns_name(w), format!("spec.disks[{j}].{}", disk_kind(d)), how));
     }
     None
 }
@@ -506,6 +513,28 @@ pub fn resolve(
                 "InvalidSpec",
                 format!(
                     "spec.disks[{i}]: the volume name {volume:?} would be longer than 255 characters; use a shorter VM, namespace or disk name"
+                ),
+                None,
+            ));
+        }
+        // `<namespace>-<vm>-<disk>` can come out the same for two VMs ("web" + "data-1" and
+        // "web-data" + "1"): the second would find the first one's volume made and use it
+        if source.created_by_us()
+            && let Some((w, j, _)) =
+                disks_beside(vm, world, node, obj)
+                    .into_iter()
+                    .find(|(w, _, x)| {
+                        created_volume(&w.namespace().unwrap_or_default(), &w.name_any(), x)
+                            .is_some_and(|v| v == volume)
+                            && goes_before(w, vm)
+                    })
+        {
+            return Err(blocked(
+                "VolumeNameClash",
+                format!(
+                    "spec.disks[{i}].{}: its volume would be named {volume:?} (<namespace>-<vm>-<disk>), the name of VirtualMachine {}'s spec.disks[{j}] volume; rename this disk (or the VM) so the two do not share one volume",
+                    disk_kind(d),
+                    ns_name(w)
                 ),
                 None,
             ));
@@ -1676,6 +1705,33 @@ mod tests {
             )
             .is_ok()
         );
+        // a StoragePool object of another namespace on the same libvirt pool holds the same
+        // volumes; one whose libvirt pool is another (poolName) does not
+        let dev_pool = |pool_name: Option<&str>| -> Arc<crate::api::StoragePool> {
+            let mut p = (*world().pools[0]).clone();
+            p.metadata.namespace = Some("dev".into());
+            p.spec.pool_name = pool_name.map(Into::into);
+            Arc::new(p)
+        };
+        let dev_db = other(
+            "dev",
+            "db",
+            serde_json::json!([{"name": "data", "new": {"pool": "images", "size": "1Gi"}}]),
+            Some("n1"),
+            false,
+        );
+        let mut w = with(vec![dev_db.clone()]);
+        w.pools.push(dev_pool(None));
+        let b = resolve(&attach("dev-db-data.qcow2"), "n1", &w, None).unwrap_err();
+        assert!(
+            b.message
+                .contains("VirtualMachine dev/db creates and uses it"),
+            "{}",
+            b.message
+        );
+        let mut w = with(vec![dev_db]);
+        w.pools.push(dev_pool(Some("dev-images")));
+        assert!(resolve(&attach("dev-db-data.qcow2"), "n1", &w, None).is_ok());
         // ... and so is one in another namespace, or a VM not placed yet
         for w in [
             other(
@@ -1844,6 +1900,35 @@ mod tests {
         let p = plan(&copy, &r, &Observed::default(), &now());
         assert!(p.blocked.is_none(), "{:?}", p.blocked);
         assert_eq!(kinds(&p).first(), Some(&"CloneVolume"));
+        // two VMs whose created volumes come out with the same name: the second is refused
+        let (web, web_data) = (
+            other(
+                "prod",
+                "web",
+                serde_json::json!([{"name": "data-1", "new": {"pool": "images", "size": "1Gi"}}]),
+                Some("n1"),
+                true,
+            ),
+            other(
+                "prod",
+                "web-data",
+                serde_json::json!([{"name": "1", "new": {"pool": "images", "size": "1Gi"}}]),
+                Some("n1"),
+                false,
+            ),
+        );
+        let w = with(vec![web.clone(), web_data.clone()]);
+        assert!(resolve(&web, "n1", &w, None).is_ok());
+        let b = resolve(&web_data, "n1", &w, None).unwrap_err();
+        assert_eq!(b.reason, "VolumeNameClash");
+        for part in [
+            "spec.disks[0].new",
+            "prod-web-data-1.qcow2",
+            "VirtualMachine prod/web's spec.disks[0]",
+            "rename",
+        ] {
+            assert!(b.message.contains(part), "{part}: {}", b.message);
+        }
         // the same VM's own disks are not a conflict with itself
         let own = other(
             "prod",
