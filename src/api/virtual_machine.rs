@@ -173,16 +173,19 @@ pub struct Disk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new: Option<NewVolume>,
     /// A full copy of a template volume (independent of the template afterwards). A volume that
-    /// another VM writes is copied only while that VM is stopped (`VolumeInUse` until then).
+    /// another VM or domain writes is copied only while its guest is stopped (`VolumeInUse`
+    /// until then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone: Option<CloneVolume>,
     /// A qcow2 overlay whose backing file is a base volume (fast; the base must stay unchanged,
-    /// so a volume another VM creates or attaches is refused: `VolumeInUse`).
+    /// so a volume another VM creates or attaches, or another domain has as a disk, is refused:
+    /// `VolumeInUse`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<OverlayVolume>,
     /// A volume that already exists; the operator never deletes it. It is written to, so it
-    /// belongs to this VM alone: a volume another VM of the namespace creates, attaches first,
-    /// or has as an overlay's base is refused (`VolumeInUse`).
+    /// belongs to this VM alone: a volume another VM creates, attaches first, or has as an
+    /// overlay's base, or that another domain of the node has as a disk, is refused
+    /// (`VolumeInUse`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub existing: Option<VolumeRef>,
     /// A read-only ISO image attached as a cdrom; the operator never deletes it.
