@@ -219,40 +219,80 @@ fn pool_place(world: &World, ns: &str, pool: &str) -> Option<(String, bool)> {
     })
 }
 
-/// The disks of the other VMs, of any namespace, that are in the same libvirt pool as `vm`'s
-/// StoragePool object `pool` on `node`: those on that node, or anywhere when the pool is shared
-/// (a node-local pool's volume of a name elsewhere is another volume). As (VM, index, disk).
+/// The disks of the other VMs, of any namespace, that name the volume `volume` (as the volume
+/// the operator creates for them, an `existing` volume, an overlay's base or a clone's template)
+/// in the same libvirt pool as `vm`'s StoragePool object `pool` on `node`: those on that node, or
+/// anywhere when the pool is shared (a node-local pool's volume of a name elsewhere is another
+/// volume). As (VM, index, disk). Names are compared first: pools are looked up only for the
+/// few disks that name the volume, so a pass over every VM stays cheap.
 fn disks_beside<'a>(
     vm: &VirtualMachine,
     world: &'a World,
     node: &str,
     pool: &str,
+    volume: &str,
 ) -> Vec<(&'a VirtualMachine, usize, &'a Disk)> {
     let mut out = Vec::new();
-    let Some((lv, shared)) = pool_place(world, &vm.namespace().unwrap_or_default(), pool) else {
-        return out;
-    };
+    let ns = vm.metadata.namespace.as_deref().unwrap_or_default();
+    let mut place = None;
     for w in &world.vms {
-        if w.uid() == vm.uid() {
+        if w.metadata.uid == vm.metadata.uid {
             continue;
         }
-        let w_node = w.status.as_ref().and_then(|s| s.node.as_deref()).or(w
-            .spec
-            .adopt
-            .as_ref()
-            .map(|a| a.node_name.as_str()));
-        if !shared && w_node != Some(node) {
-            continue;
-        }
-        let w_ns = w.namespace().unwrap_or_default();
+        let w_ns = w.metadata.namespace.as_deref().unwrap_or_default();
+        let w_name = w.metadata.name.as_deref().unwrap_or_default();
         for (j, d) in w.spec.disks.iter().enumerate() {
-            if disk_pool(d).is_some_and(|o| pool_place(world, &w_ns, o).is_some_and(|p| p.0 == lv))
-            {
+            let names = is_created_volume(w_ns, w_name, d, volume)
+                || d.existing.as_ref().is_some_and(|e| e.volume == volume)
+                || d.overlay.as_ref().is_some_and(|o| o.base == volume)
+                || d.clone.as_ref().is_some_and(|c| c.template == volume);
+            if !names {
+                continue;
+            }
+            let Some((lv, shared)) = place.get_or_insert_with(|| pool_place(world, ns, pool))
+            else {
+                return out;
+            };
+            let w_node = w.status.as_ref().and_then(|s| s.node.as_deref()).or(w
+                .spec
+                .adopt
+                .as_ref()
+                .map(|a| a.node_name.as_str()));
+            let same_pool = disk_pool(d)
+                .and_then(|o| pool_place(world, w_ns, o))
+                .is_some_and(|p| p.0 == *lv);
+            if same_pool && (*shared || w_node == Some(node)) {
                 out.push((w.as_ref(), j, d));
             }
         }
     }
     out
+}
+
+/// Whether `volume` is the name of the volume the operator creates for disk `d` of VM
+/// `namespace/vm` ([`created_volume`]), without building that name.
+fn is_created_volume(namespace: &str, vm: &str, d: &Disk, volume: &str) -> bool {
+    let ext = if let Some(n) = &d.new {
+        n.format
+    } else if let Some(c) = &d.clone {
+        c.format
+    } else if d.overlay.is_some() {
+        VolumeFormat::Qcow2
+    } else {
+        return false;
+    };
+    let ext = match ext {
+        VolumeFormat::Qcow2 => "qcow2",
+        VolumeFormat::Raw => "img",
+    };
+    volume
+        .strip_prefix(namespace)
+        .and_then(|v| v.strip_prefix('-'))
+        .and_then(|v| v.strip_prefix(vm))
+        .and_then(|v| v.strip_prefix('-'))
+        .and_then(|v| v.strip_prefix(d.name.as_str()))
+        .and_then(|v| v.strip_prefix('.'))
+        == Some(ext)
 }
 
 /// `namespace/name` of a VM.
@@ -270,7 +310,7 @@ pub fn volume_used_by(
     pool: &str,
     volume: &str,
 ) -> Option<(String, String)> {
-    disks_beside(vm, world, node, pool)
+    disks_beside(vm, world, node, pool, volume)
         .into_iter()
         .find(|(_, _, d)| {
             d.existing.as_ref().is_some_and(|e| e.volume == volume)
@@ -306,7 +346,7 @@ fn volume_taken_by(
     pool: &str,
     volume: &str,
 ) -> Option<(String, String, &'static str)> {
-    for (w, j, d) in disks_beside(vm, world, node, pool) {
+    for (w, j, d) in disks_beside(vm, world, node, pool, volume) {
         // a copy is whole only of a disk no guest writes: its VM is stopped and meant to stay so
         let running = || {
             use crate::api::virtual_machine::PowerState;
@@ -318,8 +358,12 @@ fn volume_taken_by(
         };
         let attaches = d.existing.as_ref().is_some_and(|e| e.volume == volume);
         let bases = d.overlay.as_ref().is_some_and(|o| o.base == volume);
-        let created = created_volume(&w.namespace().unwrap_or_default(), &w.name_any(), d)
-            .is_some_and(|v| v == volume);
+        let created = is_created_volume(
+            w.metadata.namespace.as_deref().unwrap_or_default(),
+            w.metadata.name.as_deref().unwrap_or_default(),
+            d,
+            volume,
+        );
         let how = if created {
             if want == Use::Copy && !running() {
                 continue;
@@ -520,14 +564,16 @@ pub fn resolve(
         // `<namespace>-<vm>-<disk>` can come out the same for two VMs ("web" + "data-1" and
         // "web-data" + "1"): the second would find the first one's volume made and use it
         if source.created_by_us()
-            && let Some((w, j, _)) =
-                disks_beside(vm, world, node, obj)
-                    .into_iter()
-                    .find(|(w, _, x)| {
-                        created_volume(&w.namespace().unwrap_or_default(), &w.name_any(), x)
-                            .is_some_and(|v| v == volume)
-                            && goes_before(w, vm)
-                    })
+            && let Some((w, j, _)) = disks_beside(vm, world, node, obj, &volume)
+                .into_iter()
+                .find(|(w, _, x)| {
+                    is_created_volume(
+                        w.metadata.namespace.as_deref().unwrap_or_default(),
+                        w.metadata.name.as_deref().unwrap_or_default(),
+                        x,
+                        &volume,
+                    ) && goes_before(w, vm)
+                })
         {
             return Err(blocked(
                 "VolumeNameClash",
@@ -1493,6 +1539,31 @@ mod tests {
             }))
             .unwrap_or_else(|e| panic!("{e}")),
         )
+    }
+
+    #[test]
+    fn the_created_volume_name_is_recognised_without_being_built() {
+        let disks: Vec<Disk> = serde_json::from_value(serde_json::json!([
+            {"name": "root", "new": {"pool": "p", "size": "1Gi"}},
+            {"name": "raw", "new": {"pool": "p", "size": "1Gi", "format": "raw"}},
+            {"name": "c", "clone": {"pool": "p", "template": "t.qcow2", "format": "raw"}},
+            {"name": "o", "overlay": {"pool": "p", "base": "b.qcow2"}},
+            {"name": "x", "existing": {"pool": "p", "volume": "prod-web-x.qcow2"}},
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        for d in &disks {
+            for (ns, vm) in [("prod", "web"), ("prod-web", "data"), ("a", "b-c")] {
+                match created_volume(ns, vm, d) {
+                    Some(v) => {
+                        assert!(is_created_volume(ns, vm, d, &v), "{v}");
+                        for other in [format!("{v}x"), format!("x{v}"), v.replace('.', "-")] {
+                            assert!(!is_created_volume(ns, vm, d, &other), "{other}");
+                        }
+                    }
+                    None => assert!(!is_created_volume(ns, vm, d, "prod-web-x.qcow2")),
+                }
+            }
+        }
     }
 
     #[test]
