@@ -1175,7 +1175,7 @@ pub async fn cleanup_core<H: Hypervisor>(
                 notes.push(Note::warning(
                     "VolumeKept",
                     "Delete",
-                    format!("volume {volume} on KvmNode {node} was kept although volumeDeletionPolicy is Delete: VirtualMachine {other} uses it ({its}); delete it by hand once that VM no longer does"),
+                    format!("volume {volume} on KvmNode {node} was kept although volumeDeletionPolicy is Delete: {other} uses it ({its}); delete it by hand once that VM no longer does"),
                 ));
                 continue;
             }

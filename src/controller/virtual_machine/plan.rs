@@ -295,13 +295,8 @@ fn is_created_volume(namespace: &str, vm: &str, d: &Disk, volume: &str) -> bool 
         == Some(ext)
 }
 
-/// `namespace/name` of a VM.
-fn ns_name(v: &VirtualMachine) -> String {
-    format!("{}/{}", v.namespace().unwrap_or_default(), v.name_any())
-}
-
 /// Another VM that attaches the volume `volume` of `vm`'s StoragePool object `pool`, or has it
-/// as an overlay's base, where `vm` on `node` sees it: `(namespace/name, its field)`. Such a
+/// as an overlay's base, where `vm` on `node` sees it: `("VirtualMachine namespace/name", its field)`. Such a
 /// volume is not deleted with `vm` even when `vm` created it.
 pub fn volume_used_by(
     vm: &VirtualMachine,
@@ -316,7 +311,12 @@ pub fn volume_used_by(
             d.existing.as_ref().is_some_and(|e| e.volume == volume)
                 || d.overlay.as_ref().is_some_and(|o| o.base == volume)
         })
-        .map(|(w, j, d)| (ns_name(w), format!("spec.disks[{j}].{}", disk_kind(d))))
+        .map(|(w, j, d)| {
+            (
+                crate::controller::describe(w),
+                format!("spec.disks[{j}].{}", disk_kind(d)),
+            )
+        })
 }
 
 /// What a VM does with a volume it did not create.
@@ -336,8 +336,8 @@ enum Use {
 /// disk being written is torn). A volume attached by one VM cannot be attached, or built on, by
 /// another, nor attached while another builds on it; between two such VMs the one that
 /// [`goes_before`] keeps it. The VMs that count are those of [`disks_beside`]: any namespace's,
-/// on the same libvirt pool, and on the same node unless the pool is shared. Returns that VM's
-/// `namespace/name`, its field, and what it does with the volume.
+/// on the same libvirt pool, and on the same node unless the pool is shared. Returns that VM
+/// (as [`crate::controller::describe`] names it), its field, and what it does with the volume.
 fn volume_taken_by(
     vm: &VirtualMachine,
     want: Use,
@@ -387,7 +387,11 @@ fn volume_taken_by(
         } else {
             continue;
         };
-        return Some((ns_name(w), format!("spec.disks[{j}].{}", disk_kind(d)), how));
+        return Some((
+            crate::controller::describe(w),
+            format!("spec.disks[{j}].{}", disk_kind(d)),
+            how,
+        ));
     }
     None
 }
@@ -499,7 +503,7 @@ pub fn resolve(
             let in_use = volume_taken_by(vm, Use::Copy, world, node, obj, &c.template).map(
                 |(other, its, how)| {
                     format!(
-                        "spec.disks[{i}].clone: template {:?} of StoragePool {ns}/{obj} cannot be copied now: VirtualMachine {other} {how} ({its})",
+                        "spec.disks[{i}].clone: template {:?} of StoragePool {ns}/{obj} cannot be copied now: {other} {how} ({its})",
                         c.template
                     )
                 },
@@ -520,7 +524,7 @@ pub fn resolve(
                 return Err(blocked(
                     "VolumeInUse",
                     format!(
-                        "spec.disks[{i}].overlay: base {:?} of StoragePool {ns}/{obj} is written by another guest: VirtualMachine {other} {how} ({its}); an overlay needs a base that never changes. Build it on a template no VM writes, or clone the volume instead",
+                        "spec.disks[{i}].overlay: base {:?} of StoragePool {ns}/{obj} is written by another guest: {other} {how} ({its}); an overlay needs a base that never changes. Build it on a template no VM writes, or clone the volume instead",
                         o.base
                     ),
                     Some(Duration::from_secs(60)),
@@ -540,7 +544,7 @@ pub fn resolve(
                 return Err(blocked(
                     "VolumeInUse",
                     format!(
-                        "spec.disks[{i}].existing: volume {:?} of StoragePool {ns}/{obj} is taken: VirtualMachine {other} {how} ({its}); two guests writing to one volume corrupt it. Give this VM a volume of its own (new, or clone/overlay to start from a copy), or remove the volume from {other} first",
+                        "spec.disks[{i}].existing: volume {:?} of StoragePool {ns}/{obj} is taken: {other} {how} ({its}); two guests writing to one volume corrupt it. Give this VM a volume of its own (new, or clone/overlay to start from a copy), or remove the volume from {other} first",
                         e.volume
                     ),
                     Some(Duration::from_secs(60)),
@@ -578,9 +582,9 @@ pub fn resolve(
             return Err(blocked(
                 "VolumeNameClash",
                 format!(
-                    "spec.disks[{i}].{}: its volume would be named {volume:?} (<namespace>-<vm>-<disk>), the name of VirtualMachine {}'s spec.disks[{j}] volume; rename this disk (or the VM) so the two do not share one volume",
+                    "spec.disks[{i}].{}: its volume would be named {volume:?} (<namespace>-<vm>-<disk>), the name of {}'s spec.disks[{j}] volume; rename this disk (or the VM) so the two do not share one volume",
                     disk_kind(d),
-                    ns_name(w)
+                    crate::controller::describe(w)
                 ),
                 None,
             ));
