@@ -432,6 +432,9 @@ fn adopting(dir: &Path, node: &Path, more: &str) -> PathBuf {
 /// `legacy-db`, not managed by the operator, that has that volume as its disk.
 const HELD: &str = "<pool type='dir'><name>held</name><uuid>35bb2ad9-388a-cdfe-461a-b8907f6e53fe</uuid>         <capacity>107374182400</capacity><allocation>0</allocation><available>107374182400</available>         <target><path>/held</path></target>         <volume type='file'><name>db.qcow2</name><capacity>1073741824</capacity><allocation>0</allocation>         <target><path>/held/db.qcow2</path><format type='qcow2'/></target></volume></pool>         <domain type='test'><name>legacy-db</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>         <devices><disk type='file' device='disk'><source file='/held/db.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>";
 
+/// [`HELD`] without its domain: the pool and its volume only.
+const HELD_POOL: &str = "<pool type='dir'><name>held</name><uuid>35bb2ad9-388a-cdfe-461a-b8907f6e53fe</uuid>         <capacity>107374182400</capacity><allocation>0</allocation><available>107374182400</available>         <target><path>/held</path></target>         <volume type='file'><name>db.qcow2</name><capacity>1073741824</capacity><allocation>0</allocation>         <target><path>/held/db.qcow2</path><format type='qcow2'/></target></volume></pool>         ";
+
 /// A VM asking for a volume that a domain outside the operator has as a disk (on a test-driver
 /// node, which runs the domains of its file) is refused before anything of it is made, naming
 /// that domain and the way to take it over instead (`spec.adopt`); a clone of that volume
@@ -559,6 +562,68 @@ spec:
     assert_eq!(after.domain_uuid, before.domain_uuid);
     let disks = after.observed.map(|o| o.disks.len());
     assert_eq!(disks, Some(1), "nothing attached");
+}
+
+/// On a pool every node sees (`shared: true`), the volume a VM would attach is looked for on
+/// the other nodes too: a domain on another node that has it as a disk refuses it, named with
+/// its node. Two test-driver nodes, each with the pool and the volume; the domain is on n2, the
+/// VM is pinned to n1.
+#[test]
+fn a_volume_of_a_shared_pool_a_domain_on_another_node_has_is_not_attached() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    let (n1, n2) = (node_file(&a, HELD_POOL), node_file(&b, HELD));
+    let m = dir.path().join("vms.yaml");
+    std::fs::write(
+        &m,
+        format!(
+            "apiVersion: kvm-operator.io/v1alpha1
+kind: KvmNode
+metadata: {{name: n1, labels: {{shared: \"yes\"}}}}
+spec: {{address: localhost, libvirtUri: \"test://{}\"}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: KvmNode
+metadata: {{name: n2, labels: {{shared: \"yes\"}}}}
+spec: {{address: localhost, libvirtUri: \"test://{}\"}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: StoragePool
+metadata: {{name: held}}
+spec: {{nodeSelector: {{shared: \"yes\"}}, type: dir, targetPath: /held, shared: true}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: VirtualMachine
+metadata: {{name: borrower}}
+spec:
+  vcpus: 1
+  memory: 64Mi
+  placement: {{nodeName: n1}}
+  disks: [{{name: data, existing: {{pool: held, volume: db.qcow2}}}}]
+",
+            n1.display(),
+            n2.display()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["standalone", "--once", "--timeout", "60", "-f"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for part in [
+        "VirtualMachine/default/borrower: VolumeInUse",
+        "domain \"legacy-db\" on KvmNode n2 (running, not managed by this operator)",
+    ] {
+        assert!(stderr.contains(part), "{part}: {stderr}");
+    }
+    let st = state(&dir.path().join(".kvm-operator"));
+    let borrower = &st["objects"]["VirtualMachine/default/borrower"]["status"];
+    assert!(borrower["domainUuid"].is_null(), "{stderr}");
 }
 
 /// The UID stamped on a domain is in the state file before the stamp is made: a run that

@@ -172,7 +172,9 @@ pub struct BulkListing {
 /// A domain of the node that has a volume as a writable disk ([`Connection::disk_holders`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DiskHolder {
-    /// The domain's name.
+    /// The node it is on.
+    pub node: String,
+    /// The domain's name; empty when the node itself could not be read.
     pub domain: String,
     /// Running or paused: its guest may be writing the volume now.
     pub active: bool,
@@ -793,6 +795,7 @@ impl Connection {
             let Ok(x) = DomainXml::parse(&text) else {
                 for holders in &mut out {
                     holders.push(DiskHolder {
+                        node: self.node.clone(),
                         domain: domain.clone(),
                         active,
                         owner: None,
@@ -816,6 +819,7 @@ impl Connection {
                 });
                 if holds {
                     out[i].push(DiskHolder {
+                        node: self.node.clone(),
                         domain: domain.clone(),
                         active,
                         owner: x.owner().cloned(),

@@ -563,7 +563,7 @@ async fn converge<H: Hypervisor>(
             Some(o) => Ok(o),
             None => observe::observe(hv, &resolved).await,
         };
-        let observed = match read {
+        let mut observed = match read {
             Ok(o) => o,
             Err(e) => {
                 transient = e.is_transient();
@@ -571,6 +571,7 @@ async fn converge<H: Hypervisor>(
                 break;
             }
         };
+        observe::holders_elsewhere(hv, &resolved, &world.nodes, &mut observed).await;
         let p = plan::plan(vm, &resolved, &observed, &now);
         // a domain it had is gone from the node: before anything is made again, the other nodes
         // are asked whether they have it

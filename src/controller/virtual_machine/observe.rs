@@ -47,6 +47,9 @@ pub struct Observed {
     /// (`existing`) or build an overlay on (while its domain does not have that disk), or to
     /// copy (a `clone` template, while the copy is not made), by `(pool, volume)`.
     pub holders: BTreeMap<(String, String), Vec<DiskHolder>>,
+    /// The volumes whose holders were read, `(pool, volume, path)`: the ones on a shared pool
+    /// are read on the other nodes too ([`holders_elsewhere`]).
+    pub checked: Vec<(String, String, String)>,
 }
 
 /// Reads the domain and every volume the VM uses.
@@ -146,6 +149,73 @@ pub fn reader(
             domain,
             volumes,
             holders,
+            checked: paths,
         })
+    }
+}
+
+/// Adds to `observed.holders` the domains of the other nodes that hold one of the checked
+/// volumes on a shared pool (every node sees the same volume, and a guest on another host
+/// writing it is as much a second writer; no file lock spans hosts on most shared storage). A
+/// node that cannot be read is a holder that cannot be ruled out; a node declared fenced
+/// (`spec.outOfService`) runs nothing and is skipped.
+pub async fn holders_elsewhere(
+    hv: &impl Hypervisor,
+    r: &Resolved,
+    nodes: &[std::sync::Arc<crate::api::KvmNode>],
+    observed: &mut Observed,
+) {
+    let shared: Vec<(String, String, String)> = observed
+        .checked
+        .iter()
+        .filter(|(pool, _, _)| r.disks.iter().any(|d| d.shared && &d.pool == pool))
+        .cloned()
+        .collect();
+    if shared.is_empty() {
+        return;
+    }
+    let reads = nodes
+        .iter()
+        .map(|n| kube::ResourceExt::name_any(n.as_ref()))
+        .zip(nodes.iter().map(|n| n.spec.out_of_service))
+        .filter(|(n, fenced)| n != &r.node && !fenced)
+        .map(|(node, _)| {
+            let paths = shared.clone();
+            async move {
+                let found = hv
+                    .call(&node, "read domain disks", move |c| c.disk_holders(&paths))
+                    .await;
+                (node, found)
+            }
+        });
+    for (node, found) in futures::future::join_all(reads).await {
+        match found {
+            Ok(found) => {
+                for ((pool, vol, _), f) in shared.iter().zip(found) {
+                    if !f.is_empty() {
+                        observed
+                            .holders
+                            .entry((pool.clone(), vol.clone()))
+                            .or_default()
+                            .extend(f);
+                    }
+                }
+            }
+            Err(_) => {
+                for (pool, vol, _) in &shared {
+                    observed
+                        .holders
+                        .entry((pool.clone(), vol.clone()))
+                        .or_default()
+                        .push(DiskHolder {
+                            node: node.clone(),
+                            domain: String::new(),
+                            active: true,
+                            owner: None,
+                            unreadable: true,
+                        });
+                }
+            }
+        }
     }
 }

@@ -143,6 +143,8 @@ pub struct DiskRef {
     /// libvirt pool name and type.
     pub pool: String,
     pub pool_type: PoolType,
+    /// Every node sees the pool's volumes (netfs, rbd, iscsi, or declared shared).
+    pub shared: bool,
     /// Ceph monitors of an rbd pool, and its RADOS pool name.
     pub rbd: Option<RbdSource>,
     pub volume: String,
@@ -453,7 +455,7 @@ pub fn resolve(
         .unwrap_or_else(|| domain_name(&ns, &name));
     let pool_on_node = |field: &str,
                         obj: &str|
-     -> Result<(String, PoolType, Option<RbdSource>), Blocked> {
+     -> Result<(String, PoolType, Option<RbdSource>, bool), Blocked> {
         let Some(p) = world.pool(&ns, obj) else {
             return Err(blocked(
                 "PoolNotFound",
@@ -484,13 +486,14 @@ pub fn resolve(
             super::super::storage_pool::plan::libvirt_name(p),
             p.spec.type_,
             rbd,
+            p.spec.is_shared(),
         ))
     };
     let mut disks = Vec::new();
     for (i, d) in vm.spec.disks.iter().enumerate() {
         let Some(obj) = disk_pool(d) else { continue };
         let field = format!("spec.disks[{i}].{}.pool", disk_kind(d));
-        let (pool, pool_type, rbd) = pool_on_node(&field, obj)?;
+        let (pool, pool_type, rbd, shared) = pool_on_node(&field, obj)?;
         let (source, volume) = if let Some(n) = &d.new {
             (
                 Source::New {
@@ -598,6 +601,7 @@ pub fn resolve(
             name: d.name.clone(),
             pool,
             pool_type,
+            shared,
             rbd,
             volume,
             source,
@@ -626,7 +630,7 @@ pub fn resolve(
                 None,
             ));
         };
-        let (pool, pool_type, _) = pool_on_node("spec.cloudInit.pool", obj)?;
+        let (pool, pool_type, _, _) = pool_on_node("spec.cloudInit.pool", obj)?;
         if matches!(pool_type, PoolType::Rbd | PoolType::Iscsi) {
             return Err(blocked(
                 "InvalidSpec",
@@ -814,6 +818,7 @@ pub fn domain_plan(vm: &VirtualMachine, r: &Resolved, observed: &Observed) -> Op
             name: SEED_DEVICE.into(),
             pool: s.pool.clone(),
             pool_type: s.pool_type,
+            shared: false,
             rbd: None,
             volume: s.volume.clone(),
             source: Source::Cdrom,
@@ -974,8 +979,15 @@ fn held_by(
     running_only: bool,
 ) -> Option<String> {
     let h = holders?.iter().find(|h| {
-        h.owner.as_ref().is_none_or(|o| o.uid != r.owner.uid) && (h.active || !running_only)
+        h.owner.as_ref().is_none_or(|o| o.uid != r.owner.uid)
+            && (h.active || h.unreadable || !running_only)
     })?;
+    if h.domain.is_empty() {
+        return Some(format!(
+            "a domain of KvmNode {} as far as can be told (that node sees the same pool and cannot be read to rule it out)",
+            h.node
+        ));
+    }
     let state = if h.unreadable {
         "its definition could not be read to rule it out"
     } else if h.active {
@@ -989,7 +1001,7 @@ fn held_by(
     );
     Some(format!(
         "domain {:?} on KvmNode {} ({state}{whose})",
-        h.domain, r.node
+        h.domain, h.node
     ))
 }
 
@@ -1575,6 +1587,7 @@ mod tests {
     {
         use crate::hypervisor::DiskHolder;
         let holder = |domain: &str, active: bool, uid: Option<&str>| DiskHolder {
+            node: "n1".into(),
             domain: domain.into(),
             active,
             owner: uid.map(|u| Owner {
@@ -1640,6 +1653,27 @@ mod tests {
         let p = plan(&attach, &r, &bare, &now());
         assert_eq!(p.blocked.as_ref().map(|b| b.reason), Some("VolumeInUse"));
         assert!(p.steps.is_empty(), "{:?}", kinds(&p));
+        // a node that sees the same shared pool and cannot be read cannot be ruled out
+        let unread = crate::hypervisor::DiskHolder {
+            node: "n2".into(),
+            domain: String::new(),
+            active: true,
+            owner: None,
+            unreadable: true,
+        };
+        let p = plan(
+            &attach,
+            &r,
+            &held(&r, (&pool, "db.qcow2"), vec![unread]),
+            &now(),
+        );
+        let b = p.blocked.unwrap_or_else(|| panic!("blocked"));
+        assert!(
+            b.message
+                .contains("a domain of KvmNode n2 as far as can be told"),
+            "{}",
+            b.message
+        );
         // a domain of another VM of ours is named as that VM
         let p = plan(
             &attach,
