@@ -432,6 +432,25 @@ fn adopting(dir: &Path, node: &Path, more: &str) -> PathBuf {
 /// `legacy-db`, not managed by the operator, that has that volume as its disk.
 const HELD: &str = "<pool type='dir'><name>held</name><uuid>35bb2ad9-388a-cdfe-461a-b8907f6e53fe</uuid>         <capacity>107374182400</capacity><allocation>0</allocation><available>107374182400</available>         <target><path>/held</path></target>         <volume type='file'><name>db.qcow2</name><capacity>1073741824</capacity><allocation>0</allocation>         <target><path>/held/db.qcow2</path><format type='qcow2'/></target></volume></pool>         <domain type='test'><name>legacy-db</name><memory>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os>         <devices><disk type='file' device='disk'><source file='/held/db.qcow2'/><target dev='vda' bus='virtio'/></disk></devices></domain>";
 
+/// The manifests of KvmNode `n0` on the test-driver file `node` and of its StoragePool `held`
+/// (the pool of [`HELD`]), each document ended by `---`.
+fn held_node(node: &Path) -> String {
+    format!(
+        "apiVersion: kvm-operator.io/v1alpha1
+kind: KvmNode
+metadata: {{name: n0}}
+spec: {{address: localhost, libvirtUri: \"test://{}\"}}
+---
+apiVersion: kvm-operator.io/v1alpha1
+kind: StoragePool
+metadata: {{name: held}}
+spec: {{nodeName: n0, type: dir, targetPath: /held}}
+---
+",
+        node.display()
+    )
+}
+
 /// [`HELD`] without its domain: the pool and its volume only.
 const HELD_POOL: &str = "<pool type='dir'><name>held</name><uuid>35bb2ad9-388a-cdfe-461a-b8907f6e53fe</uuid>         <capacity>107374182400</capacity><allocation>0</allocation><available>107374182400</available>         <target><path>/held</path></target>         <volume type='file'><name>db.qcow2</name><capacity>1073741824</capacity><allocation>0</allocation>         <target><path>/held/db.qcow2</path><format type='qcow2'/></target></volume></pool>         ";
 
@@ -447,17 +466,7 @@ fn a_volume_an_unmanaged_domain_has_is_not_attached_to_a_second_guest() {
     std::fs::write(
         &m,
         format!(
-            "apiVersion: kvm-operator.io/v1alpha1
-kind: KvmNode
-metadata: {{name: n0}}
-spec: {{address: localhost, libvirtUri: \"test://{}\"}}
----
-apiVersion: kvm-operator.io/v1alpha1
-kind: StoragePool
-metadata: {{name: held}}
-spec: {{nodeName: n0, type: dir, targetPath: /held}}
----
-apiVersion: kvm-operator.io/v1alpha1
+            "{}apiVersion: kvm-operator.io/v1alpha1
 kind: VirtualMachine
 metadata: {{name: borrower}}
 spec:
@@ -473,7 +482,7 @@ spec:
   memory: 64Mi
   disks: [{{name: root, clone: {{pool: held, template: db.qcow2}}}}]
 ",
-            node.display()
+            held_node(&node)
         ),
     )
     .unwrap();
@@ -513,17 +522,7 @@ async fn a_volume_an_unmanaged_domain_has_is_not_hot_plugged_into_a_running_vm()
     std::fs::create_dir(&files).unwrap();
     let manifests = |extra: &str| {
         format!(
-            "apiVersion: kvm-operator.io/v1alpha1
-kind: KvmNode
-metadata: {{name: n0}}
-spec: {{address: localhost, libvirtUri: \"test://{}\"}}
----
-apiVersion: kvm-operator.io/v1alpha1
-kind: StoragePool
-metadata: {{name: held}}
-spec: {{nodeName: n0, type: dir, targetPath: /held}}
----
-apiVersion: kvm-operator.io/v1alpha1
+            "{}apiVersion: kvm-operator.io/v1alpha1
 kind: VirtualMachine
 metadata: {{name: grower}}
 spec:
@@ -532,7 +531,7 @@ spec:
   disks:
     - {{name: root, new: {{pool: held, size: 1Gi}}}}
 {extra}",
-            node.display()
+            held_node(&node)
         )
     };
     std::fs::write(files.join("all.yaml"), manifests("")).unwrap();
