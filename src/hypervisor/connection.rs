@@ -383,7 +383,7 @@ impl Connection {
 
     fn lookup(&self, name: &str) -> Result<Domain, HvError> {
         self.conn.lookup_domain_by_name(name).map_err(|e| {
-            if e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain) {
+            if Self::is_gone(&e) {
                 HvError::NotFound {
                     what: format!("domain {name:?}"),
                     target: self.node.clone(),
@@ -722,11 +722,7 @@ impl Connection {
             Err(e) => return Err(e),
         };
         let gone = |e: virt::error::Error| {
-            if e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain) {
-                None
-            } else {
-                Some(e)
-            }
+            if Self::is_gone(&e) { None } else { Some(e) }
         };
         // undefined between the lookup and the reads: as if the lookup had not found it
         let persistent_text = match d.xml_desc(sys::VIR_DOMAIN_XML_INACTIVE) {
@@ -770,9 +766,6 @@ impl Connection {
         if vols.is_empty() {
             return Ok(out);
         }
-        let gone = |e: &virt::error::Error| {
-            e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain)
-        };
         let doms = self
             .conn
             .list_all_domains(0)
@@ -789,7 +782,7 @@ impl Connection {
             });
             let (domain, active, text) = match read {
                 Ok(r) => r,
-                Err(e) if gone(&e) => continue,
+                Err(e) if Self::is_gone(&e) => continue,
                 Err(e) => return Err(self.err("read domain disks", e)),
             };
             let Ok(x) = DomainXml::parse(&text) else {

@@ -176,10 +176,10 @@ pub async fn holders_elsewhere(
     }
     let reads = nodes
         .iter()
+        .filter(|n| !n.spec.out_of_service)
         .map(|n| kube::ResourceExt::name_any(n.as_ref()))
-        .zip(nodes.iter().map(|n| n.spec.out_of_service))
-        .filter(|(n, fenced)| n != &r.node && !fenced)
-        .map(|(node, _)| {
+        .filter(|n| n != &r.node)
+        .map(|node| {
             let paths = shared.clone();
             async move {
                 let found = hv
